@@ -1,0 +1,188 @@
+"""The `dllmq` command. Thin: parse flags, call the layers, print. Errors are one sentence and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from dllmq.errors import DllmqError
+
+DEFAULT_MODEL = "random-llada"
+
+EPILOG = """\
+MODEL is a built-in name (random-llada, random-dream, random-llama), a checkpoint directory
+(config.json + safetensors, e.g. a downloaded LLaDA-8B-Instruct or Dream-v0-Base-7B), or a Hub id
+when network or the Hugging Face cache allows (HF_HUB_OFFLINE=1 reads the cache only).
+
+examples:
+  dllmq inspect random-llada
+  dllmq inspect llada-8b                      # the real LLaDA-8B config, no weights needed
+  dllmq generate random-llada --prompt "Hello" --gen-length 64 --steps 64 --block-length 32
+  dllmq ppl random-dream --data notes.txt --seqlen 256
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser, with_runtime: bool = True) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"built-in name, checkpoint directory or Hub id (default: {DEFAULT_MODEL})")
+    if with_runtime:
+        p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+        p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dllmq", description="Quantize diffusion LLMs (LLaDA, Dream) and measure what each choice costs.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"dllmq {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="family, shapes, parameter count and memory at bf16 / W8 / W4 / W3",
+                       description="Describe a model from its config.json alone (no weights are read). "
+                                   "Also accepts llada-8b, dream-7b and smollm2-135m: the real configs shipped with dllmq.")
+    _add_model_args(p, with_runtime=False)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("generate", help="diffusion generation (LLaDA blocks / Dream algorithms) or causal decoding",
+                       description="Generate an answer to a prompt. LLaDA-family models use semi-autoregressive "
+                                   "block generation with low-confidence remasking; Dream-family models use Dream's "
+                                   "diffusion_generate algorithms; Llama models decode autoregressively.")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the tokenizer's chat template (default: on when the tokenizer has one "
+                        "and the model is an instruct checkpoint, i.e. its path mentions 'instruct')")
+    p.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
+    p.add_argument("--block-length", type=int, default=None, help="LLaDA block length (default: gen-length)")
+    p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"], help="LLaDA remasking")
+    p.add_argument("--alg", default="entropy", choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
+                   help="Dream unmasking order (default entropy)")
+    p.add_argument("--sampler", default="auto", choices=["auto", "llada", "dream"],
+                   help="force a diffusion sampler (default: the model family's own)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None, help="Dream nucleus sampling")
+    p.add_argument("--top-k", type=int, default=None, help="Dream top-k sampling")
+    p.add_argument("--cfg", type=float, default=0.0, help="LLaDA classifier-free guidance scale (default 0)")
+    p.add_argument("--keep-special", action="store_true", help="print the raw generated tokens, EOS padding included")
+
+    p = sub.add_parser("ppl", help="perplexity: Monte Carlo ELBO bound for diffusion models, exact for causal ones",
+                       description="Perplexity of MODEL on a text file. For a masked diffusion model this is "
+                                   "exp(Monte Carlo ELBO bound on the per-token NLL), an upper bound on the true "
+                                   "perplexity, comparable across quantizations of the same model; for a causal "
+                                   "model it is the ordinary perplexity.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="a UTF-8 text file")
+    p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--mc-num", type=int, default=16, help="Monte Carlo samples per window (diffusion; default 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    return parser
+
+
+def _version() -> str:
+    from dllmq import __version__
+    return __version__
+
+
+def cmd_inspect(args) -> None:
+    from dllmq.models.config import REAL_CONFIGS, read_config_json, real_config
+    from dllmq.models.describe import describe, format_description
+    from dllmq.models.loading import resolve_model_dir
+    from dllmq.models.random_models import RANDOM_MODELS, random_config
+    from dllmq.models.registry import get_family, parse_config
+
+    name = args.model
+    if name in RANDOM_MODELS and not Path(name).exists():
+        raw = random_config(name)
+    elif name in REAL_CONFIGS and not Path(name).exists():
+        raw = real_config(name)
+    else:
+        raw = read_config_json(resolve_model_dir(name))
+    config = parse_config(raw)
+    family = get_family(config.family)
+    if args.json:
+        print(json.dumps({"model": name, **describe(config, family)}, indent=2))
+    else:
+        print(format_description(name, config, family))
+
+
+def _load(args):
+    from dllmq.models.loading import load_model
+    start = time.perf_counter()
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    logging.getLogger("dllmq").info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
+    return loaded
+
+
+def cmd_generate(args) -> None:
+    from dllmq.diffusion import GenerationSettings, decode_answer, format_prompt, generate_text
+
+    if not args.prompt.strip():
+        raise DllmqError("The prompt is empty; pass some text with --prompt.")
+    model, tokenizer, family = _load(args)
+    if tokenizer is None:
+        raise DllmqError(f"{args.model} has no tokenizer files, so it cannot take a text prompt.")
+    chat = args.chat
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None)) and "instruct" in str(args.model).lower()
+    settings = GenerationSettings(
+        gen_length=args.gen_length, steps=args.steps or args.gen_length,
+        block_length=args.block_length or args.gen_length, remasking=args.remasking, alg=args.alg,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, cfg=args.cfg,
+        sampler=args.sampler, seed=args.seed)
+    prompt_ids = format_prompt(tokenizer, args.prompt, chat=chat)
+    start = time.perf_counter()
+    out = generate_text(model, tokenizer, prompt_ids, settings, progress=sys.stderr.isatty())
+    seconds = time.perf_counter() - start
+    print(decode_answer(tokenizer, out, len(prompt_ids), keep_special=args.keep_special))
+    logging.getLogger("dllmq").info("generated %d tokens in %.2f s", args.gen_length, seconds)
+
+
+def cmd_ppl(args) -> None:
+    from dllmq.diffusion import perplexity
+
+    path = Path(args.data)
+    if not path.is_file():
+        raise DllmqError(f"No text file {path}; pass a UTF-8 text file with --data.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DllmqError(f"{path} is not UTF-8 text.") from None
+    if not text.strip():
+        raise DllmqError(f"{path} is empty; perplexity needs some text.")
+    model, tokenizer, family = _load(args)
+    if tokenizer is None:
+        raise DllmqError(f"{args.model} has no tokenizer files, so it cannot read text.")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    result = perplexity(model, ids, seqlen=args.seqlen, mc_num=args.mc_num, batch_size=args.batch_size,
+                        max_windows=args.max_windows, seed=args.seed, progress=True)
+    kind = "ELBO bound (upper bound on perplexity)" if result.is_bound else "exact causal perplexity"
+    print(f"ppl {result.ppl:.4f}  nll/token {result.nll:.4f}  tokens {result.n_tokens}  windows {result.n_windows}  [{kind}]")
+
+
+COMMANDS = {"inspect": cmd_inspect, "generate": cmd_generate, "ppl": cmd_ppl}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except DllmqError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

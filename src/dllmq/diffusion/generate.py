@@ -1,0 +1,112 @@
+"""One entry point for generation on every family: picks the sampler, maps the settings."""
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from dllmq.diffusion.causal_sampler import causal_generate
+from dllmq.diffusion.dream_sampler import dream_generate
+from dllmq.diffusion.llada_sampler import llada_generate
+from dllmq.diffusion.text import decode_generation, encode_prompts, format_prompt, stop_token_ids
+from dllmq.errors import DllmqError
+
+log = logging.getLogger(__name__)
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "llada": llada_generate,
+    "dream": dream_generate,
+    "causal": causal_generate,
+}
+_NOT_SETTINGS = {"model", "prompt_ids", "attention_mask"}
+
+
+def _settings_of(fn: Callable) -> set[str]:
+    return set(inspect.signature(fn).parameters) - _NOT_SETTINGS
+
+
+_ALL_SETTINGS = set().union(*(_settings_of(fn) for fn in SAMPLERS.values()))
+
+
+def default_sampler(model: torch.nn.Module) -> str:
+    """causal for causal families, dream for Dream (shifted logits), llada otherwise."""
+    if model.family.causal:
+        return "causal"
+    return "dream" if model.family.name == "dream" or model.family.shift_logits else "llada"
+
+
+def _map_settings(name: str, settings: dict) -> dict:
+    """Rename the length setting for the chosen sampler and drop settings it does not take.
+
+    Task presets name the LLaDA settings (gen_length, block_length); a Dream or causal model gets
+    gen_length as max_new_tokens, and block_length is ignored (logged) rather than refused.
+    """
+    settings = dict(settings)
+    length_name = "gen_length" if name == "llada" else "max_new_tokens"
+    other = "max_new_tokens" if name == "llada" else "gen_length"
+    if other in settings:
+        value = settings.pop(other)
+        if settings.setdefault(length_name, value) != value:
+            raise DllmqError(
+                f"gen_length and max_new_tokens disagree ({settings[length_name]} vs {value}); give only one."
+            )
+    unknown = sorted(set(settings) - _ALL_SETTINGS)
+    if unknown:
+        raise DllmqError(
+            f"Unknown generation setting(s) {', '.join(unknown)}; known settings are "
+            f"{', '.join(sorted(_ALL_SETTINGS))}."
+        )
+    accepted = _settings_of(SAMPLERS[name])
+    ignored = sorted(set(settings) - accepted)
+    if ignored:
+        log.info("the %s sampler ignores %s", name, ", ".join(ignored))
+    return {k: v for k, v in settings.items() if k in accepted}
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: Tensor,
+    *,
+    sampler: str | None = None,
+    attention_mask: Tensor | None = None,
+    **settings,
+) -> Tensor:
+    """Generate after `prompt_ids` [B, P] with the family's sampler (or `sampler`: "llada",
+    "dream", "causal"); returns the full token ids. `tokenizer` (may be None) supplies the stop
+    tokens of causal generation."""
+    name = sampler or default_sampler(model)
+    if name not in SAMPLERS:
+        raise DllmqError(f"Unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}.")
+    if model.family.causal != (name == "causal"):
+        kind = "causal" if model.family.causal else "diffusion"
+        raise DllmqError(
+            f"The {name} sampler cannot drive the {kind} family {model.family.name!r}; "
+            f"leave sampler unset to use {default_sampler(model)!r}."
+        )
+    settings = _map_settings(name, settings)
+    if name == "causal" and "stop_ids" not in settings and tokenizer is not None:
+        settings["stop_ids"] = stop_token_ids(tokenizer, model)
+    return SAMPLERS[name](model, prompt_ids, attention_mask=attention_mask, **settings)
+
+
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    chat: bool = False,
+    stop_strings: Sequence[str] = (),
+    sampler: str | None = None,
+    **settings,
+) -> list[str]:
+    """Text in, text out: format (chat template if asked), left-pad, generate, decode and cut."""
+    texts = [format_prompt(tokenizer, p, chat) for p in prompts]
+    ids, mask = encode_prompts(tokenizer, texts, chat=chat)
+    out = generate(
+        model, tokenizer, ids, sampler=sampler, attention_mask=None if mask.all() else mask, **settings
+    )
+    return decode_generation(tokenizer, out, ids.shape[1], stop_strings=stop_strings, model=model)

@@ -1,0 +1,205 @@
+"""log p(answer | prompt) for multiple-choice scoring.
+
+A masked diffusion model has no exact likelihood; LLaDA's evaluation scores an answer with a Monte
+Carlo estimate of its ELBO: mask k of the L answer tokens, score the masked ones, weight by L/k,
+and average over draws of k (stratified over a batch so each batch covers 1..L evenly). A causal
+model gets its exact log-likelihood so one call site scores every family.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dllmq.diffusion.logits import (
+    mask_predictor_logits,
+    mask_token_id,
+    model_device,
+    raw_logits,
+    require_diffusion,
+)
+from dllmq.errors import DllmqError
+
+TokenIds = Sequence[int] | Tensor
+
+
+def as_ids(ids: TokenIds, name: str) -> Tensor:
+    """A 1-D LongTensor on the CPU from a list, a 1-D tensor or a [1, L] tensor."""
+    t = torch.as_tensor(ids, dtype=torch.long).cpu()
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1:
+        raise DllmqError(f"{name} must be one sequence of token ids, got a tensor of shape {tuple(t.shape)}.")
+    return t
+
+
+def _check_pair(model: torch.nn.Module, prompt: Tensor, answer: Tensor) -> None:
+    if answer.numel() == 0:
+        raise DllmqError("The answer is empty; give at least one answer token to score.")
+    if prompt.numel() == 0 and (model.family.shift_logits or model.family.causal):
+        raise DllmqError(
+            f"The prompt is empty, but a {model.family.name!r} model reads token i at position i-1; "
+            "start the prompt with at least one token (for example the BOS token)."
+        )
+    limit = getattr(model.config, "max_seq_len", None)
+    total = prompt.numel() + answer.numel()
+    if limit is not None and total > limit:
+        raise DllmqError(
+            f"Prompt plus answer is {total} tokens, more than the model's max_seq_len of {limit}; "
+            "shorten the prompt (for example use fewer few-shot examples)."
+        )
+
+
+def _batch_size(mc_num: int, batch_size: int) -> int:
+    if mc_num < 1 or batch_size < 1:
+        raise DllmqError(f"mc_num ({mc_num}) and batch_size ({batch_size}) must be positive.")
+    batch_size = min(batch_size, mc_num)
+    if mc_num % batch_size:
+        raise DllmqError(
+            f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size}); "
+            "pick a batch size that divides it."
+        )
+    return batch_size
+
+
+def stratified_mask_counts(length: int, batch: int, generator: torch.Generator) -> Tensor:
+    """How many of `length` tokens each of `batch` rows masks: one uniform start in 1..length,
+    then evenly spaced around the circle, so every batch covers the whole range of counts."""
+    k0 = int(torch.randint(1, length + 1, (), generator=generator))
+    counts = torch.round(torch.linspace(k0, k0 + (batch - 1) * length / batch, batch)).long()
+    return (counts - 1) % length + 1
+
+
+def random_masks(counts: Tensor, length: int, generator: torch.Generator) -> Tensor:
+    """Bool [len(counts), length]: row r masks exactly counts[r] positions, chosen uniformly."""
+    ranks = torch.rand(len(counts), length, generator=generator).argsort(dim=1).argsort(dim=1)
+    return ranks < counts.unsqueeze(1)
+
+
+@torch.no_grad()
+def mc_loglikelihood(
+    model: torch.nn.Module,
+    prompt_ids: TokenIds,
+    answer_ids: TokenIds,
+    *,
+    mc_num: int = 128,
+    batch_size: int = 32,
+    cfg: float = 0.0,
+    seed: int = 0,
+) -> float:
+    """LLaDA's Monte Carlo estimate of log p(answer | prompt) (a lower bound in expectation).
+
+    mc_num=1 is what the reference uses for single-token answers (MMLU): it is then exact, the
+    log-probability of the answer token at its masked slot.
+    """
+    require_diffusion(model, "Monte Carlo likelihood")
+    prompt, answer = as_ids(prompt_ids, "prompt_ids"), as_ids(answer_ids, "answer_ids")
+    _check_pair(model, prompt, answer)
+    batch_size = _batch_size(mc_num, batch_size)
+    mask_id = mask_token_id(model)
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)  # CPU: same draws on every device
+
+    n_prompt, n_answer = prompt.numel(), answer.numel()
+    seq = torch.cat([prompt, answer]).to(device).repeat(batch_size, 1)
+    prompt_mask = torch.arange(seq.shape[1], device=device) < n_prompt
+
+    losses = []
+    for _ in range(mc_num // batch_size):
+        counts = stratified_mask_counts(n_answer, batch_size, generator)
+        answer_mask = random_masks(counts, n_answer, generator).to(device)
+        prompt_part = torch.zeros(batch_size, n_prompt, dtype=torch.bool, device=device)
+        masked = torch.cat([prompt_part, answer_mask], dim=1)
+        noisy = seq.masked_fill(masked, mask_id)
+        logits = mask_predictor_logits(model, noisy, cfg=cfg, prompt_mask=prompt_mask)
+        ce = F.cross_entropy(logits[masked].float(), seq[masked], reduction="none")
+        # weight L/k: each row is an unbiased estimate of the answer's ELBO
+        weights = (n_answer / counts.to(device).float()).unsqueeze(1).expand_as(masked)[masked]
+        losses.append(float((ce * weights).sum()) / batch_size)
+    return -sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def causal_loglikelihood(model: torch.nn.Module, prompt_ids: TokenIds, answer_ids: TokenIds) -> float:
+    """Exact log p(answer | prompt) of a causal model: the answer tokens' summed log-probs."""
+    prompt, answer = as_ids(prompt_ids, "prompt_ids"), as_ids(answer_ids, "answer_ids")
+    _check_pair(model, prompt, answer)
+    seq = torch.cat([prompt, answer]).to(model_device(model))[None]
+    n_prompt = prompt.numel()
+    logits = raw_logits(model, seq)[0, n_prompt - 1 : -1].float()
+    return float(logits.log_softmax(-1).gather(-1, seq[0, n_prompt:, None]).sum())
+
+
+def loglikelihood(
+    model: torch.nn.Module,
+    prompt_ids: TokenIds,
+    answer_ids: TokenIds,
+    *,
+    mc_num: int = 128,
+    batch_size: int = 32,
+    cfg: float = 0.0,
+    seed: int = 0,
+) -> float:
+    """log p(answer | prompt) for any family: exact for causal models, Monte Carlo otherwise."""
+    if model.family.causal:
+        return causal_loglikelihood(model, prompt_ids, answer_ids)
+    return mc_loglikelihood(
+        model, prompt_ids, answer_ids, mc_num=mc_num, batch_size=batch_size, cfg=cfg, seed=seed
+    )
+
+
+def loglikelihood_many(
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[TokenIds, TokenIds]],
+    *,
+    mc_num: int = 128,
+    batch_size: int = 32,
+    cfg: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """`loglikelihood` over many (prompt, answer) pairs, with a progress bar.
+
+    Every pair is scored with the same seed, so a pair's value does not depend on its neighbours
+    or its position in the list.
+    """
+    return [
+        loglikelihood(model, p, a, mc_num=mc_num, batch_size=batch_size, cfg=cfg, seed=seed)
+        for p, a in tqdm(pairs, desc="loglikelihood", disable=not progress)
+    ]
+
+
+@torch.no_grad()
+def greedy_matches(
+    model: torch.nn.Module, prompt_ids: TokenIds, answer_ids: TokenIds, *, cfg: float = 0.0
+) -> bool:
+    """Whether greedy decoding from the prompt reproduces the answer exactly.
+
+    Diffusion models decode the masked answer one token per step, most confident first, as
+    LLaDA's evaluation does; causal models take the argmax at every answer position.
+    """
+    prompt, answer = as_ids(prompt_ids, "prompt_ids"), as_ids(answer_ids, "answer_ids")
+    _check_pair(model, prompt, answer)
+    device = model_device(model)
+    if model.family.causal:
+        seq = torch.cat([prompt, answer]).to(device)[None]
+        logits = raw_logits(model, seq)[0, prompt.numel() - 1 : -1]
+        return bool((logits.argmax(-1) == seq[0, prompt.numel():]).all())
+
+    mask_id = mask_token_id(model)
+    n_prompt = prompt.numel()
+    seq = torch.cat([prompt, torch.full_like(answer, mask_id)]).to(device)[None]
+    prompt_mask = torch.arange(seq.shape[1], device=device) < n_prompt
+    for _ in range(answer.numel()):
+        masked = seq == mask_id
+        masked[:, :n_prompt] = False
+        logits = mask_predictor_logits(model, seq, cfg=cfg, prompt_mask=prompt_mask)[masked].float()
+        probs = logits.softmax(-1)
+        confidence, tokens = probs.max(-1)
+        best = int(confidence.argmax())
+        positions = masked[0].nonzero().squeeze(1)
+        seq[0, positions[best]] = tokens[best]
+    return bool((seq[0, n_prompt:].cpu() == answer).all())

@@ -1,0 +1,190 @@
+"""Load a model by name, directory or Hub id; save one in the official layout.
+
+No `trust_remote_code`, no unpickling: config.json is parsed by dllmq, weights are read from
+safetensors through a memory map, tokenizers come from `AutoTokenizer` on the directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from dllmq.errors import DllmqError
+from dllmq.models.config import ModelConfig, read_config_json
+from dllmq.models.family import Family
+from dllmq.models.modeling import TransformerLM
+from dllmq.models.random_models import RANDOM_MODELS, random_model
+from dllmq.models.registry import build_model, parse_config
+from dllmq.models.safetensors_io import load_tensors, save_tensors
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+class LoadedModel(NamedTuple):
+    model: TransformerLM
+    tokenizer: object  # a transformers tokenizer, or None when the directory has none
+    family: Family
+
+
+def builtin_names() -> list[str]:
+    return list(RANDOM_MODELS)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on an accelerator (the checkpoints' own dtype) and float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise DllmqError(f"Unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}.") from None
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DllmqError(f"{path} is a file; give the checkpoint directory that contains config.json.")
+        return path
+    text = str(name_or_path)
+    if _HUB_ID.match(text):
+        from huggingface_hub import snapshot_download
+
+        try:  # honours HF_HUB_OFFLINE: then only the local cache is read
+            return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+        except Exception as err:  # the hub client raises many types; the user needs one sentence
+            raise DllmqError(
+                f"{text} is not a local directory and could not be fetched from the Hugging Face Hub or its cache "
+                f"({type(err).__name__}); download it where there is network and pass the directory."
+            ) from None
+    raise DllmqError(
+        f"No model directory {path}; give a checkpoint directory, a Hub id (org/name), "
+        f"or a built-in name ({', '.join(builtin_names())})."
+    )
+
+
+def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TransformerLM:
+    """Build the module tree without memory, then adopt the checkpoint tensors (checked, converted)."""
+    config = parse_config(read_config_json(directory))
+    with torch.device("meta"):
+        model = build_model(config)
+    tensors = load_tensors(directory)
+    expected = model.state_dict()
+    head, embed = f"{model.family.lm_head}.weight", f"{model.family.embed}.weight"
+    if config.tie_embeddings and head not in tensors and embed in tensors:
+        tensors[head] = tensors[embed]
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DllmqError(f"The checkpoint in {directory} lacks tensor {missing[0]}{more}; it is incomplete or of another model.")
+    for name, meta in expected.items():
+        if tuple(tensors[name].shape) != tuple(meta.shape):
+            raise DllmqError(
+                f"Tensor {name} has shape {tuple(tensors[name].shape)} in the checkpoint but config.json implies "
+                f"{tuple(meta.shape)}; the config and weights do not belong together."
+            )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        log.warning("ignoring %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[0])
+    state = {name: tensors[name].to(device=device, dtype=dtype) for name in expected}
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def load_tokenizer(directory: Path):
+    """AutoTokenizer without remote code; falls back to tokenizer.json when the config names a remote class."""
+    if not any((directory / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        log.warning("%s has no tokenizer files; text commands will not work with it", directory)
+        return None
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as err:  # e.g. Dream's tokenizer_config names remote code
+        if not (directory / "tokenizer.json").is_file():
+            raise DllmqError(f"The tokenizer in {directory} cannot be loaded without remote code ({err}).") from None
+        log.info("AutoTokenizer failed (%s); reading tokenizer.json directly", err)
+        extra = {}
+        cfg = directory / "tokenizer_config.json"
+        if cfg.is_file():
+            data = json.loads(cfg.read_text())
+            extra = {k: data[k] for k in ("bos_token", "eos_token", "pad_token", "mask_token", "chat_template")
+                     if isinstance(data.get(k), str)}
+        return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), **extra)
+
+
+def load_model(name_or_path: str | os.PathLike = "random-llada", *, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
+    """The model (eval mode), its tokenizer and its family description.
+
+    `name_or_path`: a built-in name (random-llada, random-dream, random-llama), a checkpoint
+    directory (config.json + safetensors, single or sharded), or a Hub id when network or the HF
+    cache allows. `seed` only matters for built-in random models.
+    """
+    torch_dtype = resolve_dtype(dtype, device)
+    if str(name_or_path) in RANDOM_MODELS and not Path(name_or_path).exists():
+        model, tokenizer = random_model(str(name_or_path), seed=seed, dtype=torch_dtype)
+        return LoadedModel(model.to(device), tokenizer, model.family)
+    directory = resolve_model_dir(name_or_path)
+    model = load_checkpoint(directory, torch_dtype, device)
+    return LoadedModel(model, load_tokenizer(directory), model.family)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, overwrite: bool = False):
+    """Yield a temporary directory beside `out`; on success it replaces `out`, on failure it vanishes."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DllmqError(f"{out} already exists; choose another output path or pass --overwrite.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def state_dict_for_saving(model: TransformerLM) -> dict[str, torch.Tensor]:
+    state = dict(model.state_dict())
+    if model.config.tie_embeddings:  # tied checkpoints store the embedding once, as HF does
+        state.pop(f"{model.family.lm_head}.weight", None)
+    return state
+
+
+def config_for_saving(config: ModelConfig, dtype: torch.dtype) -> dict:
+    raw = dict(config.raw)
+    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return raw
+
+
+def save_model(model: TransformerLM, tokenizer, out: str | os.PathLike, *, max_shard_bytes: int | None = None,
+               overwrite: bool = False) -> Path:
+    """Write config.json (official field names), safetensors (sharded past max_shard_bytes) and the tokenizer."""
+    out = Path(out)
+    with atomic_directory(out, overwrite) as tmp:
+        dtype = next(model.parameters()).dtype
+        (tmp / "config.json").write_text(json.dumps(config_for_saving(model.config, dtype), indent=2))
+        save_tensors(state_dict_for_saving(model), tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out

@@ -1,0 +1,140 @@
+"""Memory-mapped reading of (possibly sharded) safetensors checkpoints.
+
+Tensors come back as zero-copy views into a private (copy-on-write) memory map, so loading a
+checkpoint in its own dtype costs about the file size in memory, not two or three times it.
+Writing goes through the `safetensors` library.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+
+from dllmq.errors import DllmqError
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header dict); checks the file is complete."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise DllmqError(f"{path} is truncated (no safetensors header); re-download or re-save it.")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100_000_000):
+            raise DllmqError(f"{path} is not a valid safetensors file (header length {n} exceeds the file).")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DllmqError(f"{path} has a corrupt safetensors header; re-download or re-save it.") from None
+    header.pop("__metadata__", None)
+    data_end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if 8 + n + data_end > size:
+        raise DllmqError(
+            f"{path} is truncated: its header describes {8 + n + data_end} bytes but the file has {size}; "
+            "re-download or re-save it."
+        )
+    return 8 + n, header
+
+
+def mmap_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file as a view into a private memory map."""
+    start, header = read_header(path)
+    with open(path, "rb") as f:
+        if path.stat().st_size == 0:
+            return {}
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for name, entry in header.items():
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise DllmqError(f"{path}: tensor {name} has dtype {entry['dtype']}, which dllmq does not read.")
+        begin, end = entry["data_offsets"]
+        count = 1
+        for dim in entry["shape"]:
+            count *= dim
+        if count == 0:
+            tensors[name] = torch.empty(entry["shape"], dtype=dtype)
+            continue
+        if (end - begin) != count * torch.empty((), dtype=dtype).element_size():
+            raise DllmqError(f"{path}: tensor {name} has a byte size that does not match its shape; the file is corrupt.")
+        flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin)
+        tensors[name] = flat.view(entry["shape"])
+    return tensors
+
+
+def checkpoint_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> file, from the shard index or the single file."""
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DllmqError(f"{index} is not a valid shard index (it needs a 'weight_map').") from None
+        files = {name: directory / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise DllmqError(f"The shard index lists {shard.name}, which is missing from {directory}.")
+        return files
+    single = directory / SINGLE_NAME
+    if single.is_file():
+        return {name: single for name in read_header(single)[1]}
+    found = sorted(p.name for p in directory.glob("*.safetensors"))
+    if len(found) == 1:
+        path = directory / found[0]
+        return {name: path for name in read_header(path)[1]}
+    if (directory / "pytorch_model.bin").exists() or list(directory.glob("*.bin")):
+        raise DllmqError(
+            f"{directory} holds only pickled .bin weights, which dllmq never unpickles; convert them to safetensors first."
+        )
+    raise DllmqError(f"{directory} has no model.safetensors or {INDEX_NAME}.")
+
+
+def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    files = checkpoint_files(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(set(files.values())):
+        shard = mmap_tensors(path)
+        for name in (n for n, p in files.items() if p == path):
+            if name not in shard:
+                raise DllmqError(f"The shard index places {name} in {path.name}, but that file does not contain it.")
+            tensors[name] = shard[name]
+    return tensors
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write one file, or shards of at most `max_shard_bytes` plus the standard index."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    if not max_shard_bytes or sum(sizes.values()) <= max_shard_bytes:
+        save_file(tensors, str(directory / SINGLE_NAME), metadata=metadata or {"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name, t in tensors.items():
+        if shards[-1] and used + sizes[name] > max_shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][name] = t
+        used += sizes[name]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata=metadata or {"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
