@@ -69,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="Dream nucleus sampling")
     p.add_argument("--top-k", type=int, default=None, help="Dream top-k sampling")
     p.add_argument("--cfg", type=float, default=0.0, help="LLaDA classifier-free guidance scale (default 0)")
-    p.add_argument("--keep-special", action="store_true", help="print the raw generated tokens, EOS padding included")
 
     p = sub.add_parser("ppl", help="perplexity: Monte Carlo ELBO bound for diffusion models, exact for causal ones",
                        description="Perplexity of MODEL on a text file. For a masked diffusion model this is "
@@ -121,7 +120,7 @@ def _load(args):
 
 
 def cmd_generate(args) -> None:
-    from dllmq.diffusion import GenerationSettings, decode_answer, format_prompt, generate_text
+    from dllmq.diffusion import generate_text
 
     if not args.prompt.strip():
         raise DllmqError("The prompt is empty; pass some text with --prompt.")
@@ -131,17 +130,16 @@ def cmd_generate(args) -> None:
     chat = args.chat
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None)) and "instruct" in str(args.model).lower()
-    settings = GenerationSettings(
-        gen_length=args.gen_length, steps=args.steps or args.gen_length,
-        block_length=args.block_length or args.gen_length, remasking=args.remasking, alg=args.alg,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, cfg=args.cfg,
-        sampler=args.sampler, seed=args.seed)
-    prompt_ids = format_prompt(tokenizer, args.prompt, chat=chat)
+    # Every sampler takes what applies to it; the dispatcher drops (and logs) the rest.
+    settings = dict(gen_length=args.gen_length, steps=args.steps or args.gen_length,
+                    block_length=args.block_length or args.gen_length, remasking=args.remasking, cfg=args.cfg,
+                    alg=args.alg, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    sampler = None if args.sampler == "auto" else args.sampler
     start = time.perf_counter()
-    out = generate_text(model, tokenizer, prompt_ids, settings, progress=sys.stderr.isatty())
-    seconds = time.perf_counter() - start
-    print(decode_answer(tokenizer, out, len(prompt_ids), keep_special=args.keep_special))
-    logging.getLogger("dllmq").info("generated %d tokens in %.2f s", args.gen_length, seconds)
+    [text] = generate_text(model, tokenizer, [args.prompt], chat=chat, sampler=sampler,
+                           progress=sys.stderr.isatty(), **settings)
+    print(text)
+    logging.getLogger("dllmq").info("generated %d tokens in %.2f s", args.gen_length, time.perf_counter() - start)
 
 
 def cmd_ppl(args) -> None:

@@ -63,7 +63,8 @@ def causal_generate(
     x = torch.cat([prompt, prompt.new_full((batch, max_new_tokens), pad)], dim=1)
     full_mask = extend_mask(attention_mask, max_new_tokens)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for i in tqdm(range(max_new_tokens), desc="generate", disable=not progress):
+    bar = tqdm(total=max_new_tokens, desc="generate", disable=not progress)
+    for i in range(max_new_tokens):
         end = n_prompt + i
         mask, positions = positions_from_mask(None if full_mask is None else full_mask[:, :end])
         logits = raw_logits(model, x[:, :end], mask, positions)[:, -1]
@@ -72,8 +73,10 @@ def causal_generate(
         )
         x[:, end] = torch.where(finished, torch.full_like(token, pad), token)
         finished |= torch.isin(token, stop_tensor)
+        bar.update(1)
         if callback is not None:
             callback(i + 1, x.clone())
         if bool(finished.all()):
             break
+    bar.close()
     return x

@@ -21,6 +21,7 @@ from dllmq.diffusion.common import (
 )
 from dllmq.diffusion.llada_sampler import top_per_row
 from dllmq.diffusion.logits import (
+    forbid_token,
     mask_predictor_logits,
     mask_token_id,
     model_device,
@@ -98,11 +99,11 @@ def dream_generate(
             p_reveal = 1.0 if last else float(ratio)
             draw = torch.rand(x.shape, device=device, generator=generator)
             chosen = masked & (draw < p_reveal)
-            _, tokens = sample_from_logits(logits[chosen], **sampling)
+            _, tokens = sample_from_logits(forbid_token(logits[chosen], mask_id), **sampling)
             x = x.clone()
             x[chosen] = tokens
         else:
-            probs, tokens = sample_from_logits(logits[masked], **sampling)
+            probs, tokens = sample_from_logits(forbid_token(logits[masked], mask_id), **sampling)
             confidence = torch.full(x.shape, float("-inf"), device=device)
             confidence[masked] = confidence_of(probs, tokens, alg)
             n_masked = masked.sum(1)

@@ -19,6 +19,7 @@ from dllmq.diffusion.common import (
     prepare_prompt,
 )
 from dllmq.diffusion.logits import (
+    forbid_token,
     mask_predictor_logits,
     mask_token_id,
     model_device,
@@ -46,7 +47,9 @@ def top_per_row(confidence: Tensor, counts: Tensor) -> Tensor:
     return (ranks < counts.unsqueeze(1)) & (confidence > float("-inf"))
 
 
-def check_llada_settings(gen_length: int, steps: int, block_length: int, remasking: str, temperature: float, cfg: float) -> int:
+def check_llada_settings(
+    gen_length: int, steps: int, block_length: int, remasking: str, temperature: float, cfg: float
+) -> int:
     """Validate the settings; return the number of blocks."""
     check_positive(gen_length=gen_length, steps=steps, block_length=block_length)
     if gen_length % block_length:
@@ -119,7 +122,7 @@ def llada_generate(
             logits = mask_predictor_logits(
                 model, x, attention_mask, position_ids, cfg=cfg, prompt_mask=prompt_mask
             )
-            x = _reveal(x, logits, candidates, schedule[:, i], temperature, remasking, generator)
+            x = _reveal(x, logits, candidates, schedule[:, i], temperature, remasking, generator, mask_id)
             step += 1
             bar.update(1)
             if callback is not None:
@@ -136,9 +139,10 @@ def _reveal(
     temperature: float,
     remasking: str,
     generator: torch.Generator,
+    mask_id: int,
 ) -> Tensor:
     """Fill counts[r] of row r's candidate positions with the model's predictions."""
-    cand_logits = logits[candidates]  # [N, V]: only what can be revealed now
+    cand_logits = forbid_token(logits[candidates], mask_id)  # [N, V]: only what can be revealed now
     tokens = gumbel_argmax(cand_logits, temperature, generator)
     if remasking == "low_confidence":
         # confidence from the un-noised distribution, of the (possibly sampled) token

@@ -83,7 +83,9 @@ def mask_predictor_logits(
     batch = x.shape[0]
     if cfg > 0:
         if prompt_mask is None:
-            raise DllmqError("Classifier-free guidance (cfg > 0) needs prompt_mask to know which positions to hide.")
+            raise DllmqError(
+                "Classifier-free guidance (cfg > 0) needs prompt_mask to know which positions to hide."
+            )
         prompt_mask = prompt_mask.to(x.device).bool().expand_as(x)
         uncond = x.masked_fill(prompt_mask, mask_token_id(model))
         x = torch.cat([x, uncond], dim=0)
@@ -100,4 +102,15 @@ def mask_predictor_logits(
     if cfg > 0:
         cond, uncond = logits[:batch], logits[batch:]
         logits = uncond + (cfg + 1) * (cond - uncond)
+    return logits
+
+
+def forbid_token(logits: Tensor, token_id: int) -> Tensor:
+    """A copy of logits [..., V] in which `token_id` can never be chosen.
+
+    Samplers forbid the mask token: a trained model gives it ~zero probability anyway, and a
+    predicted mask would leave a position masked after its turn (a hole in the answer).
+    """
+    logits = logits.clone()
+    logits[..., token_id] = float("-inf")
     return logits

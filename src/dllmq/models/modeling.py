@@ -75,14 +75,20 @@ class Block(nn.Module):
         return self.get_submodule(name)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        fam = self.family
-        qkv, out, gate_up, down = fam.groups
-        h = self._part(fam.attn_norm)(x)
+        x = x + self.attention(self._part(self.family.attn_norm)(x), rope, mask)
+        return x + self.feed_forward(self._part(self.family.ffn_norm)(x))
+
+    def attention(self, h: torch.Tensor, rope, mask) -> torch.Tensor:
+        """Normed input -> attention output after the out projection (AWQ scores its q/k/v scales on this)."""
+        qkv, out = self.family.groups[0], self.family.groups[1]
         q, k, v = (self._part(name)(h) for name in qkv.linears)
-        x = x + self._part(out.linears[0])(self._attend(q, k, v, rope, mask))
-        h = self._part(fam.ffn_norm)(x)
+        return self._part(out.linears[0])(self._attend(q, k, v, rope, mask))
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed input -> SwiGLU output after the down projection."""
+        gate_up, down = self.family.groups[2], self.family.groups[3]
         gate, up = (self._part(name)(h) for name in gate_up.linears)
-        return x + self._part(down.linears[0])(F.silu(gate) * up)
+        return self._part(down.linears[0])(F.silu(gate) * up)
 
     def _attend(self, q, k, v, rope, mask):
         b, length, _ = q.shape
