@@ -203,3 +203,25 @@ def test_same_seed_same_random_model():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch, tmp_path):
+    from dllmq.errors import DllmqError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(DllmqError, match="Hugging Face Hub"):
+        load_model("GSAI-ML/LLaDA-8B-Instruct")
+
+
+def test_tokenizer_naming_remote_code_falls_back_to_tokenizer_json(tmp_path):
+    """Dream's tokenizer_config names a remote class; dllmq reads tokenizer.json instead of running code."""
+    model, tok = random_model("random-dream")
+    out = save_model(model, tok, tmp_path / "dream")
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "DreamTokenizer"
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _, loaded_tok, _ = load_model(out)
+    assert loaded_tok.encode("Dream ü") == tok.encode("Dream ü")
+    assert loaded_tok.mask_token == tok.mask_token
