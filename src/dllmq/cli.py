@@ -22,6 +22,8 @@ examples:
   dllmq inspect llada-8b                      # the real LLaDA-8B config, no weights needed
   dllmq generate random-llada --prompt "Hello" --gen-length 64 --steps 64 --block-length 32
   dllmq ppl random-dream --data notes.txt --seqlen 256
+  dllmq quantize random-llada --method gptq --preset W4A16-g128 --nsamples 16 --seqlen 256 --out q/
+  dllmq generate q/ --prompt "Hello"          # a saved quantized model is a MODEL everywhere
 """
 
 
@@ -76,11 +78,46 @@ def build_parser() -> argparse.ArgumentParser:
                                    "perplexity, comparable across quantizations of the same model; for a causal "
                                    "model it is the ordinary perplexity.")
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="a UTF-8 text file")
+    p.add_argument("--data", default="wiki",
+                   help="wiki (held-out offline Wikipedia shipped with dllmq; default), wikitext2 (test split, "
+                        "needs HF datasets + network or cache), or a .txt / .jsonl file")
     p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--mc-num", type=int, default=16, help="Monte Carlo samples per window (diffusion; default 16)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+
+    p = sub.add_parser("quantize", help="weight-only quantization (RTN, GPTQ, AWQ), block by block, saved to --out",
+                       description="Quantize MODEL's block linears and save a model directory that every dllmq "
+                                   "command accepts as MODEL. Calibration runs one block at a time, so the "
+                                   "device only ever holds one block plus the calibration activations.",
+                       epilog="presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-channel)\n"
+                              "examples:\n"
+                              "  dllmq quantize MODEL --method gptq --wbits 4 --group-size 128 --calib wikitext2 "
+                              "--nsamples 128 --seqlen 2048 --out q/\n"
+                              "  dllmq quantize MODEL --method awq --wbits 3 --calib pile --out q3/\n"
+                              "  dllmq quantize MODEL --preset W4A16-g128 --method rtn --out r/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--method", default="rtn", help="rtn, gptq or awq (default rtn)")
+    p.add_argument("--preset", default=None, help="named bit config; explicit --wbits / --group-size win")
+    p.add_argument("--wbits", type=int, default=None, help="weight bits, 2..8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None, help="inputs per scale, -1 = per channel (default 128)")
+    p.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric)")
+    p.add_argument("--calib", default="wiki",
+                   help="calibration text: wiki (offline, shipped; default), wikitext2, pile, or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--dynamic-groups", action="store_true",
+                   help="GPTQ act-order: groups follow the permuted order instead of static natural groups")
+    p.add_argument("--duo-scaling", action="store_true", help="AWQ: divide by mean|w|^(1-alpha) too")
+    p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clipping search")
+    p.add_argument("--calib-device", default=None, help="device for calibration (default: --device)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU between blocks (less device memory)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
 
@@ -105,14 +142,19 @@ def cmd_inspect(args) -> None:
         raw = read_config_json(resolve_model_dir(name))
     config = parse_config(raw)
     family = get_family(config.family)
+    from dllmq.quant.format import describe_quantization
+    quantized = describe_quantization(raw)
     if args.json:
-        print(json.dumps({"model": name, **describe(config, family)}, indent=2))
+        print(json.dumps({"model": name, **describe(config, family),
+                          "quantization_config": raw.get("quantization_config")}, indent=2))
     else:
         print(format_description(name, config, family))
+        if quantized:
+            print(quantized)
 
 
 def _load(args):
-    from dllmq.models.loading import load_model
+    from dllmq.api import load_model
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
     logging.getLogger("dllmq").info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
@@ -143,28 +185,48 @@ def cmd_generate(args) -> None:
 
 
 def cmd_ppl(args) -> None:
+    from dllmq.data import CORPORA, load_corpus, tokenize_text
     from dllmq.diffusion import perplexity
 
-    path = Path(args.data)
-    if not path.is_file():
-        raise DllmqError(f"No text file {path}; pass a UTF-8 text file with --data.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DllmqError(f"{path} is not UTF-8 text.") from None
-    if not text.strip():
-        raise DllmqError(f"{path} is empty; perplexity needs some text.")
+    text = load_corpus(args.data, "heldout")   # files are read whole; named sets give their held-out split
     model, tokenizer, family = _load(args)
     if tokenizer is None:
         raise DllmqError(f"{args.model} has no tokenizer files, so it cannot read text.")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    result = perplexity(model, ids, seqlen=args.seqlen, mc_num=args.mc_num, batch_size=args.batch_size,
-                        max_windows=args.max_windows, seed=args.seed, progress=True)
+    result = perplexity(model, tokenize_text(tokenizer, text), seqlen=args.seqlen, mc_num=args.mc_num,
+                        batch_size=args.batch_size, max_windows=args.max_windows, seed=args.seed, progress=True)
     kind = "ELBO bound (upper bound on perplexity)" if result.is_bound else "exact causal perplexity"
-    print(f"ppl {result.ppl:.4f}  nll/token {result.nll:.4f}  tokens {result.n_tokens}  windows {result.n_windows}  [{kind}]")
+    source = f"{args.data} (held out)" if args.data in CORPORA else args.data
+    print(f"ppl {result.ppl:.4f}  nll/token {result.nll:.4f}  tokens {result.n_tokens}  windows {result.n_windows}"
+          f"  [{kind}; {source}]")
 
 
-COMMANDS = {"inspect": cmd_inspect, "generate": cmd_generate, "ppl": cmd_ppl}
+def cmd_quantize(args) -> None:
+    from dataclasses import replace
+
+    from dllmq.models.describe import human_bytes
+    from dllmq.quant import QuantConfig, apply_preset, format_report, quantize, save_quantized
+    from dllmq.quant.api import directory_bytes, theoretical_bytes
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # refuse before hours of calibration, not after
+        raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
+    config = QuantConfig(method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                         seed=args.seed, sym=args.sym, damp=args.damp, act_order=args.act_order,
+                         static_groups=not args.dynamic_groups, awq_duo_scaling=args.duo_scaling,
+                         awq_clip=not args.no_clip)
+    explicit = {k: v for k, v in (("wbits", args.wbits), ("group_size", args.group_size)) if v is not None}
+    config = replace(apply_preset(config, args.preset), **explicit)  # explicit flags beat the preset
+    model, tokenizer, family = _load(args)
+    report = quantize(model, tokenizer, config, device=args.calib_device or args.device,
+                      offload_activations=args.offload_activations, progress=True)
+    save_quantized(model, tokenizer, out, overwrite=args.overwrite)
+    print(format_report(report))
+    on_disk, target = directory_bytes(out), theoretical_bytes(model)
+    print(f"saved {out}: {human_bytes(on_disk)} of safetensors (packed target {human_bytes(target)}, "
+          f"{100 * (on_disk / target - 1):+.1f}%)")
+
+
+COMMANDS = {"inspect": cmd_inspect, "generate": cmd_generate, "ppl": cmd_ppl, "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -78,11 +78,19 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TransformerLM:
-    """Build the module tree without memory, then adopt the checkpoint tensors (checked, converted)."""
-    config = parse_config(read_config_json(directory))
+def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    prepare: Callable[[TransformerLM, dict], None] | None = None) -> TransformerLM:
+    """Build the module tree without memory, then adopt the checkpoint tensors (checked, converted).
+
+    `prepare(model, raw_config)` may reshape the meta model first (a quantized checkpoint swaps its
+    linears for quantized ones). Parameters take `dtype`; buffers (packed codes, scales) keep theirs.
+    """
+    raw = read_config_json(directory)
+    config = parse_config(raw)
     with torch.device("meta"):
         model = build_model(config)
+        if prepare is not None:
+            prepare(model, raw)
     tensors = load_tensors(directory)
     expected = model.state_dict()
     head, embed = f"{model.family.lm_head}.weight", f"{model.family.embed}.weight"
@@ -101,7 +109,9 @@ def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32, device:
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         log.warning("ignoring %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[0])
-    state = {name: tensors[name].to(device=device, dtype=dtype) for name in expected}
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    state = {name: tensors[name].to(device=device, dtype=dtype if name in params else tensors[name].dtype)
+             for name in expected}
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     return model.eval()
@@ -113,9 +123,15 @@ def load_tokenizer(directory: Path):
         log.warning("%s has no tokenizer files; text commands will not work with it", directory)
         return None
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # it reads config.json and warns that model_type "llada" is unknown to it
+        try:
+            return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+        finally:
+            hf_logging.set_verbosity(previous)
     except Exception as err:  # e.g. Dream's tokenizer_config names remote code
         if not (directory / "tokenizer.json").is_file():
             raise DllmqError(f"The tokenizer in {directory} cannot be loaded without remote code ({err}).") from None
@@ -130,7 +146,8 @@ def load_tokenizer(directory: Path):
 
 
 def load_model(name_or_path: str | os.PathLike = "random-llada", *, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
+               device: str | torch.device = "cpu", seed: int = 0,
+               prepare: Callable[[TransformerLM, dict], None] | None = None) -> LoadedModel:
     """The model (eval mode), its tokenizer and its family description.
 
     `name_or_path`: a built-in name (random-llada, random-dream, random-llama), a checkpoint
@@ -142,7 +159,7 @@ def load_model(name_or_path: str | os.PathLike = "random-llada", *, dtype: str |
         model, tokenizer = random_model(str(name_or_path), seed=seed, dtype=torch_dtype)
         return LoadedModel(model.to(device), tokenizer, model.family)
     directory = resolve_model_dir(name_or_path)
-    model = load_checkpoint(directory, torch_dtype, device)
+    model = load_checkpoint(directory, torch_dtype, device, prepare)
     return LoadedModel(model, load_tokenizer(directory), model.family)
 
 
@@ -171,19 +188,22 @@ def state_dict_for_saving(model: TransformerLM) -> dict[str, torch.Tensor]:
     return state
 
 
-def config_for_saving(config: ModelConfig, dtype: torch.dtype) -> dict:
+def config_for_saving(config: ModelConfig, dtype: torch.dtype, extra: dict | None = None) -> dict:
     raw = dict(config.raw)
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    raw.update(extra or {})
     return raw
 
 
 def save_model(model: TransformerLM, tokenizer, out: str | os.PathLike, *, max_shard_bytes: int | None = None,
-               overwrite: bool = False) -> Path:
-    """Write config.json (official field names), safetensors (sharded past max_shard_bytes) and the tokenizer."""
+               overwrite: bool = False, extra_config: dict | None = None) -> Path:
+    """Write config.json (official field names, plus `extra_config` entries such as a
+    quantization_config), safetensors (sharded past max_shard_bytes) and the tokenizer."""
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
         dtype = next(model.parameters()).dtype
-        (tmp / "config.json").write_text(json.dumps(config_for_saving(model.config, dtype), indent=2))
+        config = config_for_saving(model.config, dtype, extra_config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_tensors(state_dict_for_saving(model), tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

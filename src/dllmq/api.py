@@ -1,0 +1,17 @@
+"""The top-level entry points: a model loader that also reads dllmq's quantized checkpoints."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dllmq.models.loading import LoadedModel
+from dllmq.models.loading import load_model as _load_plain
+
+
+def load_model(name_or_path: str | os.PathLike = "random-llada", *, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
+    """(model, tokenizer, family) for a built-in name, a checkpoint directory — full precision or
+    quantized by dllmq — or a Hub id. A quantized directory is a MODEL everywhere."""
+    from dllmq.quant.format import prepare_quantized
+    return _load_plain(name_or_path, dtype=dtype, device=device, seed=seed, prepare=prepare_quantized)

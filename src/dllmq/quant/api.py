@@ -1,0 +1,93 @@
+"""One call per job: quantize a loaded model in place, summarise, save."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from dllmq.errors import DllmqError
+from dllmq.models.describe import human_bytes
+from dllmq.models.loading import save_model
+from dllmq.models.modeling import TransformerLM
+from dllmq.quant.awq import AWQ
+from dllmq.quant.config import QuantConfig
+from dllmq.quant.format import quantization_config
+from dllmq.quant.gptq import GPTQ
+from dllmq.quant.pipeline import Method, QuantReport, quantize_model
+from dllmq.quant.qlinear import QuantLinear
+from dllmq.quant.rtn import RTN
+
+METHODS: dict[str, type[Method]] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ}
+
+
+def make_method(config: QuantConfig) -> Method:
+    return METHODS[config.method](config)
+
+
+def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> torch.Tensor | None:
+    if not config.needs_calibration:
+        return None
+    if config.seqlen > model.config.max_seq_len:
+        raise DllmqError(f"--seqlen {config.seqlen} is longer than the model's context of "
+                         f"{model.config.max_seq_len} tokens; use a shorter calibration window.")
+    if tokenizer is None:
+        raise DllmqError("Calibration needs the model's tokenizer, and this model directory has none.")
+    from dllmq.data import calibration_set
+    return calibration_set(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+
+
+def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: str | torch.device = "cpu",
+             offload_activations: bool = False, progress: bool = True) -> QuantReport:
+    """Quantize `model`'s block linears in place with `config`; records the quantization_config on it."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise DllmqError("This model is already quantized; start from the full-precision checkpoint.")
+    calib = calibration_ids(model, tokenizer, config)
+    report = quantize_model(model, make_method(config), calib, device=device,
+                            offload_activations=offload_activations, progress=progress)
+    model.config.raw["quantization_config"] = quantization_config(model, config)
+    return report
+
+
+def theoretical_bytes(model: TransformerLM) -> int:
+    """Bytes of the packed model: codes at their bit width plus scales, zeros, g_idx, and the
+    other tensors at their dtype (the target the saved file is checked against)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            n_groups = module.n_groups
+            total += -(-module.in_features * module.out_features * module.bits // 8)
+            total += n_groups * module.out_features * (module.scales.element_size() + module.bits / 8)
+            total += module.in_features * 4
+            if module.bias is not None:
+                total += module.bias.numel() * module.bias.element_size()
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return int(total)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+
+
+def save_quantized(model: TransformerLM, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    return save_model(model, tokenizer, out, overwrite=overwrite)
+
+
+def format_report(report: QuantReport, worst: int = 5) -> str:
+    lines = [f"{report.method}: {len(report.layers)} linears quantized in {report.seconds:.1f} s, "
+             f"peak RSS {human_bytes(report.peak_rss_bytes)}"
+             + (f", peak device memory {human_bytes(report.peak_device_bytes)}" if report.peak_device_bytes else "")]
+    if report.layers:
+        kind = report.layers[0].error_kind
+        by_type: dict[str, list[float]] = {}
+        for layer in report.layers:
+            by_type.setdefault(layer.name.rsplit(".", 1)[-1], []).append(layer.error)
+        lines.append(f"relative {kind} error by linear (mean over blocks): " +
+                     ", ".join(f"{k} {sum(v) / len(v):.4f}" for k, v in by_type.items()))
+        top = sorted(report.layers, key=lambda l: l.error, reverse=True)[:worst]
+        lines.append("largest: " + ", ".join(f"{l.name} {l.error:.4f}" for l in top))
+    return "\n".join(lines)
