@@ -159,6 +159,12 @@ def tokenize_text(tokenizer, text: str) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenize_cached(tokenizer, text: str) -> Tensor:
+    """Tokenizing a whole corpus takes seconds; a study quantizes one model many times."""
+    return tokenize_text(tokenizer, text)
+
+
 def calibration_windows(token_ids: Sequence[int] | Tensor, nsamples: int, seqlen: int, seed: int = 0) -> Tensor:
     """[nsamples, seqlen] windows of `token_ids` at random starts, drawn as the GPTQ reference does.
 
@@ -210,7 +216,7 @@ def calibration_set(tokenizer, name_or_path: str | os.PathLike = "wiki", nsample
     """
     if mask_ratio is not None:
         _check_mask(mask_ratio, mask_token_id)
-    windows = calibration_windows(tokenize_text(tokenizer, load_corpus(name_or_path, "train")), nsamples, seqlen, seed)
+    windows = calibration_windows(_tokenize_cached(tokenizer, load_corpus(name_or_path, "train")), nsamples, seqlen, seed)
     if mask_ratio is None:
         return windows
     return mask_windows(windows, mask_ratio, mask_token_id, seed)

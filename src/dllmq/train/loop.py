@@ -1,0 +1,378 @@
+"""Training dllmq-tiny: LLaDA's masked-diffusion pre-training and its SFT, seeded and resumable.
+
+Pre-training (stage `base`): packed sequences of BOS + document + EOS; per row t ~ U(0, 1],
+p = (1 - eps) t + eps, each token masked with probability p, loss = sum over masked tokens of
+CE / p, divided by (batch x sequence length), as LLaDA's reference does.
+
+SFT (stage `instruct`): chat-formatted (prompt, response) pairs; the prompt is never masked, the
+response (with <|eot_id|> and EOS padding) is, and each row's loss is divided by its response
+length (LLaDA's SFT). Every `pretrain_every`-th step is a pre-training step, so plain-text
+abilities survive.
+
+A run directory holds `checkpoint.pt` (model, optimizer, step, RNG states; written atomically),
+`log.jsonl` (the loss curve), `tokenizer/` and, when done, `final/` (bf16 weights + tokenizer).
+Running the same command again resumes from the checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dllmq.errors import DllmqError
+from dllmq.models.config import real_config
+from dllmq.models.modeling import TransformerLM, init_weights
+from dllmq.models.registry import build_model, parse_config
+from dllmq.train import corpus
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-3
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "base"                 # base | instruct
+    out: str = "runs/base"
+    steps: int = 2400                   # the schedule's length (a run is done at this step)
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    # model (base stage; instruct inherits the base model's shape)
+    d_model: int = 256
+    n_layers: int = 5
+    n_heads: int = 4
+    mlp_hidden_size: int = 704
+    vocab_size: int = 4096
+    max_sequence_length: int = 1024
+    # data mixture of pre-training rows (weights)
+    mix: dict = field(default_factory=lambda: {"wiki": 0.40, "python": 0.08, "math": 0.26, "code": 0.26})
+    init: str = ""                      # instruct: directory of the base model (config.json + weights)
+    pretrain_every: int = 4             # instruct: every n-th step is a pre-training step (0: never)
+    checkpoint_every: int = 50
+    log_every: int = 10
+    bf16_autocast: bool = True
+    threads: int = 0                    # 0: torch default
+
+
+def llada_tiny_config(cfg: TrainConfig, tokenizer) -> dict:
+    """The official LLaDA config.json fields, scaled down to the tiny model."""
+    raw = copy.deepcopy(real_config("llada-8b"))
+    vocab = -(-max(cfg.vocab_size, len(tokenizer)) // 64) * 64
+    raw.update(
+        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
+        mlp_hidden_size=cfg.mlp_hidden_size, mlp_ratio=round(cfg.mlp_hidden_size / cfg.d_model, 2),
+        vocab_size=vocab, embedding_size=vocab, max_sequence_length=cfg.max_sequence_length,
+        rope_theta=10000.0, init_device="cpu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id,
+    )
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+class Batches:
+    """Seeded batch maker: the batch of step s depends only on (seed, s), so resuming is exact."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, wiki_docs: list[str], python_docs: list[str]):
+        self.cfg, self.tok = cfg, tokenizer
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.mask_id = tokenizer.mask_token_id
+        self.wiki = [self.encode(d) for d in wiki_docs]
+        self.python = [self.encode(d) for d in python_docs]
+        self.wiki_docs = wiki_docs
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def rng(self, step: int, salt: int = 0) -> random.Random:
+        return random.Random((self.cfg.seed * 1_000_003 + step) * 7 + salt)
+
+    def document(self, source: str, rng: random.Random, room: int) -> list[int]:
+        if source in ("wiki", "python"):
+            docs = self.wiki if source == "wiki" else self.python
+            doc = docs[rng.randrange(len(docs))]
+            if len(doc) > room:
+                start = rng.randrange(len(doc) - room + 1)
+                return doc[start:start + room]
+            return [self.bos, *doc, self.eos]
+        if source == "math":
+            lines = [corpus.math_item(rng, heldout=False).text for _ in range(rng.randint(1, 6))]
+            return [self.bos, *self.encode("\n".join(lines)), self.eos]
+        item = corpus.code_item(rng, heldout=False)
+        return [self.bos, *self.encode(item.text), self.eos]
+
+    def pretrain(self, step: int) -> torch.Tensor:
+        rng = self.rng(step)
+        names = list(self.cfg.mix)
+        weights = [self.cfg.mix[n] for n in names]
+        rows = []
+        for _ in range(self.cfg.batch_size):
+            row: list[int] = []
+            while len(row) < self.cfg.seq_len:
+                row += self.document(rng.choices(names, weights)[0], rng, self.cfg.seq_len - len(row))
+            rows.append(row[:self.cfg.seq_len])
+        return torch.tensor(rows, dtype=torch.long)
+
+    def sft_pair(self, rng: random.Random) -> tuple[str, str]:
+        kind = rng.choices(("general", "math", "code"), (0.3, 0.35, 0.35))[0]
+        return sft_example(kind, rng, self.wiki_docs)
+
+    def sft(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [B, L], response mask [B, L]); rows padded with EOS, which counts as response."""
+        rng = self.rng(step, salt=1)
+        rows, starts = [], []
+        for _ in range(self.cfg.batch_size):
+            prompt, response = self.sft_pair(rng)
+            p = self.encode(self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                         add_generation_prompt=True))
+            r = self.encode(response) + [self.tok.convert_tokens_to_ids("<|eot_id|>"), self.eos]
+            rows.append((p + r)[:self.cfg.seq_len])
+            starts.append(min(len(p), self.cfg.seq_len - 1))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.eos, dtype=torch.long)
+        response = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (r, s) in enumerate(zip(rows, starts)):
+            ids[i, :len(r)] = torch.tensor(r)
+            response[i, s:] = True
+        return ids, response
+
+
+def sft_example(kind: str, rng: random.Random, wiki_docs: list[str]) -> tuple[str, str]:
+    """A (user prompt, assistant response) pair of one of the three kinds, from the training space."""
+    if kind == "math":
+        item = corpus.math_item(rng, heldout=False)
+        return item.question, str(item.answer)
+    if kind == "code":
+        item = corpus.code_item(rng, heldout=False)
+        return code_instruction(item.prompt), item.body.rstrip("\n")
+    doc = wiki_docs[rng.randrange(len(wiki_docs))]
+    words = doc.split(" ")
+    start = rng.randrange(max(1, len(words) - 80))
+    n = rng.randint(25, 60)
+    return "Continue the text: " + " ".join(words[start:start + n]), " ".join(words[start + n:start + n + 12])
+
+
+def code_instruction(prompt: str) -> str:
+    """The user turn asking an instruct model to write a function body (used in training and in the benchmark)."""
+    return "Write the body of this Python function.\n" + prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------------------------
+
+def forward_noise(ids: torch.Tensor, mask_id: int, generator: torch.Generator,
+                  allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLaDA's forward process: per row t ~ U(0,1], p = (1-eps) t + eps; mask each allowed token with p."""
+    b, length = ids.shape
+    t = torch.rand(b, generator=generator)
+    p = ((1 - EPS) * t + EPS)[:, None].expand(b, length)
+    masked = torch.rand(b, length, generator=generator) < p
+    if allowed is not None:
+        masked &= allowed
+    return ids.masked_fill(masked, mask_id), masked, p
+
+
+def pretrain_loss(model: TransformerLM, ids: torch.Tensor, mask_id: int, generator: torch.Generator) -> torch.Tensor:
+    noisy, masked, p = forward_noise(ids, mask_id, generator)
+    logits = model(noisy)
+    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p[masked]
+    return ce.sum() / ids.numel()
+
+
+def sft_loss(model: TransformerLM, ids: torch.Tensor, response: torch.Tensor, mask_id: int,
+             generator: torch.Generator) -> torch.Tensor:
+    noisy, masked, p = forward_noise(ids, mask_id, generator, allowed=response)
+    logits = model(noisy)
+    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p[masked]
+    lengths = response.sum(1, keepdim=True).float().expand_as(response)[masked]
+    return (ce / lengths).sum() / ids.shape[0]
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at `steps`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_or_load_tokenizer(cfg: TrainConfig, out: Path, wiki_docs, python_docs):
+    from transformers import AutoTokenizer
+
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+    if cfg.stage == "instruct":
+        return AutoTokenizer.from_pretrained(str(Path(cfg.init)))
+    from dllmq.train.tokenizer import train_tokenizer
+
+    rng = random.Random(cfg.seed)
+    texts = list(wiki_docs) + list(python_docs)
+    texts += ["\n".join(corpus.math_item(rng, False).text for _ in range(5)) for _ in range(4000)]
+    texts += [corpus.code_item(rng, False).text for _ in range(4000)]
+    tok = train_tokenizer(texts, cfg.vocab_size)
+    tmp = out / ".tokenizer.tmp"
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, tok_dir) if not tok_dir.exists() else None
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def make_model(cfg: TrainConfig, tokenizer) -> TransformerLM:
+    if cfg.stage == "instruct":
+        from dllmq.models.loading import load_checkpoint
+
+        if not cfg.init or not (Path(cfg.init) / "config.json").is_file():
+            raise DllmqError("The instruct stage needs --init DIR, the base model directory (with config.json).")
+        return load_checkpoint(Path(cfg.init), torch.float32).train()
+    raw = llada_tiny_config(cfg, tokenizer)
+    model = build_model(parse_config(raw))
+    init_weights(model, seed=cfg.seed)
+    with torch.no_grad():  # norms start at one (init_weights jitters them for tests)
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.fill_(1.0)
+        # scaled init of residual outputs (GPT-2 style) for stable small-batch training
+        for name, param in model.named_parameters():
+            if name.endswith(("attn_out.weight", "ff_out.weight")) and ".blocks." in name:
+                param.mul_(1 / math.sqrt(2 * cfg.n_layers))
+    return model.train()
+
+
+def train(cfg: TrainConfig, minutes: float | None = None, export: str | None = None) -> Path:
+    """Run (or resume) a training run; returns the run directory. Stops after `minutes` of wall time
+    (with a checkpoint) if given; when the schedule is complete, writes `final/` and, if `export`
+    names a directory, copies the final model there."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg_path = out / "train_config.json"
+    if cfg_path.is_file():
+        saved = json.loads(cfg_path.read_text())
+        if saved != asdict(cfg):
+            diff = sorted(k for k in saved if saved.get(k) != asdict(cfg).get(k))
+            raise DllmqError(f"{out} holds a run with other settings ({', '.join(diff)}); use another --out "
+                             "or the same settings to resume it.")
+    else:
+        atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2))
+
+    started = time.time()
+    wiki_docs = corpus.wiki_documents("train")
+    python_docs = corpus.python_documents()
+    tokenizer = build_or_load_tokenizer(cfg, out, wiki_docs, python_docs)
+    batches = Batches(cfg, tokenizer, wiki_docs, python_docs)
+    model = make_model(cfg, tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, elapsed_before = 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step, elapsed_before = state["step"], state.get("elapsed", 0.0)
+        log.info("resumed %s at step %d", out, step)
+
+    def save_checkpoint():
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                           "generator": generator.get_state(), "elapsed": elapsed_before + time.time() - t0,
+                           "torch_rng": torch.get_rng_state()}, ckpt)
+
+    mask_id = tokenizer.mask_token_id
+    log_file = (out / "log.jsonl").open("a")
+    t0 = time.time()
+    tokens, window_loss, window_n, last = 0, 0.0, 0, time.time()
+    while step < cfg.steps:
+        lr = learning_rate(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pretrain_step = cfg.stage == "base" or (cfg.pretrain_every and step % cfg.pretrain_every == 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            if pretrain_step:
+                ids = batches.pretrain(step)
+                loss = pretrain_loss(model, ids, mask_id, generator)
+            else:
+                ids, response = batches.sft(step)
+                loss = sft_loss(model, ids, response, mask_id, generator)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += ids.numel()
+        window_loss += float(loss.detach())
+        window_n += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.time()
+            record = {"step": step, "loss": round(window_loss / window_n, 4), "lr": round(lr, 6),
+                      "grad_norm": round(float(norm), 3), "tokens_per_s": round(tokens / (now - last), 1),
+                      "elapsed_s": round(elapsed_before + now - t0, 1), "kind": "pretrain" if pretrain_step else "sft"}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            log.info("step %d loss %.4f lr %.2e %.0f tok/s", step, record["loss"], lr, record["tokens_per_s"])
+            tokens, window_loss, window_n, last = 0, 0.0, 0, now
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint()
+        if minutes is not None and time.time() - started > minutes * 60 and step < cfg.steps:
+            save_checkpoint()
+            log.info("stopping after %.1f minutes at step %d; run the same command again to resume", minutes, step)
+            log_file.close()
+            return out
+    log_file.close()
+    total_s = elapsed_before + time.time() - t0
+    final = out / "final"
+    if not (final / "config.json").is_file():
+        export_final(model, tokenizer, final, cfg, total_s)
+    if export:
+        from dllmq.train.export import export_model
+
+        export_model(out, Path(export))
+    return out
+
+
+def export_final(model: TransformerLM, tokenizer, final: Path, cfg: TrainConfig, total_s: float) -> None:
+    from dllmq.models.loading import save_model
+
+    model = copy.deepcopy(model).eval().to(torch.bfloat16)
+    extra = {"dllmq_training": {"stage": cfg.stage, "steps": cfg.steps, "train_seconds": round(total_s, 1),
+                                "chat": cfg.stage == "instruct"}}
+    save_model(model, tokenizer, final, overwrite=True, extra_config=extra)
