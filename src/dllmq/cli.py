@@ -86,23 +86,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
 
-    p = sub.add_parser("quantize", help="weight-only quantization (RTN, GPTQ, AWQ), block by block, saved to --out",
+    p = sub.add_parser("quantize", help="RTN / GPTQ / AWQ / SmoothQuant / QuaRot / DuQuant, block by block, saved to --out",
                        description="Quantize MODEL's block linears and save a model directory that every dllmq "
                                    "command accepts as MODEL. Calibration runs one block at a time, so the "
                                    "device only ever holds one block plus the calibration activations.",
-                       epilog="presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-channel)\n"
+                       epilog="presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-channel), "
+                              "W8A8, W4A4 (weight-activation, per-channel weights, per-token activations)\n"
                               "examples:\n"
                               "  dllmq quantize MODEL --method gptq --wbits 4 --group-size 128 --calib wikitext2 "
                               "--nsamples 128 --seqlen 2048 --out q/\n"
                               "  dllmq quantize MODEL --method awq --wbits 3 --calib pile --out q3/\n"
-                              "  dllmq quantize MODEL --preset W4A16-g128 --method rtn --out r/",
+                              "  dllmq quantize MODEL --preset W4A16-g128 --method rtn --out r/\n"
+                              "  dllmq quantize MODEL --method smoothquant --wbits 8 --abits 8 --alpha 0.5 --out sq/\n"
+                              "  dllmq quantize MODEL --method quarot --wbits 4 --abits 4 --kv-bits 4 "
+                              "--weight-method gptq --out qr/\n"
+                              "  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--method", default="rtn", help="rtn, gptq or awq (default rtn)")
+    p.add_argument("--method", default="rtn",
+                   help="weight-only: rtn, gptq, awq; weight-activation: smoothquant, quarot, duquant (default rtn)")
     p.add_argument("--preset", default=None, help="named bit config; explicit --wbits / --group-size win")
     p.add_argument("--wbits", type=int, default=None, help="weight bits, 2..8 (default 4)")
     p.add_argument("--group-size", type=int, default=None, help="inputs per scale, -1 = per channel (default 128)")
-    p.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric)")
+    p.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric; QuaRot symmetric)")
+    p.add_argument("--abits", type=int, default=None,
+                   help="activation bits for smoothquant / quarot / duquant (per-token dynamic; 16 = off)")
+    p.add_argument("--kv-bits", type=int, default=None, help="K/V cache bits (per head, group 128; default 16 = off)")
+    p.add_argument("--alpha", type=float, default=None, help="smoothing strength (SmoothQuant 0.5, DuQuant 0.6)")
+    p.add_argument("--act-clip", type=float, default=None, help="activation clip ratio (default: the method's)")
+    p.add_argument("--weight-clip", type=float, default=None, help="weight clip ratio (default: the method's)")
+    p.add_argument("--weight-method", default="gptq", choices=["gptq", "rtn"],
+                   help="QuaRot: how the rotated weights are quantized (default gptq)")
     p.add_argument("--calib", default="wiki",
                    help="calibration text: wiki (offline, shipped; default), wikitext2, pile, or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -201,21 +215,22 @@ def cmd_ppl(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from dataclasses import replace
-
     from dllmq.models.describe import human_bytes
-    from dllmq.quant import QuantConfig, apply_preset, format_report, quantize, save_quantized
+    from dllmq.quant import QuantConfig, format_report, preset_settings, quantize, save_quantized
     from dllmq.quant.api import directory_bytes, theoretical_bytes
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # refuse before hours of calibration, not after
         raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
+    settings = preset_settings(args.preset)
+    flags = dict(wbits=args.wbits, group_size=args.group_size, abits=args.abits, kv_bits=args.kv_bits,
+                 alpha=args.alpha, act_clip=args.act_clip, weight_clip=args.weight_clip,
+                 sym=True if args.sym else None)
+    settings.update({k: v for k, v in flags.items() if v is not None})  # explicit flags beat the preset
     config = QuantConfig(method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                         seed=args.seed, sym=args.sym, damp=args.damp, act_order=args.act_order,
+                         seed=args.seed, damp=args.damp, act_order=args.act_order,
                          static_groups=not args.dynamic_groups, awq_duo_scaling=args.duo_scaling,
-                         awq_clip=not args.no_clip)
-    explicit = {k: v for k, v in (("wbits", args.wbits), ("group_size", args.group_size)) if v is not None}
-    config = replace(apply_preset(config, args.preset), **explicit)  # explicit flags beat the preset
+                         awq_clip=not args.no_clip, weight_method=args.weight_method, **settings)
     model, tokenizer, family = _load(args)
     report = quantize(model, tokenizer, config, device=args.calib_device or args.device,
                       offload_activations=args.offload_activations, progress=True)

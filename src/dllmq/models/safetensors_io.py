@@ -118,7 +118,14 @@ def save_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_by
     """Write one file, or shards of at most `max_shard_bytes` plus the standard index."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    seen: set[int] = set()
+    unique = {}
+    for k, v in tensors.items():  # safetensors refuses shared storage: give repeats their own copy
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        unique[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    tensors = unique
     sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
     if not max_shard_bytes or sum(sizes.values()) <= max_shard_bytes:
         save_file(tensors, str(directory / SINGLE_NAME), metadata=metadata or {"format": "pt"})

@@ -12,13 +12,17 @@ from dllmq.models.loading import save_model
 from dllmq.models.modeling import TransformerLM
 from dllmq.quant.awq import AWQ
 from dllmq.quant.config import QuantConfig
+from dllmq.quant.duquant import DuQuant
 from dllmq.quant.format import quantization_config
 from dllmq.quant.gptq import GPTQ
 from dllmq.quant.pipeline import Method, QuantReport, quantize_model
 from dllmq.quant.qlinear import QuantLinear
+from dllmq.quant.quarot import QuaRot
 from dllmq.quant.rtn import RTN
+from dllmq.quant.smoothquant import SmoothQuant
 
-METHODS: dict[str, type[Method]] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ}
+METHODS: dict[str, type[Method]] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant,
+                                    "quarot": QuaRot, "duquant": DuQuant}
 
 
 def make_method(config: QuantConfig) -> Method:
@@ -50,22 +54,23 @@ def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: st
 
 
 def theoretical_bytes(model: TransformerLM) -> int:
-    """Bytes of the packed model: codes at their bit width plus scales, zeros, g_idx, and the
-    other tensors at their dtype (the target the saved file is checked against)."""
-    total = 0
-    for module in model.modules():
+    """Bytes of the packed model: codes at their bit width plus scales, zeros and g_idx for every
+    QuantLinear, and every other saved tensor (embedding, norms, head, online transforms) at its dtype.
+    The saved file is checked against this."""
+    from dllmq.models.loading import state_dict_for_saving
+
+    core = ("qweight", "qzeros", "scales", "g_idx")
+    total = 0.0
+    quantized = set()
+    for path, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            n_groups = module.n_groups
-            total += -(-module.in_features * module.out_features * module.bits // 8)
-            total += n_groups * module.out_features * (module.scales.element_size() + module.bits / 8)
+            quantized.update(f"{path}.{name}" for name in core)
+            total += module.in_features * module.out_features * module.bits / 8
+            total += module.n_groups * module.out_features * (module.scales.element_size() + module.bits / 8)
             total += module.in_features * 4
-            if module.bias is not None:
-                total += module.bias.numel() * module.bias.element_size()
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
+    for name, tensor in state_dict_for_saving(model).items():
+        if name not in quantized:
+            total += tensor.numel() * tensor.element_size()
     return int(total)
 
 

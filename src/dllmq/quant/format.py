@@ -31,6 +31,8 @@ def quantization_config(model: TransformerLM, config: QuantConfig) -> dict:
     from dllmq import __version__
 
     return {
+        # weight-activation models need dllmq to run (online transforms, activation quantizers);
+        # their weights alone still read as GPTQ-layout tensors
         "quant_method": LAYOUT,
         "checkpoint_format": CHECKPOINT_FORMAT,
         "bits": config.wbits,
@@ -56,15 +58,28 @@ def read_quant_config(raw: dict) -> QuantConfig | None:
 
 
 def prepare_quantized(model: TransformerLM, raw: dict) -> None:
-    """Swap the block linears of a (meta) model for empty QuantLinear modules when the config says so."""
+    """Give a (meta) model the structure its saved quantization needs: QuantLinear modules, online
+    transforms (QuaRot's Hadamard before down, DuQuant's rotations), activation and K/V quantizers."""
+    from dllmq.quant.duquant import DuQuantTransform
+    from dllmq.quant.hadamard import HadamardTransform
+    from dllmq.quant.wa_common import attach_quantizers
+
     config = read_quant_config(raw)
     if config is None:
         return
+    down = model.family.group("down").linears[0]
     for block in model.get_blocks():
         for name in model.family.block_linears:
             linear = block.get_submodule(name)
-            replace_linear(block, name, QuantLinear.empty(linear.in_features, linear.out_features, config.wbits,
-                                                          config.group_size, bias=linear.bias is not None))
+            q = QuantLinear.empty(linear.in_features, linear.out_features, config.wbits, config.group_size,
+                                  bias=linear.bias is not None)
+            if config.method == "duquant":
+                q.input_transform = DuQuantTransform(linear.in_features, config.rotation_block)
+            elif config.method == "quarot" and name == down:
+                q.input_transform = HadamardTransform(linear.in_features)
+            replace_linear(block, name, q)
+        if config.weight_activation:
+            attach_quantizers(block, config, rotate_qk=config.method == "quarot")
 
 
 def quantized_config_of(model: TransformerLM) -> QuantConfig | None:
@@ -79,5 +94,8 @@ def describe_quantization(raw: dict) -> str | None:
     group = "per-channel" if config.group_size == -1 else f"group {config.group_size}"
     calib = "" if not config.needs_calibration else \
         f", calibrated on {config.calib} ({config.nsamples} x {config.seqlen} tokens, seed {config.seed})"
-    return f"quantized    {config.method.upper()} W{config.wbits}A16, {group}, " \
-           f"{'symmetric' if config.sym else 'asymmetric'}{calib}; stored in the GPTQ layout"
+    acts = "" if not config.weight_activation else \
+        f", activations per token ({'symmetric' if config.act_sym else 'asymmetric'}, clip {config.act_clip})" + \
+        (f", KV {config.kv_bits}-bit" if config.kv_bits < 16 else "")
+    return f"quantized    {config.method.upper()} W{config.wbits}A{config.abits}, {group} weights " \
+           f"({'symmetric' if config.sym else 'asymmetric'}){acts}{calib}; weights stored in the GPTQ layout"

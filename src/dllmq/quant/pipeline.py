@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from dllmq.models.modeling import Block, TransformerLM
 from dllmq.quant.config import QuantConfig
+from dllmq.quant.online import seen_input
 from dllmq.quant.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class BlockContext:
     def run(self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None,
             keep_outputs: bool = False) -> list[torch.Tensor] | None:
         """Run the block over every calibration input; each hook receives its linear's input."""
-        handles = [self.linear(name).register_forward_hook(lambda m, args, out, fn=fn: fn(args[0].detach()))
+        handles = [self.linear(name).register_forward_hook(
+                       lambda m, args, out, fn=fn: fn(seen_input(m, args[0].detach())))
                    for name, fn in (hooks or {}).items()]
         outputs = []
         try:
@@ -96,8 +98,14 @@ class Method:
     def __init__(self, config: QuantConfig):
         self.config = config
 
+    def prepare_model(self, model: TransformerLM) -> None:
+        """Model-level work before calibration (QuaRot's rotation of the residual stream)."""
+
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         raise NotImplementedError
+
+    def finalize_block(self, block: Block) -> None:
+        """After the block's linears are quantized (weight-activation methods attach quantizers here)."""
 
 
 def capture_block_inputs(model: TransformerLM, calib_ids: torch.Tensor, device: torch.device, store: torch.device):
@@ -121,10 +129,13 @@ def to_quant_linear(linear: nn.Linear, result: QuantizedWeight, config: QuantCon
     original = linear.weight.data
     linear.weight.data = result.weight.to(original.dtype)
     try:
-        return QuantLinear.from_float(linear, result.scale, result.zero, config.wbits, config.group_size,
-                                      g_idx=result.g_idx)
+        q = QuantLinear.from_float(linear, result.scale, result.zero, config.wbits, config.group_size,
+                                   g_idx=result.g_idx)
     finally:
         linear.weight.data = original
+    q.input_transform = getattr(linear, "input_transform", None)  # online transforms travel along
+    q.act_quantizer = getattr(linear, "act_quantizer", None)
+    return q
 
 
 def _rss_peak() -> int:
@@ -142,6 +153,7 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    method.prepare_model(model)
     inputs = rope = mask = None
     if calib_ids is not None:
         inputs, rope, mask = capture_block_inputs(model, calib_ids, device, store)
@@ -159,6 +171,7 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
                 replace_linear(block, name, to_quant_linear(ctx.linear(name), results[name], method.config))
                 report.layers.append(LayerReport(f"{model.family.blocks}.{i}.{name}", results[name].error,
                                                  results[name].error_kind))
+        method.finalize_block(block)
         if inputs is not None:
             inputs = fp_outputs if fp_outputs is not None else ctx.run(keep_outputs=True)
         blocks[i] = block.to(home)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 
 from dllmq.quant.pipeline import BlockContext, Method, QuantizedWeight
-from dllmq.quant.primitives import QuantSpec, compute_qparams, dequantize, quantize
+from dllmq.quant.primitives import QuantSpec, compute_qparams, dequantize, expand_groups, quantize
 
 
-def weight_spec(bits: int, group_size: int, sym: bool) -> QuantSpec:
+def weight_spec(bits: int, group_size: int, sym: bool, clip: float = 1.0) -> QuantSpec:
     if group_size == -1:
-        return QuantSpec(bits=bits, symmetric=sym, granularity="channel")
-    return QuantSpec(bits=bits, symmetric=sym, granularity="group", group_size=group_size)
+        return QuantSpec(bits=bits, symmetric=sym, granularity="channel", clip_ratio=clip)
+    return QuantSpec(bits=bits, symmetric=sym, granularity="group", group_size=group_size, clip_ratio=clip)
 
 
 def round_scales(scale: torch.Tensor) -> torch.Tensor:
@@ -18,16 +18,15 @@ def round_scales(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float16).to(torch.float32)
 
 
-def rtn_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
+def rtn_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool, clip: float = 1.0) -> QuantizedWeight:
     w = weight.detach().float()
-    spec = weight_spec(bits, group_size, sym)
+    spec = weight_spec(bits, group_size, sym, clip)
     scale, zero = compute_qparams(w, spec)
     scale = round_scales(scale)
     if group_size == -1:
         q = dequantize(quantize(w, scale, zero, bits), scale, zero)
         scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
     else:
-        from dllmq.quant.primitives import expand_groups
         full_s, full_z = (expand_groups(t, group_size, w.shape[1]) for t in (scale, zero))
         q = dequantize(quantize(w, full_s, full_z, bits), full_s, full_z)
     error = ((q - w).norm() / w.norm().clamp_min(1e-12)).item()
@@ -39,5 +38,5 @@ class RTN(Method):
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         c = self.config
-        return {name: rtn_weight(ctx.linear(name).weight, c.wbits, c.group_size, c.sym)
+        return {name: rtn_weight(ctx.linear(name).weight, c.wbits, c.group_size, c.sym, c.weight_clip or 1.0)
                 for name in ctx.family.block_linears}

@@ -1,0 +1,75 @@
+"""Activation and K/V quantizers (fake quantization: the reference the real kernels are checked against).
+
+ActQuantizer: every row (token) of a linear's input gets its own grid at run time ("per-token
+dynamic"), asymmetric by default, symmetric for QuaRot, with a clip ratio; or one static per-tensor
+grid calibrated beforehand. KVQuantizer: attaches to a block's `kv_hook` and quantizes K and V per
+head in groups of head-dim channels (asymmetric, clip), after optionally rotating Q and K by a
+Hadamard (QuaRot: the scores Q K^T are unchanged, K's outliers are spread before quantization).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dllmq.quant.hadamard import fast_hadamard
+from dllmq.quant.primitives import QuantSpec, fake_quantize
+
+
+class ActQuantizer(nn.Module):
+    def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0, static: bool = False):
+        super().__init__()
+        self.spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip_ratio)
+        self.static = static
+        if static:  # one grid per tensor, filled by `calibrate`; buffers so saved models keep it
+            self.register_buffer("static_scale", torch.zeros(()))
+            self.register_buffer("static_zero", torch.zeros(()))
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Widen the static grid to cover x (call over the calibration set)."""
+        from dllmq.quant.primitives import compute_qparams
+        spec = QuantSpec(bits=self.spec.bits, symmetric=self.spec.symmetric, granularity="tensor",
+                         clip_ratio=self.spec.clip_ratio)
+        lo = torch.minimum(x.min().float(), torch.zeros(()))
+        hi = torch.maximum(x.max().float(), torch.zeros(()))
+        if self.static_scale.item() > 0:  # merge with the range seen so far
+            lo0 = -self.static_zero * self.static_scale
+            hi0 = lo0 + self.static_scale * self.spec.maxq
+            lo, hi = torch.minimum(lo, lo0), torch.maximum(hi, hi0)
+        scale, zero = compute_qparams(torch.stack([lo, hi]), spec)
+        self.static_scale.copy_(scale.reshape(()))
+        self.static_zero.copy_(zero.reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.static:
+            return fake_quantize(x, self.spec)
+        from dllmq.quant.primitives import dequantize, quantize
+        return dequantize(quantize(x, self.static_scale, self.static_zero, self.spec.bits),
+                          self.static_scale, self.static_zero).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "static per-tensor" if self.static else "per-token dynamic"
+        sym = "symmetric" if self.spec.symmetric else "asymmetric"
+        return f"bits={self.spec.bits}, {kind}, {sym}, clip={self.spec.clip_ratio}"
+
+
+class KVQuantizer(nn.Module):
+    """A block's kv_hook: optional Q/K Hadamard, then K and V quantized per head in groups."""
+
+    def __init__(self, bits: int, group_size: int = 128, clip_ratio: float = 0.95, rotate_qk: bool = False):
+        super().__init__()
+        self.bits, self.group_size, self.clip_ratio, self.rotate_qk = bits, group_size, clip_ratio, rotate_qk
+
+    def _quantize(self, t: torch.Tensor) -> torch.Tensor:  # t: [B, heads, L, head_dim]
+        d = t.shape[-1]
+        g = min(self.group_size, d)
+        spec = QuantSpec(bits=self.bits, symmetric=False, granularity="group", group_size=g,
+                         clip_ratio=self.clip_ratio)
+        return fake_quantize(t, spec)
+
+    def forward(self, q, k, v):
+        if self.rotate_qk:
+            q, k = fast_hadamard(q), fast_hadamard(k)
+        return q, self._quantize(k), self._quantize(v)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group={self.group_size}, clip={self.clip_ratio}, rotate_qk={self.rotate_qk}"

@@ -1,0 +1,179 @@
+"""DuQuant (Lin et al., 2024): smooth, rotate block-wise, permute, rotate again — then quantize.
+
+For each group of linears reading one input, from its calibration activations X:
+1. smoothing s = max|X|^alpha / max|W|^(1-alpha) (alpha 0.6);
+2. a block-diagonal rotation R1 (blocks of 128 channels), each block built greedily: take the
+   channel with the largest |activation|, swap it to the front and spread it evenly with a Hadamard
+   (every entry of a Hadamard row has the same magnitude); repeat while the block's max falls, up to
+   256 steps;
+3. a zigzag permutation P that deals channels, by decreasing max, to the blocks in a back-and-forth
+   order so every block gets a similar share of large channels;
+4. a second greedy block rotation R2 on the permuted activations.
+The transform T = diag(1/s) R1 P R2 runs online on the activations and its inverse side is folded
+into the weights, W' = (W diag(s)) R1 P R2 (R orthogonal, P a permutation), so the full-precision
+model is unchanged. Then weights are rounded per channel (clip 0.8 at 4 bits) and activations
+quantized per token (asymmetric, clip 0.9 at 4 bits), the study's settings.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dllmq.models.modeling import Block
+from dllmq.quant.hadamard import hadamard_matrix
+from dllmq.quant.online import OnlineLinear
+from dllmq.quant.pipeline import BlockContext, Method, QuantizedWeight, replace_linear
+from dllmq.quant.wa_common import attach_quantizers, channel_absmax, group_inputs, round_weights, smoothing_scales
+
+MAX_TOKENS = 2048  # calibration tokens the greedy rotations look at
+
+
+def block_sizes(n: int, block: int) -> list[int]:
+    return [block] * (n // block) + ([n % block] if n % block else [])
+
+
+def greedy_rotation(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """An orthogonal [b, b] matrix R that lowers max |x R| (x: [tokens, b], float64)."""
+    b = x.shape[1]
+    H = hadamard_matrix(b).to(x) / math.sqrt(b)
+    R = torch.eye(b, dtype=x.dtype)
+    best = x.abs().max()
+    for _ in range(steps):
+        channel = int((x @ R).abs().amax(0).argmax())
+        swap = torch.arange(b)
+        swap[0], swap[channel] = channel, 0
+        candidate = R[:, swap] @ H  # bring the worst channel to the front, spread it over all
+        peak = (x @ candidate).abs().max()
+        if peak >= best:
+            break
+        R, best = candidate, peak
+    return R
+
+
+def zigzag_permutation(channel_max: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Channels dealt by decreasing max to blocks 0..K-1, K-1..0, 0..K-1, ... (full blocks skipped)."""
+    order = torch.argsort(channel_max, descending=True).tolist()
+    k = len(sizes)
+    members: list[list[int]] = [[] for _ in range(k)]
+    sweep = list(range(k)) + list(range(k - 1, -1, -1))
+    i = 0
+    for ch in order:
+        while len(members[sweep[i % len(sweep)]]) >= sizes[sweep[i % len(sweep)]]:
+            i += 1
+        members[sweep[i % len(sweep)]].append(ch)
+        i += 1
+    return torch.tensor([ch for m in members for ch in m], dtype=torch.long)
+
+
+class DuQuantTransform(nn.Module):
+    """x -> (x / s) R1 P R2 with block-diagonal R1, R2; buffers so saved models keep it."""
+
+    def __init__(self, n: int, block: int):
+        super().__init__()
+        self.n, self.block = n, block
+        sizes = block_sizes(n, block)
+        self.register_buffer("inv_smooth", torch.ones(n))
+        self.register_buffer("perm", torch.arange(n))
+        for tag in ("r1", "r2"):
+            for i, b in enumerate(sizes):
+                self.register_buffer(f"{tag}_{i}", torch.eye(b))
+
+    def _blocks(self, tag: str) -> list[torch.Tensor]:
+        return [getattr(self, f"{tag}_{i}") for i in range(len(block_sizes(self.n, self.block)))]
+
+    def _rotate(self, x: torch.Tensor, tag: str) -> torch.Tensor:
+        parts, start = [], 0
+        for r in self._blocks(tag):
+            parts.append(x[..., start:start + r.shape[0]] @ r.to(x.dtype))
+            start += r.shape[0]
+        return torch.cat(parts, dim=-1)
+
+    def _apply(self, fn, recurse=True):
+        # rotations stay at least float32 when the model is cast to a 16-bit dtype
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buf.float()
+        return self
+
+    def orthogonal(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rotate(self._rotate(x, "r1")[..., self.perm], "r2")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        return self.orthogonal(x * self.inv_smooth.to(x.dtype)).to(dtype)
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, s: torch.Tensor, block: int, steps: int) -> "DuQuantTransform":
+        """Build from smoothed calibration activations x / s ([tokens, n])."""
+        n = x.shape[1]
+        t = cls(n, block)
+        xs = (x.double() / s.double())
+        sizes = block_sizes(n, block)
+        with torch.no_grad():
+            t.inv_smooth.copy_((1 / s).float())
+            r1 = cls._fit_blocks(xs, sizes, steps)
+            for i, r in enumerate(r1):
+                getattr(t, f"r1_{i}").copy_(r)
+            x1 = torch.cat([xs[:, a:a + b] @ r for a, b, r in zip(_starts(sizes), sizes, r1)], dim=1)
+            perm = zigzag_permutation(x1.abs().amax(0), sizes)
+            t.perm.copy_(perm)
+            r2 = cls._fit_blocks(x1[:, perm], sizes, steps)
+            for i, r in enumerate(r2):
+                getattr(t, f"r2_{i}").copy_(r)
+        return t
+
+    @staticmethod
+    def _fit_blocks(x: torch.Tensor, sizes: list[int], steps: int) -> list[torch.Tensor]:
+        return [greedy_rotation(x[:, a:a + b], steps) for a, b in zip(_starts(sizes), sizes)]
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, block={self.block}"
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    out, a = [], 0
+    for b in sizes:
+        out.append(a)
+        a += b
+    return out
+
+
+def _sample_tokens(inputs: list[torch.Tensor], n: int) -> torch.Tensor:
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+    return x[:: max(1, x.shape[0] // n)][:n]
+
+
+class DuQuant(Method):
+    name = "duquant"
+    propagate_quantized = False
+
+    def transform_block(self, ctx: BlockContext) -> None:
+        """Smooth + rotate + permute every group of the block (exact in full precision)."""
+        c = self.config
+        feats = group_inputs(ctx)
+        for group in ctx.family.groups:
+            inputs = feats[group.linears[0]]
+            weights = [ctx.linear(n).weight for n in group.linears]
+            s = smoothing_scales(channel_absmax(inputs), weights, c.alpha)
+            transform = DuQuantTransform.fit(_sample_tokens(inputs, MAX_TOKENS).float(), s, c.rotation_block,
+                                             c.rotation_steps).to(weights[0].device)
+            for name in group.linears:
+                lin = OnlineLinear.wrap(ctx.linear(name))
+                with torch.no_grad():
+                    w = lin.weight.detach().double() * s.double().to(lin.weight.device)[None, :]
+                    lin.weight.data = transform.double().orthogonal(w).to(lin.weight.dtype)
+                transform.float()
+                lin.input_transform = transform
+                replace_linear(ctx.block, name, lin)
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        self.transform_block(ctx)
+        return round_weights(ctx, self.config)
+
+    def finalize_block(self, block: Block) -> None:
+        attach_quantizers(block, self.config)

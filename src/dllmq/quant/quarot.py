@@ -1,0 +1,107 @@
+"""QuaRot (Ashkboos et al., 2024): rotate the model so no activation has outliers, then quantize.
+
+Before calibration, on the whole model (all exact in full precision):
+1. fuse every RMSNorm's weight into the linears that read it (and the final norm into the LM head),
+   leaving unit norms — RMSNorm(x Q) = RMSNorm(x) Q for orthogonal Q once its weight is 1;
+2. rotate the residual stream by a seeded random Hadamard Q (float64): embedding E Q, readers
+   (q/k/v, gate/up, LM head) W Q, writers (attention out, down) Q^T W; tied embeddings are untied;
+3. a Hadamard per head on v's outputs and the attention-out inputs (offline, fused);
+4. an online Hadamard before the down projection (W_down H offline, x H at run time) — the FFN sizes
+   need 12 x 2^k (LLaDA) and 148 x 2^k (Dream) Hadamards, which dllmq builds (hadamard.py).
+Then weights by GPTQ or RTN (per channel, symmetric), activations per token (symmetric, clip 0.9 at
+4 bits), and with --kv-bits a Hadamard on Q and K after RoPE and K/V quantized per head (asymmetric,
+group 128, clip 0.95). The LM head stays in high precision.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dllmq.models.modeling import Block, TransformerLM
+from dllmq.quant.gptq import GPTQ
+from dllmq.quant.hadamard import HadamardTransform, hadamard_matrix, random_hadamard
+from dllmq.quant.online import OnlineLinear
+from dllmq.quant.pipeline import BlockContext, Method, QuantizedWeight, replace_linear
+from dllmq.quant.rtn import RTN
+from dllmq.quant.wa_common import attach_quantizers
+
+
+def _set(param: nn.Parameter, value: torch.Tensor) -> None:
+    param.data = value.to(param.dtype)
+
+
+def fuse_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    g = norm.weight.detach().double()
+    for linear in linears:
+        _set(linear.weight, linear.weight.detach().double() * g[None, :])
+    _set(norm.weight, torch.ones_like(g))
+
+
+def untie(model: TransformerLM) -> None:
+    if model.config.tie_embeddings:
+        head = model.get_lm_head()
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_embeddings = False
+        model.config.raw["tie_word_embeddings"] = False
+
+
+def rotate_model(model: TransformerLM, seed: int = 0) -> None:
+    """Steps 1-4 above, in place; the model computes the same function afterwards."""
+    fam, c = model.family, model.config
+    untie(model)
+    with torch.no_grad():
+        Q = random_hadamard(c.hidden_size, seed)
+        H_head = hadamard_matrix(c.head_dim).double() / c.head_dim ** 0.5
+        H_ffn = hadamard_matrix(c.intermediate_size).double() / c.intermediate_size ** 0.5
+        emb = model.get_embedding()
+        _set(emb.weight, emb.weight.detach().double() @ Q)
+        for block in model.get_blocks():
+            part = block.get_submodule
+            qkv, out, gate_up, down = fam.groups
+            fuse_norm(part(fam.attn_norm), [part(n) for n in qkv.linears])
+            fuse_norm(part(fam.ffn_norm), [part(n) for n in gate_up.linears])
+            for name in qkv.linears + gate_up.linears:  # readers of the residual
+                _set(part(name).weight, part(name).weight.detach().double() @ Q)
+            for name in out.linears + down.linears:      # writers to the residual
+                lin = part(name)
+                _set(lin.weight, Q.T @ lin.weight.detach().double())
+                if lin.bias is not None:
+                    _set(lin.bias, lin.bias.detach().double() @ Q)
+            v, o = part(qkv.linears[2]), part(out.linears[0])
+            _rotate_heads(v, o, H_head, c.head_dim)
+            down_name = down.linears[0]
+            lin = OnlineLinear.wrap(part(down_name))
+            _set(lin.weight, lin.weight.detach().double() @ H_ffn)
+            lin.input_transform = HadamardTransform(c.intermediate_size)
+            replace_linear(block, down_name, lin)
+        head = model.get_lm_head()
+        fuse_norm(model.get_final_norm(), [head])
+        _set(head.weight, head.weight.detach().double() @ Q)
+
+
+def _rotate_heads(v: nn.Linear, o: nn.Linear, H: torch.Tensor, d: int) -> None:
+    """v's output rows and o's input columns, head by head: v' = v H, o consumes attn H."""
+    wv = v.weight.detach().double()
+    _set(v.weight, (H.T @ wv.reshape(-1, d, wv.shape[1])).reshape(wv.shape))
+    if v.bias is not None:
+        _set(v.bias, (v.bias.detach().double().reshape(-1, d) @ H).reshape(-1))
+    wo = o.weight.detach().double()
+    _set(o.weight, (wo.reshape(wo.shape[0], -1, d) @ H).reshape(wo.shape))
+
+
+class QuaRot(Method):
+    name = "quarot"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.weights = GPTQ(config) if config.weight_method == "gptq" else RTN(config)
+        self.propagate_quantized = self.weights.propagate_quantized
+
+    def prepare_model(self, model: TransformerLM) -> None:
+        rotate_model(model, seed=self.config.seed)
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        return self.weights.quantize_block(ctx)
+
+    def finalize_block(self, block: Block) -> None:
+        attach_quantizers(block, self.config, rotate_qk=True)
