@@ -13,6 +13,7 @@ METHODS = WEIGHT_ONLY_METHODS + WEIGHT_ACTIVATION_METHODS
 # The reference clip ratios are tuned for 4-bit; at 6+ activation bits clipping only adds error, so
 # they apply when abits <= 4 and are 1.0 otherwise.
 _WA_DEFAULTS = {
+    "rtn": dict(alpha=None, act_sym=False, low_bit_act_clip=1.0, low_bit_weight_clip=1.0, sym=False),
     "smoothquant": dict(alpha=0.5, act_sym=False, low_bit_act_clip=1.0, low_bit_weight_clip=1.0, sym=False),
     "quarot": dict(alpha=None, act_sym=True, low_bit_act_clip=0.9, low_bit_weight_clip=1.0, sym=True),
     "duquant": dict(alpha=0.6, act_sym=False, low_bit_act_clip=0.9, low_bit_weight_clip=0.8, sym=False),
@@ -69,7 +70,7 @@ class QuantConfig:
                 raise DllmqError(f"--{name.replace('_', '-')} must be between 2 and 8 (or 16 for none), "
                                  f"got {getattr(self, name)}.")
         if self.weight_activation:
-            if self.abits == 16:
+            if self.abits == 16 and self.method != "rtn":
                 raise DllmqError(f"{self.method} quantizes activations; give --abits (e.g. 8 or 4) or a preset "
                                  "such as W8A8 / W4A4.")
             d = _WA_DEFAULTS[self.method]
@@ -82,8 +83,8 @@ class QuantConfig:
             self.sym = d["sym"] if self.sym is None else self.sym
             self.group_size = -1 if self.group_size is None else self.group_size
         elif self.abits != 16 or self.kv_bits != 16:
-            raise DllmqError(f"{self.method} is weight-only; use smoothquant, quarot or duquant to quantize "
-                             "activations.")
+            raise DllmqError(f"{self.method} is weight-only; use smoothquant, quarot, duquant (or rtn as the "
+                             "untransformed baseline) to quantize activations.")
         self.sym = bool(self.sym)
         self.group_size = 128 if self.group_size is None else self.group_size
         if self.weight_method not in ("gptq", "rtn"):
@@ -106,7 +107,8 @@ class QuantConfig:
 
     @property
     def weight_activation(self) -> bool:
-        return self.method in WEIGHT_ACTIVATION_METHODS
+        """Activations are quantized too: the three transform methods, or RTN given --abits (the baseline)."""
+        return self.method in WEIGHT_ACTIVATION_METHODS or (self.method == "rtn" and self.abits < 16)
 
     @property
     def needs_calibration(self) -> bool:

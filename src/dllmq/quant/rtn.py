@@ -34,9 +34,16 @@ def rtn_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool, clip
 
 
 class RTN(Method):
+    """Plain rounding. Given activation bits it is the untransformed weight-activation baseline."""
+
     name = "rtn"
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         c = self.config
         return {name: rtn_weight(ctx.linear(name).weight, c.wbits, c.group_size, c.sym, c.weight_clip or 1.0)
                 for name in ctx.family.block_linears}
+
+    def finalize_block(self, block) -> None:
+        if self.config.weight_activation:
+            from dllmq.quant.wa_common import attach_quantizers
+            attach_quantizers(block, self.config)
