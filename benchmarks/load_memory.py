@@ -8,7 +8,6 @@ process twice: with dllmq's memory-mapped loader, and with safetensors' `load_fi
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile

@@ -12,10 +12,8 @@ which flatters 4-bit weight-only results; 3-bit results are unaffected.
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 
 CHILD = r"""
 import json, sys, time, torch

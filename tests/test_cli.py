@@ -1,13 +1,11 @@
 """The command line: each bad input is one sentence on stderr and exit code 2, never a traceback."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from dllmq.cli import main

@@ -82,10 +82,6 @@ def prepare_quantized(model: TransformerLM, raw: dict) -> None:
             attach_quantizers(block, config, rotate_qk=config.method == "quarot")
 
 
-def quantized_config_of(model: TransformerLM) -> QuantConfig | None:
-    return read_quant_config(model.config.raw)
-
-
 def describe_quantization(raw: dict) -> str | None:
     """One line for `dllmq inspect`: what a saved quantized model holds."""
     config = read_quant_config(raw)
