@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep calibration activations on the CPU between blocks (less device memory)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("eval", help="the study's benchmarks (lm-evaluation-harness) and the offline mini tasks",
+                       description="Evaluate MODEL (full precision or a dllmq-quantized directory) the way LLaDA "
+                                   "and Dream are evaluated: Monte Carlo likelihood for multiple choice, diffusion "
+                                   "generation for math and code. Model-written code only runs with "
+                                   "--allow-code-execution, inside dllmq's sandbox.",
+                       epilog="examples:\n"
+                              "  dllmq eval MODEL --tasks general            # MMLU, ARC-E, ARC-C, HellaSwag, WinoGrande, PIQA\n"
+                              "  dllmq eval MODEL --tasks math,code --allow-code-execution\n"
+                              "  dllmq eval q/ --tasks gsm8k --limit 50 --out results.json\n"
+                              "  dllmq eval MODEL --tasks humaneval --allow-code-execution   # works offline",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    from dllmq.evaluate.runner import add_cli_arguments
+    add_cli_arguments(p)
     return parser
 
 
@@ -241,7 +256,13 @@ def cmd_quantize(args) -> None:
           f"{100 * (on_disk / target - 1):+.1f}%)")
 
 
-COMMANDS = {"inspect": cmd_inspect, "generate": cmd_generate, "ppl": cmd_ppl, "quantize": cmd_quantize}
+def cmd_eval(args) -> None:
+    from dllmq.evaluate.runner import run_from_args
+    run_from_args(args)
+
+
+COMMANDS = {"inspect": cmd_inspect, "generate": cmd_generate, "ppl": cmd_ppl, "quantize": cmd_quantize,
+            "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

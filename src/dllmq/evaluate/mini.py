@@ -1,0 +1,205 @@
+"""The mini benchmark: the study's three categories in miniature, offline, fast on a CPU.
+
+- `mini_general` (400 items): LAMBADA-style cloze on held-out Wikipedia articles. The passage is
+  cut before a word that occurred earlier in it; four choices (chance 25 %). Scored by LLaDA's
+  Monte Carlo log-likelihood of each choice given the passage (`mc_loglikelihood`; mc_num=1 for a
+  one-token choice, where it is exact, else MC_NUM draws); the highest wins. Always plain text.
+- `mini_math` (400 items): arithmetic and short word problems; diffusion generation, exact match
+  of the first integer in the answer.
+- `mini_code` (301 items): complete a small Python function from its signature and docstring;
+  pass@1 by running held-out asserts in a separate process (`sandbox_lite`).
+
+Prompts. Base models get `Question: ... Answer:` (math) and the function's signature + docstring
+(code). Chat models (config `dllmq_training.chat`, or `chat=True`) get the question, or an
+instruction plus the function, as a user turn in the chat template, and answer in the assistant turn.
+
+Generation settings (LLaDA sampler, greedy, low-confidence remasking, one token per step):
+math gen_length 8 = steps, block_length 8; code gen_length 32 = steps, block_length 16
+(base) / gen_length 32, block_length 32 (chat).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from importlib import resources
+
+import torch
+from tqdm.auto import tqdm
+
+from dllmq.errors import DllmqError
+
+TASKS = ("mini_general", "mini_math", "mini_code")
+ALIASES = {"mini": TASKS}
+CHANCE = {"mini_general": 0.25, "mini_math": 0.0, "mini_code": 0.0}
+MC_NUM = 4
+GEN_SETTINGS = {
+    ("mini_math", False): dict(gen_length=8, steps=8, block_length=8),
+    ("mini_math", True): dict(gen_length=8, steps=8, block_length=8),
+    ("mini_code", False): dict(gen_length=32, steps=32, block_length=16),
+    ("mini_code", True): dict(gen_length=32, steps=32, block_length=32),
+}
+CODE_INSTRUCTION = "Write the body of this Python function.\n"
+_INT = re.compile(r"-?\d+")
+
+
+def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from a list or a comma-separated string; `mini` means all three."""
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    out: list[str] = []
+    for t in tasks:
+        for name in ALIASES.get(t, (t,)):
+            if name not in TASKS:
+                raise DllmqError(f"Unknown mini task {name!r}; use {', '.join(TASKS)} or mini.")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def load_items(task: str, limit: int | None = None) -> list[dict]:
+    """The shipped held-out items of a task (the first `limit` of them; the files are pre-shuffled)."""
+    if task not in TASKS:
+        raise DllmqError(f"Unknown mini task {task!r}; use {', '.join(TASKS)}.")
+    text = resources.files("dllmq.evaluate").joinpath("mini_data", f"{task}.jsonl").read_text(encoding="utf-8")
+    items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return items if limit is None else items[:limit]
+
+
+def is_chat_model(model) -> bool:
+    raw = getattr(model.config, "raw", {}) or {}
+    return bool((raw.get("dllmq_training") or {}).get("chat", False))
+
+
+def _summary(correct: list[bool], task: str) -> dict:
+    n = len(correct)
+    acc = sum(correct) / n if n else float("nan")
+    stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
+    return {"acc": acc, "stderr": stderr, "n": n, "chance": CHANCE[task]}
+
+
+# ---------------------------------------------------------------------------------------------
+# general: multiple choice by Monte Carlo likelihood
+# ---------------------------------------------------------------------------------------------
+
+def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progress: bool = True) -> list[bool]:
+    from dllmq.diffusion import mc_loglikelihood
+
+    out = []
+    for item in tqdm(items, desc="mini_general", disable=not progress):
+        prompt = tokenizer(item["context"], add_special_tokens=True)["input_ids"]
+        scores = []
+        for choice in item["choices"]:
+            answer = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            mc = 1 if len(answer) == 1 else MC_NUM
+            scores.append(mc_loglikelihood(model, prompt, answer, mc_num=mc, batch_size=mc, seed=seed))
+        out.append(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# generation tasks
+# ---------------------------------------------------------------------------------------------
+
+def _generate(model, tokenizer, prompts: list[str], chat: bool, settings: dict, seed: int,
+              batch_size: int, desc: str, progress: bool) -> list[str]:
+    from dllmq.diffusion import generate_text
+
+    outputs: list[str] = []
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc=desc, disable=not progress):
+        outputs += generate_text(model, tokenizer, prompts[start:start + batch_size], chat=chat, sampler="llada",
+                                 seed=seed, **settings)
+    return outputs
+
+
+def first_integer(text: str) -> int | None:
+    m = _INT.search(text)
+    return int(m.group(0)) if m else None
+
+
+def score_math(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
+               progress: bool = True) -> tuple[list[bool], list[str]]:
+    prompts = [item["question"] if chat else item["prompt"] for item in items]
+    outputs = _generate(model, tokenizer, prompts, chat, GEN_SETTINGS["mini_math", chat], seed, batch_size,
+                        "mini_math", progress)
+    return [first_integer(o) == item["answer"] for o, item in zip(outputs, items)], outputs
+
+
+def code_program(prompt: str, completion: str, chat: bool) -> str:
+    """The program to test: the function's prompt plus the generated body, cut where the body ends.
+
+    Base: the prompt ends at the docstring's closing quotes; the completion's first (indented) lines
+    are the body, up to the first non-indented line. Chat: the response is the body itself.
+    """
+    head = prompt.rstrip("\n")
+    lines = completion.split("\n")
+    if chat:
+        body = lines
+    else:
+        body = [lines[0]] if lines[0].strip() == "" else []  # the rest of the docstring line
+        if lines[0].strip():
+            return head + completion.split("\n")[0]  # junk after the docstring: keep it, it fails
+        for line in lines[1:]:
+            if line.strip() and not line.startswith((" ", "\t")):
+                break
+            body.append(line)
+        body = body[1:]
+    return head + "\n" + "\n".join(body).rstrip() + "\n"
+
+
+def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
+               progress: bool = True, timeout: float = 5.0) -> tuple[list[bool], list[str]]:
+    from dllmq.evaluate.sandbox_lite import run_many
+
+    if chat:
+        prompts = [CODE_INSTRUCTION + item["prompt"] for item in items]
+    else:
+        prompts = [item["prompt"].rstrip("\n") for item in items]
+    outputs = _generate(model, tokenizer, prompts, chat, GEN_SETTINGS["mini_code", chat], seed, batch_size,
+                        "mini_code", progress)
+    programs = [code_program(item["prompt"], o, chat) for item, o in zip(items, outputs)]
+    results = run_many([(p, item["tests"]) for p, item in zip(programs, items)], timeout=timeout)
+    return [r.passed for r in results], programs
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: int | None = None, seed: int = 0,
+                  progress: bool = True, chat: bool | None = None, batch_size: int = 32,
+                  return_samples: bool = False) -> dict:
+    """Per task {"acc", "stderr", "n", "chance"} on the shipped held-out items.
+
+    `limit` takes the first items of each task (a fixed subset); `seed` seeds the Monte Carlo draws
+    and generation; `chat` None means: the chat template when the model's config marks it as a chat
+    model (dllmq-tiny-instruct). With `return_samples`, each task also lists its per-item outcomes.
+    """
+    if tokenizer is None:
+        raise DllmqError("The mini benchmark needs the model's tokenizer; load a checkpoint that ships one.")
+    chat = is_chat_model(model) if chat is None else chat
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for task in expand_tasks(tasks):
+            items = load_items(task, limit)
+            samples = None
+            if task == "mini_general":
+                correct = score_general(model, tokenizer, items, seed=seed, progress=progress)
+            elif task == "mini_math":
+                correct, samples = score_math(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
+                                              progress=progress)
+            else:
+                correct, samples = score_code(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
+                                              progress=progress)
+            results[task] = _summary(correct, task)
+            if return_samples:
+                results[task]["samples"] = [{"id": it["id"], "correct": c, **({"output": s} if samples else {})}
+                                            for it, c, s in zip(items, correct, samples or [None] * len(items))]
+    finally:
+        model.train(was_training)
+    return results
