@@ -122,3 +122,12 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dllmq.cli", "inspect", str(tmp_path / "x")],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_eval_mini_tasks_on_a_builtin_model(capsys, tmp_path):
+    out = tmp_path / "mini.json"
+    code = main(["eval", "random-llada", "--tasks", "mini_general,mini_math", "--limit", "2", "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert set(data["tasks"]) == {"mini_general", "mini_math"}
+    assert all(r["n"] == 2 and 0 <= r["acc"] <= 1 for r in data["tasks"].values())

@@ -257,8 +257,30 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from dllmq.evaluate.mini import ALIASES, TASKS
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if names and all(t in TASKS or t in ALIASES for t in names):
+        return _eval_mini(args, names)
     from dllmq.evaluate.runner import run_from_args
     run_from_args(args)
+
+
+def _eval_mini(args, names) -> None:
+    """The offline mini benchmark (no harness, no datasets): mini_general, mini_math, mini_code."""
+    from dllmq.evaluate import evaluate_mini
+    from dllmq.evaluate.runner import write_json_atomic
+
+    model, tokenizer, _ = _load(args)
+    limit = None if args.limit is None else int(args.limit)
+    results = evaluate_mini(model, tokenizer, names, limit=limit, seed=args.seed, chat=args.chat)
+    print(f"{'task':<14} {'acc':>7} {'stderr':>7} {'n':>5} {'chance':>7}")
+    for task, r in results.items():
+        print(f"{task:<14} {100 * r['acc']:>7.2f} {100 * r['stderr']:>7.2f} {r['n']:>5} {100 * r['chance']:>7.1f}")
+    if args.out:
+        write_json_atomic(Path(args.out), {"model": str(args.model), "tasks": results, "limit": limit,
+                                           "seed": args.seed})
+        print(f"results written to {args.out}")
 
 
 COMMANDS = {"inspect": cmd_inspect, "generate": cmd_generate, "ppl": cmd_ppl, "quantize": cmd_quantize,

@@ -28,16 +28,16 @@ def parser() -> argparse.ArgumentParser:
                    help="stop (with a checkpoint) after this much wall time; run again to resume")
     p.add_argument("--export", default=None,
                    help="when the schedule completes, export weights + tokenizer + model card to this directory")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="log warnings only (default: progress every --log-every steps)")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or True else logging.WARNING,
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", stream=sys.stderr)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     try:
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
         train(cfg, minutes=args.minutes, export=args.export)
     except DllmqError as err:
         print(f"error: {err}", file=sys.stderr)

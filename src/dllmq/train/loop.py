@@ -43,7 +43,7 @@ EPS = 1e-3
 class TrainConfig:
     stage: str = "base"                 # base | instruct
     out: str = "runs/base"
-    steps: int = 2400                   # the schedule's length (a run is done at this step)
+    steps: int = 1000                   # the schedule's length (a run is done at this step)
     batch_size: int = 8
     seq_len: int = 256
     lr: float = 1.5e-3
@@ -54,19 +54,33 @@ class TrainConfig:
     seed: int = 0
     # model (base stage; instruct inherits the base model's shape)
     d_model: int = 256
-    n_layers: int = 5
+    n_layers: int = 4
     n_heads: int = 4
     mlp_hidden_size: int = 704
     vocab_size: int = 4096
     max_sequence_length: int = 1024
     # data mixture of pre-training rows (weights)
-    mix: dict = field(default_factory=lambda: {"wiki": 0.40, "python": 0.08, "math": 0.26, "code": 0.26})
+    # (per pick; a wiki/python pick is ~128 tokens, math ~50, code ~85: tokens ~ 35/7/28/30 %)
+    mix: dict = field(default_factory=lambda: {"wiki": 0.22, "python": 0.05, "math": 0.45, "code": 0.28})
     init: str = ""                      # instruct: directory of the base model (config.json + weights)
     pretrain_every: int = 4             # instruct: every n-th step is a pre-training step (0: never)
     checkpoint_every: int = 50
     log_every: int = 10
     bf16_autocast: bool = True
     threads: int = 0                    # 0: torch default
+    # corpus size limits (0 = everything; small values are for tests)
+    max_wiki_docs: int = 0
+    max_python_docs: int = 0
+    tokenizer_items: int = 4000         # generated math/code items added to the tokenizer's training text
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("base", "instruct"):
+            raise DllmqError(f"Unknown stage {self.stage!r}; use base or instruct.")
+        if self.steps <= 0 or self.batch_size <= 0 or self.seq_len <= 0:
+            raise DllmqError("steps, batch size and sequence length must be positive.")
+        if self.d_model % 64 or self.d_model // 64 != self.n_heads:
+            raise DllmqError(f"d_model {self.d_model} with {self.n_heads} heads: dllmq-tiny uses head dim 64 "
+                             "(n_heads = d_model / 64).")
 
 
 def llada_tiny_config(cfg: TrainConfig, tokenizer) -> dict:
@@ -109,9 +123,10 @@ class Batches:
         if source in ("wiki", "python"):
             docs = self.wiki if source == "wiki" else self.python
             doc = docs[rng.randrange(len(docs))]
-            if len(doc) > room:
-                start = rng.randrange(len(doc) - room + 1)
-                return doc[start:start + room]
+            length = min(room, rng.randint(64, 192))  # a chunk, so the mixture weights mean tokens
+            if len(doc) > length:
+                start = rng.randrange(len(doc) - length + 1)
+                return doc[start:start + length]
             return [self.bos, *doc, self.eos]
         if source == "math":
             lines = [corpus.math_item(rng, heldout=False).text for _ in range(rng.randint(1, 6))]
@@ -243,8 +258,8 @@ def build_or_load_tokenizer(cfg: TrainConfig, out: Path, wiki_docs, python_docs)
 
     rng = random.Random(cfg.seed)
     texts = list(wiki_docs) + list(python_docs)
-    texts += ["\n".join(corpus.math_item(rng, False).text for _ in range(5)) for _ in range(4000)]
-    texts += [corpus.code_item(rng, False).text for _ in range(4000)]
+    texts += ["\n".join(corpus.math_item(rng, False).text for _ in range(5)) for _ in range(cfg.tokenizer_items)]
+    texts += [corpus.code_item(rng, False).text for _ in range(cfg.tokenizer_items)]
     tok = train_tokenizer(texts, cfg.vocab_size)
     tmp = out / ".tokenizer.tmp"
     tok.save_pretrained(str(tmp))
@@ -277,23 +292,32 @@ def train(cfg: TrainConfig, minutes: float | None = None, export: str | None = N
     """Run (or resume) a training run; returns the run directory. Stops after `minutes` of wall time
     (with a checkpoint) if given; when the schedule is complete, writes `final/` and, if `export`
     names a directory, copies the final model there."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, minutes, export)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg: TrainConfig, minutes: float | None, export: str | None) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "train_config.json"
     if cfg_path.is_file():
         saved = json.loads(cfg_path.read_text())
-        if saved != asdict(cfg):
-            diff = sorted(k for k in saved if saved.get(k) != asdict(cfg).get(k))
+        defaults, current = asdict(TrainConfig()), asdict(cfg)
+        diff = sorted(k for k in current if saved.get(k, defaults[k]) != current[k])
+        if diff:
             raise DllmqError(f"{out} holds a run with other settings ({', '.join(diff)}); use another --out "
                              "or the same settings to resume it.")
     else:
         atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2))
 
     started = time.time()
-    wiki_docs = corpus.wiki_documents("train")
-    python_docs = corpus.python_documents()
+    wiki_docs = corpus.wiki_documents("train")[:cfg.max_wiki_docs or None]
+    python_docs = corpus.python_documents()[:cfg.max_python_docs or None]
     tokenizer = build_or_load_tokenizer(cfg, out, wiki_docs, python_docs)
     batches = Batches(cfg, tokenizer, wiki_docs, python_docs)
     model = make_model(cfg, tokenizer)

@@ -1,0 +1,30 @@
+"""The embedded default models, shipped inside dllmq: `dllmq-tiny` and `dllmq-tiny-instruct`.
+
+Small masked diffusion models with exactly LLaDA's architecture and checkpoint layout (official
+config.json field names, `model.transformer.blocks.N...` keys, bf16 safetensors), trained by
+`python -m dllmq.train` on an offline, openly licensed corpus. Each directory holds config.json,
+model.safetensors, the tokenizer, a model card (README.md) and eval.json (its recorded mini
+benchmark accuracies).
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from dllmq.errors import DllmqError
+
+NAMES = ("dllmq-tiny", "dllmq-tiny-instruct")
+DEFAULT = "dllmq-tiny"
+
+
+def checkpoint_dir(name: str = DEFAULT) -> Path:
+    """The directory of a shipped model (config.json, safetensors, tokenizer, model card)."""
+    if name not in NAMES:
+        raise DllmqError(f"Unknown built-in model {name!r}; the shipped models are {', '.join(NAMES)}.")
+    path = Path(str(resources.files("dllmq.tiny").joinpath(name)))
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise DllmqError(
+            f"The weights of {name} are missing from this dllmq installation ({path}); reinstall dllmq, or "
+            "retrain them with `python -m dllmq.train` (see the model card in the source tree)."
+        )
+    return path

@@ -1,0 +1,298 @@
+"""Export a finished run into the package: weights + tokenizer + eval.json + model card.
+
+    python -m dllmq.train.export runs/base src/dllmq/tiny/dllmq-tiny
+    python -m dllmq.train.export runs/instruct src/dllmq/tiny/dllmq-tiny-instruct --base runs/base
+
+The full mini benchmark is run on the exported (bf16) weights loaded as the user loads them, and
+so is the small fixed subset that tests/test_tiny.py checks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from dllmq.train import corpus
+
+# The fixed subset the shipped-weights test re-runs (first N items of each task).
+SUBSET = {"mini_general": 8, "mini_math": 16, "mini_code": 8}
+
+
+def read_log(run: Path) -> list[dict]:
+    path = run / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_summary(run: Path) -> dict:
+    cfg = json.loads((run / "train_config.json").read_text())
+    final_cfg = json.loads((run / "final" / "config.json").read_text())
+    log = read_log(run)
+    by_kind: dict[str, list[float]] = {}
+    for r in log[-20:]:
+        by_kind.setdefault(r.get("kind", "pretrain"), []).append(r["loss"])
+    tps = [r["tokens_per_s"] for r in log[1:]]
+    return {
+        "stage": cfg["stage"], "steps": cfg["steps"], "batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"],
+        "lr": cfg["lr"], "seed": cfg["seed"],
+        "train_seconds": final_cfg.get("dllmq_training", {}).get("train_seconds"),
+        "final_loss": {k: round(sum(v) / len(v), 4) for k, v in by_kind.items()},
+        "median_tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
+        "config": cfg,
+    }
+
+
+def evaluate_dir(directory: Path, limit: int | None = None, progress: bool = True, full_limit: int | None = None) -> dict:
+    from dllmq.evaluate.mini import evaluate_mini
+    from dllmq.models.loading import load_model
+
+    model, tokenizer, _ = load_model(directory, dtype="float32")
+    if limit is None:
+        return evaluate_mini(model, tokenizer, progress=progress, limit=full_limit)
+    out = {}
+    for task, n in SUBSET.items():
+        r = evaluate_mini(model, tokenizer, tasks=[task], limit=n, progress=False, return_samples=True)[task]
+        r["correct"] = [s["correct"] for s in r.pop("samples")]
+        out[task] = r
+    return out
+
+
+LICENSES = """\
+## Training data: sources and licenses
+
+- **Wikipedia** (train split of the text shipped in `dllmq/data/wiki/`, 95 articles): CC BY-SA 3.0,
+  Wikipedia contributors; see `dllmq/data/wiki/ATTRIBUTION.md` for the revisions and changes.
+  The 11 held-out articles are used only by the `mini_general` benchmark.
+- **Python standard library source** ({python}): PSF License Agreement version 2.
+- **Generated data** (by `dllmq.train.corpus`, seeded, Apache-2.0 like dllmq): arithmetic and short
+  word problems with answers; small Python functions with docstrings and asserts. Items whose key
+  (template and numbers) falls in the held-out key space (`corpus.is_heldout`) are reserved for the
+  mini benchmark and never generated for training.
+
+The weights are a derivative of this data; the Wikipedia part is CC BY-SA 3.0 (share-alike).
+"""
+
+
+def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
+    cfg = summary["config"]
+    rows = "\n".join(
+        f"| {task} | {r['acc'] * 100:.1f} | {r['stderr'] * 100:.1f} | {r['n']} | {r['chance'] * 100:.0f} |"
+        for task, r in evals.items())
+    minutes = (summary["train_seconds"] or 0) / 60
+    losses = ", ".join(f"{k} {v}" for k, v in summary["final_loss"].items())
+    if summary["stage"] == "base":
+        command = (f"python -m dllmq.train --stage base --out runs/base --steps {cfg['steps']} --threads 2\n"
+                   f"python -m dllmq.train.export runs/base src/dllmq/tiny/{name}")
+    else:
+        command = (f"python -m dllmq.train --stage instruct --init runs/base/final --out runs/instruct "
+                   f"--steps {cfg['steps']} --lr {cfg['lr']} --warmup {cfg['warmup']} --threads 2\n"
+                   f"python -m dllmq.train.export runs/instruct src/dllmq/tiny/{name}")
+    return f"""# {name}
+
+A small masked diffusion language model with exactly LLaDA's architecture and checkpoint layout
+(`model_type: llada`, official config.json field names, `model.transformer.blocks.N.*` tensors),
+trained from scratch by dllmq on 2 CPU cores, shipped with dllmq as its embedded default model.
+{"Base model: LLaDA pre-training objective (t ~ U(eps, 1], mask each token with probability t, cross-entropy on masked tokens divided by t, normalised by sequence length)." if summary["stage"] == "base" else "Instruct model: dllmq-tiny fine-tuned LLaDA-style (SFT: only response tokens are masked, loss divided by response length) on chat-formatted question/answer pairs of the three kinds (general text continuation, math, code), with every 4th step a pre-training step. Chat template: LLaDA-8B-Instruct's."}
+
+It is for exercising and studying quantization end to end on a laptop, not for any real use.
+
+## Model
+
+| d_model | layers | heads (head dim) | FFN | vocab | parameters | dtype |
+|---|---|---|---|---|---|---|
+| {cfg['d_model']} | {cfg['n_layers']} | {cfg['n_heads']} (64) | {cfg['mlp_hidden_size']} | {cfg['vocab_size']} | {summary.get('n_params', 0) / 1e6:.2f} M | bfloat16 |
+
+Tokenizer: byte-level BPE ({cfg['vocab_size']} tokens) trained with `tokenizers` on the training corpus,
+digits split one per token; special tokens `<|startoftext|>` (BOS), `<|endoftext|>` (EOS, pad),
+`<|mdm_mask|>` (mask), `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`.
+
+## Training
+
+- Steps {cfg['steps']}, batch {cfg['batch_size']} x {cfg['seq_len']} tokens, AdamW (betas 0.9/0.95,
+  weight decay {cfg['weight_decay']}), lr {cfg['lr']} with {cfg['warmup']} warmup steps and cosine decay
+  to {cfg['min_lr_ratio']} x lr, bf16 autocast, gradient clipping {cfg['grad_clip']}, seed {cfg['seed']}.
+- Run time: {minutes:.1f} min on 2 shared CPU cores (median {summary['median_tokens_per_s']} tokens/s).
+- Final loss (mean of the last logged windows): {losses}.
+
+Reproduce:
+
+```bash
+{command}
+```
+
+{LICENSES.format(python=corpus.python_sources_note())}
+## Mini benchmark (full precision, shipped bf16 weights run in float32)
+
+| task | accuracy % | stderr | n | chance % |
+|---|---|---|---|---|
+{rows}
+
+Held-out items from `dllmq/evaluate/mini_data/`; settings in `dllmq/evaluate/mini.py`.
+{extra}"""
+
+
+def extras_markdown(evals: dict, quant: dict | None, acts: dict | None) -> str:
+    parts = []
+    if quant:
+        n = next(iter(next(iter(quant.values())).values()))["n"]
+        lines = ["", f"## Weight-only quantization check (RTN, asymmetric, per group; first {n} items per task)", "",
+                 "| setting | " + " | ".join(evals) + " |", "|---|" + "---|" * len(evals),
+                 "| FP (bf16 weights) | " + " | ".join(f"{quant['FP'][t]['acc'] * 100:.1f}" for t in evals) + " |"]
+        for name, res in quant.items():
+            if name == "FP":
+                continue
+            cells = [f"{res[t]['acc'] * 100:.1f} ({(res[t]['acc'] - quant['FP'][t]['acc']) * 100:+.1f})" for t in evals]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    if acts:
+        resid = {k: v for k, v in acts.items() if k.endswith(("attn_norm", "ln_f"))}
+        worst = sorted(acts.items(), key=lambda kv: -kv[1]["ratio_to_median"])[:5]
+        lines = ["", "## Activations (float32, 64 general contexts + 32 code prompts)", "",
+                 "Residual stream entering each block (and the final norm): largest |x|, its channel, and its",
+                 "ratio to the median channel's largest |x|:", "",
+                 "| where | max abs | channel | max / median channel |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['max']} | {v['channel']} | {v['ratio_to_median']} |" for k, v in resid.items()]
+        lines += ["", "Most outlier-dominated linear inputs: " + "; ".join(
+            f"{k} (channel {v['channel']}, {v['ratio_to_median']}x median)" for k, v in worst) + "."]
+        parts.append("\n".join(lines))
+    return "\n".join(parts) + ("\n" if parts else "")
+
+
+def export_model(run: Path, dest: Path, progress: bool = True, extra: str = "", quant: bool = False,
+                 activations: bool = False, full_limit: int | None = None, quant_limit: int | None = 200) -> dict:
+    """Copy run/final to dest (atomically), evaluate it, write eval.json and README.md."""
+    name = dest.name
+    tmp = dest.with_name(f".{name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(run / "final", tmp)
+    started = time.time()
+    evals = evaluate_dir(tmp, progress=progress, full_limit=full_limit)
+    subset = evaluate_dir(tmp, limit=1)
+    summary = run_summary(run)
+    from dllmq.models.config import read_config_json
+    from dllmq.models.registry import parse_config
+
+    summary["n_params"] = parse_config(read_config_json(tmp)).n_params
+    record = {"name": name, "full": evals, "subset": subset, "eval_seconds": round(time.time() - started, 1),
+              "training": {k: v for k, v in summary.items() if k != "config"}}
+    q = quant_check(tmp, limit=quant_limit if full_limit is None else full_limit) if quant else None
+    a = activation_stats(tmp) if activations else None
+    if q:
+        record["rtn"] = q
+    if a:
+        record["activations"] = a
+    extra = extras_markdown(evals, q, a) + extra
+    (tmp / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    (tmp / "README.md").write_text(model_card(name, summary, evals, extra))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return record
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dllmq.train.export", description=__doc__)
+    p.add_argument("run", type=Path)
+    p.add_argument("dest", type=Path)
+    p.add_argument("--quant-check", action="store_true", help="also evaluate RTN W4/W3 g32 and record the change")
+    p.add_argument("--activations", action="store_true", help="also record where the large activations are")
+    p.add_argument("--quant-limit", type=int, default=200, help="items per task for the RTN check (default 200)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: small batches gain nothing from more, and shared cores lose)")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    record = export_model(args.run, args.dest, quant=args.quant_check, activations=args.activations,
+                          quant_limit=args.quant_limit)
+    print(json.dumps({k: record[k] for k in ("full", "training")}, indent=2))
+    return 0
+
+
+
+# ---------------------------------------------------------------------------------------------
+# looking at a run and at a shipped model
+# ---------------------------------------------------------------------------------------------
+
+def model_from_checkpoint(run: Path):
+    """(model, tokenizer) from a run's latest checkpoint.pt (float32), e.g. to peek mid-training."""
+    import torch
+
+    from dllmq.models.loading import load_tokenizer
+    from dllmq.models.registry import build_model, parse_config
+    from dllmq.train.loop import TrainConfig, llada_tiny_config
+
+    cfg = TrainConfig(**json.loads((run / "train_config.json").read_text()))
+    tokenizer = load_tokenizer(run / "tokenizer" if (run / "tokenizer").is_dir() else Path(cfg.init))
+    if cfg.stage == "instruct":
+        from dllmq.models.config import read_config_json
+
+        raw = read_config_json(Path(cfg.init))
+        raw = {**raw, "dllmq_training": {"chat": True}}
+    else:
+        raw = llada_tiny_config(cfg, tokenizer)
+    model = build_model(parse_config(raw))
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return model.eval(), tokenizer, state["step"]
+
+
+def quant_check(directory: Path, settings=((4, 32), (3, 32)), limit: int | None = None) -> dict:
+    """RTN weight-only (asymmetric, group g) at each (bits, group): mini accuracies."""
+    from dllmq.evaluate.mini import evaluate_mini
+    from dllmq.models.loading import load_model
+    from dllmq.quant.api import quantize
+    from dllmq.quant.config import QuantConfig
+
+    model, tokenizer, _ = load_model(directory, dtype="float32")
+    out = {"FP": evaluate_mini(model, tokenizer, limit=limit, progress=False)}  # the same items, unquantized
+    for bits, group in settings:
+        model, tokenizer, _ = load_model(directory, dtype="float32")
+        quantize(model, tokenizer, QuantConfig(method="rtn", wbits=bits, group_size=group), progress=False)
+        out[f"RTN W{bits} g{group}"] = evaluate_mini(model, tokenizer, limit=limit, progress=False)
+    return out
+
+
+def activation_stats(directory: Path, n_items: int = 64) -> dict:
+    """Where the large activations are: per block, the |max| of the residual stream (block input)
+    and of each linear's input, with the channel it is in and its ratio to the median channel's |max|."""
+    import torch
+
+    from dllmq.evaluate.mini import load_items
+    from dllmq.models.loading import load_model
+
+    model, tokenizer, _ = load_model(directory, dtype="float32")
+    texts = [it["context"] for it in load_items("mini_general", n_items)]
+    texts += [it["prompt"] for it in load_items("mini_code", n_items // 2)]
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            stats[name] = torch.maximum(stats[name], x) if name in stats else x
+        return fn
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or name.endswith(("attn_norm", "ln_f")):
+            handles.append(module.register_forward_pre_hook(hook(name)))
+    with torch.no_grad():
+        for text in texts:
+            model(torch.tensor([tokenizer(text)["input_ids"]]))
+    for h in handles:
+        h.remove()
+    report = {}
+    for name, per_channel in stats.items():
+        top = int(per_channel.argmax())
+        report[name] = {"max": round(float(per_channel.max()), 2), "channel": top,
+                        "ratio_to_median": round(float(per_channel.max() / per_channel.median().clamp_min(1e-6)), 1)}
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

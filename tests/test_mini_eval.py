@@ -1,0 +1,80 @@
+"""The mini benchmark: shipped data, scoring helpers, the code runner, the evaluate_mini contract."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dllmq.errors import DllmqError
+from dllmq.evaluate.mini import (
+    TASKS,
+    code_program,
+    evaluate_mini,
+    expand_tasks,
+    first_integer,
+    load_items,
+)
+from dllmq.evaluate.sandbox_lite import run_many, run_program
+
+
+def test_shipped_items_are_well_formed():
+    for task in TASKS:
+        items = load_items(task)
+        assert len(items) >= 300, task
+        assert len({i["id"] for i in items}) == len(items)
+    for item in load_items("mini_general"):
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
+        assert item["choices"][item["label"]].strip() in item["context"]  # the LAMBADA-style target recurs
+    for item in load_items("mini_math"):
+        assert item["prompt"] == f"Question: {item['question']} Answer:"
+        assert isinstance(item["answer"], int)
+    assert load_items("mini_math", limit=5) == load_items("mini_math")[:5]
+
+
+def test_reference_solutions_pass_and_wrong_ones_fail():
+    items = load_items("mini_code")[:12]
+    good = run_many([(it["prompt"] + it["reference"], it["tests"]) for it in items])
+    assert all(r.passed for r in good), [r.output for r in good if not r.passed]
+    bad = run_many([(it["prompt"] + "    return None\n", it["tests"]) for it in items])
+    assert not any(r.passed for r in bad)
+
+
+def test_runner_times_out_and_isolates():
+    r = run_program("while True:\n    pass\n", timeout=1.0)
+    assert r.status == "timeout" and not r.passed
+    r = run_program("import sys\nsys.exit(3)\n")
+    assert r.status == "failed"
+    r = run_program("import os\nassert os.getcwd() != %r\n" % __import__("os").getcwd())
+    assert r.passed  # a throwaway working directory
+
+
+def test_code_program_cuts_the_body():
+    prompt = 'def f(x):\n    """Return x plus 1."""\n'
+    completion = "\n    return x + 1\n\nassert f(1) == 2\ndef g(): pass"
+    assert code_program(prompt, completion, chat=False) == 'def f(x):\n    """Return x plus 1."""\n    return x + 1\n'
+    assert code_program(prompt, "    return x + 1", chat=True) == prompt + "    return x + 1\n"
+    assert run_program(code_program(prompt, completion, False), ["assert f(1) == 2"]).passed
+
+
+def test_helpers():
+    assert first_integer(" 42\nQuestion") == 42 and first_integer(" -7 apples") == -7
+    assert first_integer(" none") is None
+    assert expand_tasks("mini") == list(TASKS)
+    assert expand_tasks("mini_math,mini_code") == ["mini_math", "mini_code"]
+    with pytest.raises(DllmqError, match="Unknown mini task"):
+        expand_tasks("mmlu")
+
+
+def test_evaluate_mini_contract_on_a_random_model():
+    from dllmq.evaluate.mini import score_general
+    from dllmq.models import load_model
+
+    model, tok, _ = load_model("random-llada")
+    out = evaluate_mini(model, tok, tasks="mini_math,mini_code", limit=2, progress=False, batch_size=2)
+    assert list(out) == ["mini_math", "mini_code"]
+    for task, r in out.items():
+        assert r["n"] == 2 and 0.0 <= r["acc"] <= 1.0 and not math.isnan(r["stderr"]) and r["chance"] == 0.0
+    # general scoring (the shipped contexts are long in byte tokens; a short item keeps this fast)
+    item = {"context": "Cats\nThe cat sat on the", "choices": [" mat", " sky", " dog", " car"], "label": 0}
+    correct = score_general(model, tok, [item, dict(item, label=2)], progress=False)
+    assert sum(correct) == 1  # the same scores, so exactly one of the two labels wins

@@ -1,0 +1,66 @@
+"""The shipped models dllmq-tiny / dllmq-tiny-instruct: layout, size, and their recorded accuracies."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dllmq.errors import DllmqError
+from dllmq.tiny import NAMES, checkpoint_dir
+
+TOLERANCE = 0.13  # a near-tie can flip between torch builds; more than a couple of items is a regression
+
+
+def _shipped(name):
+    try:
+        return checkpoint_dir(name)
+    except DllmqError:
+        pytest.skip(f"{name} weights are not in this tree yet")
+
+
+def test_unknown_name_is_refused():
+    with pytest.raises(DllmqError, match="shipped models"):
+        checkpoint_dir("dllmq-huge")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_checkpoint_is_an_official_llada_layout(name):
+    from safetensors import safe_open
+
+    from dllmq.models.config import read_config_json
+    from dllmq.models.registry import parse_config
+
+    path = _shipped(name)
+    raw = read_config_json(path)
+    config = parse_config(raw)
+    assert raw["model_type"] == "llada" and config.family == "llada" and raw["torch_dtype"] == "bfloat16"
+    assert config.head_dim == 64 and not config.tie_embeddings
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.transformer.blocks.0.q_proj.weight").dtype.is_floating_point
+    assert {"model.transformer.wte.weight", "model.transformer.ff_out.weight", "model.transformer.ln_f.weight",
+            "model.transformer.blocks.0.attn_out.weight", "model.transformer.blocks.0.ff_proj.weight"} <= keys
+    for f in ("tokenizer.json", "tokenizer_config.json", "README.md", "eval.json"):
+        assert (path / f).is_file(), f
+    assert (path / "model.safetensors").stat().st_size < 13_000_000
+
+
+def test_both_models_together_stay_small():
+    total = sum((_shipped(n) / "model.safetensors").stat().st_size for n in NAMES)
+    assert total <= 25_000_000
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_weights_give_the_recorded_accuracies(name):
+    from dllmq.models import load_model
+    from dllmq.train.export import SUBSET
+    from dllmq.evaluate.mini import evaluate_mini
+
+    path = _shipped(name)
+    recorded = json.loads((path / "eval.json").read_text())["subset"]
+    model, tokenizer, _ = load_model(path, dtype="float32")
+    assert tokenizer.mask_token_id == model.config.mask_token_id
+    for task, n in SUBSET.items():
+        got = evaluate_mini(model, tokenizer, tasks=[task], limit=n, progress=False)[task]
+        assert got["n"] == recorded[task]["n"] == n
+        assert abs(got["acc"] - recorded[task]["acc"]) <= TOLERANCE, (task, got, recorded[task])

@@ -1,0 +1,181 @@
+"""dllmq.train: the tokenizer, the corpus (disjoint from the mini benchmark), the training loop."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from dllmq.evaluate.mini import load_items
+from dllmq.train import corpus
+from dllmq.train.loop import (
+    Batches,
+    TrainConfig,
+    forward_noise,
+    learning_rate,
+    sft_example,
+    train,
+)
+from dllmq.train.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+TEXT = ("Question: What is 17 + 25? Answer: 42\n"
+        "def add_7(x):\n    \"\"\"Return x plus 7.\"\"\"\n    return x + 7\n"
+        "Achilles (Ἀχιλλεύς) was a hero of the Trojan War — naïve café, 1,234.5 tabs\there.")
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    rng = random.Random(0)
+    texts = [d[:3000] for d in corpus.wiki_documents("train")[:10]]
+    texts += [corpus.math_item(rng, False).text for _ in range(300)]
+    texts += [corpus.code_item(rng, False).text for _ in range(100)]
+    return train_tokenizer(texts, vocab_size=600)
+
+
+def test_tokenizer_round_trips_and_reloads(small_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = small_tokenizer
+    ids = tok(TEXT)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == TEXT
+    # digits are single tokens, so arithmetic sees every digit
+    digits = [t for t in tok.convert_ids_to_tokens(tok("12345 + 678", add_special_tokens=False)["input_ids"])
+              if any(c.isdigit() for c in t)]
+    assert digits == list("12345678")
+    # LLaDA's special tokens, ids 0..5, and its chat template
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(6))
+    assert (tok.bos_token, tok.eos_token, tok.mask_token) == ("<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>")
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    tok.save_pretrained(str(tmp_path))
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert again(TEXT)["input_ids"] == ids
+    assert again.mask_token_id == tok.mask_token_id
+
+
+def test_forward_noise_masks_with_probability_t():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(4000).reshape(8, 500) % 50 + 10
+    allowed = torch.zeros_like(ids, dtype=torch.bool)
+    allowed[:, 100:] = True
+    noisy, masked, p = forward_noise(ids, 3, g, allowed)
+    assert not masked[:, :100].any()
+    assert torch.equal(noisy[masked], torch.full((int(masked.sum()),), 3))
+    assert torch.equal(noisy[~masked], ids[~masked])
+    rate = masked[:, 100:].float().mean(1)
+    assert torch.allclose(rate, p[:, 0], atol=0.08)  # each row masked at its own rate t
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 9) == pytest.approx(1.0)
+    assert learning_rate(cfg, 100) == pytest.approx(0.1)
+    values = [learning_rate(cfg, s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+TINY = dict(d_model=64, n_layers=1, n_heads=1, mlp_hidden_size=128, vocab_size=384, seq_len=64, batch_size=8,
+            max_wiki_docs=4, max_python_docs=20, tokenizer_items=100, log_every=1, checkpoint_every=100,
+            bf16_autocast=False, threads=1, lr=3e-3, warmup=3)
+
+
+def _losses(run):
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_runs_end_to_end_loss_decreases_and_resumes_exactly(tmp_path):
+    run = train(TrainConfig(out=str(tmp_path / "a"), steps=24, **TINY))
+    losses = _losses(run)
+    assert len(losses) == 24
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 - 0.5
+    assert (run / "final" / "config.json").is_file() and (run / "final" / "tokenizer.json").is_file()
+    raw = json.loads((run / "final" / "config.json").read_text())
+    assert raw["model_type"] == "llada" and raw["d_model"] == 64 and raw["mask_token_id"] == 2
+
+    # interrupted after one step (minutes=0), then resumed: the same weights as in one go
+    short = dict(TINY, lr=1e-3)
+    ref = train(TrainConfig(out=str(tmp_path / "b"), steps=3, **short))
+    cut = TrainConfig(out=str(tmp_path / "c"), steps=3, **short)
+    train(cut, minutes=0)
+    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["step"] == 1
+    train(cut)
+    a = torch.load(ref / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # instruct stage from the base run: SFT steps (prompt clean) and pre-training steps
+    inst = train(TrainConfig(stage="instruct", init=str(run / "final"), out=str(tmp_path / "i"), steps=4,
+                             pretrain_every=2, **{k: v for k, v in TINY.items() if k != "lr"}))
+    kinds = [json.loads(line)["kind"] for line in (inst / "log.jsonl").read_text().splitlines()]
+    assert kinds == ["pretrain", "sft", "pretrain", "sft"]
+
+
+def test_other_settings_refuse_to_resume(tmp_path):
+    from dllmq.errors import DllmqError
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "train_config.json").write_text(json.dumps({"steps": 5, "out": str(out)}))
+    with pytest.raises(DllmqError, match="other settings"):
+        train(TrainConfig(out=str(out), steps=6, **TINY))
+
+
+def test_sft_rows_mask_only_the_response(small_tokenizer):
+    cfg = TrainConfig(batch_size=6, seq_len=256)
+    batches = Batches(cfg, small_tokenizer, corpus.wiki_documents("train")[:3], [])
+    ids, response = batches.sft(0)
+    eot = small_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    for row, resp in zip(ids, response):
+        start = int(resp.float().argmax())
+        prompt = small_tokenizer.decode(row[:start])
+        assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        assert resp[start:].all() and not resp[:start].any()
+        assert eot in row[start:].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# no held-out item in the training data
+# ---------------------------------------------------------------------------------------------
+
+def test_benchmark_items_are_in_the_heldout_key_space():
+    for task in ("mini_math", "mini_code"):
+        items = load_items(task)
+        assert len(items) >= 300
+        assert all(corpus.is_heldout(item["key"]) for item in items)
+        assert len({item["key"] for item in items}) == len(items)
+
+
+def test_training_generators_never_produce_benchmark_items():
+    rng = random.Random(123)
+    math_q = {item["question"].split("?")[0] for item in load_items("mini_math")
+              if item["key"].split("/")[1] in ("add", "sub", "add3")}
+    code_names = {item["name"] for item in load_items("mini_code")}
+    heldout_math = {item["key"] for item in load_items("mini_math")}
+    for _ in range(20000):
+        m = corpus.math_item(rng, heldout=False)
+        assert m.key not in heldout_math and not corpus.is_heldout(m.key)
+        assert m.question.split("?")[0] not in math_q
+    for _ in range(5000):
+        c = corpus.code_item(rng, heldout=False)
+        assert c.name not in code_names and not corpus.is_heldout(c.key)
+    # the SFT generator draws from the same training space
+    wiki = corpus.wiki_documents("train")[:2]
+    for _ in range(2000):
+        prompt, _ = sft_example(rng.choice(("math", "code")), rng, wiki)
+        assert prompt.split("?")[0] not in math_q
+        assert not any(f"def {n}(" in prompt for n in code_names)
+
+
+def test_general_items_come_from_articles_never_trained_on():
+    train_text = "\n".join(corpus.wiki_documents("train"))
+    train_titles = {d.split("\n", 1)[0] for d in corpus.wiki_documents("train")}
+    for item in load_items("mini_general"):
+        title, context = item["context"].split("\n", 1)
+        assert title not in train_titles
+        snippet = context[-80:]
+        assert len(snippet) > 40 and snippet not in train_text
+        assert len(item["choices"]) == 4 and 0 <= item["label"] < 4
