@@ -60,6 +60,15 @@ def _transform_blocks(model, method):
         inputs = ctx.run(keep_outputs=True)
 
 
+def _apply_transform(model, method):
+    """A method's full-precision transform only (no quantization)."""
+    if method == "quarot":
+        rotate_model(model, seed=0)
+    else:
+        config = QuantConfig(method=method, wbits=4, abits=4)
+        _transform_blocks(model, SmoothQuant(config) if method == "smoothquant" else DuQuant(config))
+
+
 def _logits(model):
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -73,11 +82,7 @@ def test_transforms_leave_logits_unchanged(name, method):
     float32 (as saved), so 1e-6."""
     model, _ = random_model(name, seed=3, dtype=torch.float64)
     before = _logits(model)
-    config = QuantConfig(method=method, wbits=4, abits=4)
-    if method == "quarot":
-        rotate_model(model, seed=0)
-    else:
-        _transform_blocks(model, SmoothQuant(config) if method == "smoothquant" else DuQuant(config))
+    _apply_transform(model, method)
     after = _logits(model)
     tol = 1e-6 if method == "duquant" else 1e-10
     assert ((after - before).norm() / before.norm()).item() < tol
@@ -111,11 +116,7 @@ def _flatness(model, name="q_proj"):
 def test_transformed_activations_are_flatter(method):
     model, tok = _planted_outliers()
     before = _flatness(model)
-    config = QuantConfig(method=method, wbits=4, abits=4)
-    if method == "quarot":
-        rotate_model(model, seed=0)
-    else:
-        _transform_blocks(model, SmoothQuant(config) if method == "smoothquant" else DuQuant(config))
+    _apply_transform(model, method)
     after = _flatness(model)
     assert after < 0.5 * before, (before, after)
 
