@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from dllmq.train import corpus
