@@ -219,36 +219,35 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON to a temp file beside `path` and rename it over `path` (never half-written)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic_text(path: Path) -> Iterator:
+    """A text file opened at a temp path beside `path`, renamed over it only when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(data), f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            yield f
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON to a temp file beside `path` and rename it over `path` (never half-written)."""
+    path = Path(path)
+    with _atomic_text(path) as f:
+        json.dump(_jsonable(data), f, indent=2, ensure_ascii=False)
+        f.write("\n")
     return path
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _atomic_text(path) as f:
+        for row in rows:
+            f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
     return path
 
 
