@@ -13,8 +13,13 @@ from dllmq.evaluate.mini import (
     expand_tasks,
     first_integer,
     load_items,
+    program_with_tests,
 )
-from dllmq.evaluate.sandbox_lite import run_many, run_program
+from dllmq.evaluate.sandbox import run_program, run_programs
+
+
+def run_many(pairs):
+    return run_programs([program_with_tests(p, t) for p, t in pairs], allow_code_execution=True, workers=2)
 
 
 def test_shipped_items_are_well_formed():
@@ -39,21 +44,13 @@ def test_reference_solutions_pass_and_wrong_ones_fail():
     assert not any(r.passed for r in bad)
 
 
-def test_runner_times_out_and_isolates():
-    r = run_program("while True:\n    pass\n", timeout=1.0)
-    assert r.status == "timeout" and not r.passed
-    r = run_program("import sys\nsys.exit(3)\n")
-    assert r.status == "failed"
-    r = run_program("import os\nassert os.getcwd() != %r\n" % __import__("os").getcwd())
-    assert r.passed  # a throwaway working directory
-
-
 def test_code_program_cuts_the_body():
     prompt = 'def f(x):\n    """Return x plus 1."""\n'
     completion = "\n    return x + 1\n\nassert f(1) == 2\ndef g(): pass"
     assert code_program(prompt, completion, chat=False) == 'def f(x):\n    """Return x plus 1."""\n    return x + 1\n'
     assert code_program(prompt, "    return x + 1", chat=True) == prompt + "    return x + 1\n"
-    assert run_program(code_program(prompt, completion, False), ["assert f(1) == 2"]).passed
+    program = program_with_tests(code_program(prompt, completion, False), ["assert f(1) == 2"])
+    assert run_program(program, allow_code_execution=True).passed
 
 
 def test_helpers():

@@ -10,14 +10,18 @@ from pathlib import Path
 
 from dllmq.errors import DllmqError
 
-DEFAULT_MODEL = "random-llada"
+DEFAULT_MODEL = "dllmq-tiny"
 
 EPILOG = """\
-MODEL is a built-in name (random-llada, random-dream, random-llama), a checkpoint directory
-(config.json + safetensors, e.g. a downloaded LLaDA-8B-Instruct or Dream-v0-Base-7B), or a Hub id
-when network or the Hugging Face cache allows (HF_HUB_OFFLINE=1 reads the cache only).
+MODEL is a built-in name, a checkpoint directory (config.json + safetensors, e.g. a downloaded
+LLaDA-8B-Instruct or Dream-v0-Base-7B), or a Hub id when network or the Hugging Face cache allows
+(HF_HUB_OFFLINE=1 reads the cache only). Built-in: dllmq-tiny (the default) and dllmq-tiny-instruct,
+small LLaDA-architecture diffusion models trained by dllmq and shipped with it; random-llada,
+random-dream, random-llama, untrained models with the real architectures, for tests.
 
 examples:
+  dllmq generate --prompt "Question: What is 17 + 25? Answer:" --gen-length 8 --block-length 4
+  dllmq eval dllmq-tiny-instruct --tasks mini
   dllmq inspect random-llada
   dllmq inspect llada-8b                      # the real LLaDA-8B config, no weights needed
   dllmq generate random-llada --prompt "Hello" --gen-length 64 --steps 64 --block-length 32
@@ -147,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     from dllmq.evaluate.runner import add_cli_arguments
     add_cli_arguments(p)
+
+    # The study's commands live beside their layers; each adds its parser and sets `func`.
+    from dllmq.analysis import outliers_cli
+    outliers_cli.add_parser(sub)
     return parser
 
 
@@ -199,8 +207,10 @@ def cmd_generate(args) -> None:
     if tokenizer is None:
         raise DllmqError(f"{args.model} has no tokenizer files, so it cannot take a text prompt.")
     chat = args.chat
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None)) and "instruct" in str(args.model).lower()
+    if chat is None:  # a chat model by its config (dllmq-tiny-instruct) or, for others, by its name
+        from dllmq.evaluate.mini import is_chat_model
+        chat = bool(getattr(tokenizer, "chat_template", None)) and (
+            is_chat_model(model) or "instruct" in str(args.model).lower())
     # Every sampler takes what applies to it; the dispatcher drops (and logs) the rest.
     settings = dict(gen_length=args.gen_length, steps=args.steps or args.gen_length,
                     block_length=args.block_length or args.gen_length, remasking=args.remasking, cfg=args.cfg,
@@ -292,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        COMMANDS[args.command](args)
+        (COMMANDS.get(args.command) or args.func)(args)
     except DllmqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

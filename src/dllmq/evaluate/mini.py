@@ -7,7 +7,8 @@
 - `mini_math` (400 items): arithmetic and short word problems; diffusion generation, exact match
   of the first integer in the answer.
 - `mini_code` (301 items): complete a small Python function from its signature and docstring;
-  pass@1 by running held-out asserts in a separate process (`sandbox_lite`).
+  pass@1 by running held-out asserts in dllmq's code-execution sandbox (`evaluate.sandbox`; asking for
+  mini_code is the opt-in to run the model's code there).
 
 Prompts. Base models get `Question: ... Answer:` (math) and the function's signature + docstring
 (code). Chat models (config `dllmq_training.chat`, or `chat=True`) get the question, or an
@@ -151,9 +152,14 @@ def code_program(prompt: str, completion: str, chat: bool) -> str:
     return head + "\n" + "\n".join(body).rstrip() + "\n"
 
 
+def program_with_tests(program: str, tests: Sequence[str]) -> str:
+    """The program the sandbox runs: the function, then its held-out asserts."""
+    return program.rstrip("\n") + "\n\n" + "\n".join(tests) + "\n"
+
+
 def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
                progress: bool = True, timeout: float = 5.0) -> tuple[list[bool], list[str]]:
-    from dllmq.evaluate.sandbox_lite import run_many
+    from dllmq.evaluate.sandbox import run_programs, with_limits
 
     if chat:
         prompts = [CODE_INSTRUCTION + item["prompt"] for item in items]
@@ -162,7 +168,9 @@ def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0
     outputs = _generate(model, tokenizer, prompts, chat, GEN_SETTINGS["mini_code", chat], seed, batch_size,
                         "mini_code", progress)
     programs = [code_program(item["prompt"], o, chat) for item, o in zip(items, outputs)]
-    results = run_many([(p, item["tests"]) for p, item in zip(programs, items)], timeout=timeout)
+    results = run_programs([program_with_tests(p, item["tests"]) for p, item in zip(programs, items)],
+                           allow_code_execution=True, limits=with_limits(timeout_s=timeout, cpu_s=max(1, int(timeout))),
+                           workers=2, desc="mini_code sandbox", progress=progress)
     return [r.passed for r in results], programs
 
 

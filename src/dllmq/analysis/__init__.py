@@ -1,0 +1,1 @@
+"""Activation analysis: outlier profiling and its plots."""
