@@ -1,0 +1,1 @@
+"""The study: the grid runner, the results store, the report."""

@@ -1,0 +1,507 @@
+"""The study report: per-model degradation tables (the paper's layout), degradation plots, the paper's
+findings checked against this run, and optionally the activation-outlier plots of `dllmq outliers`.
+
+    dllmq report --db runs.db --out report/    # report.md + report.html (one self-contained file) + PNGs
+    dllmq report --db runs.db                  # Markdown tables to the terminal
+
+`build_report` is the Python API; `add_parser` / `run` are the `report` subcommand (wired into dllmq.cli).
+The tables and classes come from `grid`, the checklist from `findings`, the figures from `plots`.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import os
+import shutil
+import sqlite3
+import statistics
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dllmq.errors import DllmqError
+from dllmq.study.findings import DOES_NOT_HOLD, HOLDS, MIXED, NOT_MEASURED, Finding, evaluate_findings, signed
+from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Cell, Measurement, ModelTable, build_tables,
+                              normalize, task_sort_key)
+
+MARKDOWN_NAME, HTML_NAME, OUTLIERS_SUBDIR = "report.md", "report.html", "outliers"
+OUTLIERS_JSON = "outliers.json"
+DEFAULT_DB = "runs/study.db"   # the study runner's default (not imported: the runner pulls in torch)
+
+# Terminal-safe markers: one per class, after the change vs FP.
+MARKERS = {NEGLIGIBLE: "·", MODERATE: "!", SEVERE: "!!"}
+CHECKBOX = {HOLDS: "[x]", DOES_NOT_HOLD: "[ ]", MIXED: "[~]", NOT_MEASURED: "[?]"}
+NA = "—"
+
+
+@dataclass
+class RunFacts:
+    """What the header says about the run."""
+
+    source: str
+    models: list[str]
+    cells: int                  # distinct cells (model x method x bits x evaluation setting) with results
+    results: int                # result rows read
+    superseded: int             # older re-runs (same cell, same seed) not shown
+    tasks: list[tuple[str, str, str, str]]   # (task, category, metric, n as text)
+    first: float | None
+    last: float | None
+    noise: float | None         # median stderr of an overall-average drop, points
+    seeds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class OutlierFiles:
+    directory: Path
+    pngs: list[Path]
+    json: Path | None
+
+
+@dataclass
+class Report:
+    markdown: str
+    html: str
+    findings: list[Finding]
+    tables: list[ModelTable]
+    facts: RunFacts
+    images: dict[str, bytes] = field(default_factory=dict)   # file name in out_dir -> PNG bytes
+    out_dir: Path | None = None
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+def load_rows(db: str | os.PathLike) -> list[dict]:
+    """The result rows of a study database, or a one-sentence DllmqError when it is not one."""
+    from dllmq.study.store import read_results
+
+    path = Path(db)
+    if not path.is_file():  # connect() would silently create an empty database here
+        raise DllmqError(f"No study database at {path}; pass the --db file the study runner wrote.")
+    try:
+        return read_results(path)
+    except sqlite3.DatabaseError as err:
+        raise DllmqError(f"{path} is not a readable study database ({err}).") from None
+
+
+def analyze(rows_or_db: str | os.PathLike | Iterable[Mapping]) -> tuple[list[ModelTable], list[Finding], RunFacts]:
+    """Tables, findings and run facts of a database path or of result rows (dicts like read_results')."""
+    if isinstance(rows_or_db, (str, os.PathLike)):
+        source, rows = str(rows_or_db), load_rows(rows_or_db)
+        if not rows:
+            raise DllmqError(f"The study database {source} has no results yet; run the study first "
+                             "(a cell's results are stored when it finishes).")
+    else:
+        source, rows = "the result rows given", list(rows_or_db)
+        if not rows:
+            raise DllmqError("No result rows were given, so there is nothing to report.")
+    measurements, superseded = normalize(rows)
+    tables = build_tables(measurements)
+    if not any(t.has_baseline for t in tables):
+        raise DllmqError(f"No model in {source} has a full-precision baseline (method fp), so no drop can be "
+                         "computed; run the FP cells first.")
+    findings = evaluate_findings({t.model: t.drops() for t in tables})
+    facts = _facts(source, rows, measurements, superseded, tables)
+    return tables, findings, facts
+
+
+def _facts(source: str, rows: list[Mapping], ms: list[Measurement], superseded: int,
+           tables: list[ModelTable]) -> RunFacts:
+    keys = {r.get("cell_key") for r in rows}
+    cells = len(keys) if None not in keys else len({(m.model, m.method, m.bits) for m in ms})
+    tasks = []
+    seen = sorted({t: tb.category_of[t] for tb in tables for t in tb.tasks}.items(),
+                  key=lambda kv: task_sort_key(kv[0], kv[1]))
+    for task, category in seen:
+        metrics = sorted({m.metric for m in ms if m.task == task and m.metric})
+        ns = sorted({m.n for m in ms if m.task == task and m.n is not None})
+        n = "?" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        tasks.append((task, category, "/".join(metrics) or "?", n))
+    times = [float(r["created"]) for r in rows if r.get("created") is not None]
+    errs = [r.overall.drop_stderr for t in tables for r in t.quantized_rows() if r.overall.drop_stderr is not None]
+    return RunFacts(source, [t.model for t in tables], cells, len(rows), superseded, tasks,
+                    min(times) if times else None, max(times) if times else None,
+                    statistics.median(errs) if errs else None,
+                    sorted({int(r["seed"]) for r in rows if r.get("seed") is not None}))
+
+
+def find_outliers(directory: str | os.PathLike) -> OutlierFiles:
+    """The PNG plots and outliers.json of a `dllmq outliers --out` directory."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DllmqError(f"--outliers {d} is not a directory; pass the --out directory of `dllmq outliers`.")
+    pngs = sorted(p for p in d.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    js = d / OUTLIERS_JSON
+    return OutlierFiles(d, pngs, js if js.is_file() else None)
+
+
+# --- text helpers ------------------------------------------------------------------------------------------
+
+def _when(t: float | None) -> str:
+    return "?" if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _num(x: float | None) -> str:
+    return NA if x is None else f"{x:.1f}"
+
+
+LEGEND_LINES = (
+    "Cells show points (100 x the metric) and, in brackets, the change vs FP in points (a loss reads -2.9).",
+    f"{MARKERS[NEGLIGIBLE]}  negligible: drop < 1 point (a gain counts as negligible)",
+    f"{MARKERS[MODERATE]}  moderate: 1 <= drop <= 4 points",
+    f"{MARKERS[SEVERE]} severe: drop > 4 points",
+    f"{NA}  not measured",
+    "A category average is the mean over that category's tasks (the FP baseline's tasks); overall is the "
+    "mean of the category averages, so general, math and code weigh the same.",
+)
+
+
+def _header_lines(f: RunFacts) -> list[str]:
+    lines = [f"- database: {f.source}",
+             f"- models: {', '.join(f.models)}",
+             f"- cells: {f.cells} ({f.results} result rows"
+             + (f", {f.superseded} superseded by newer runs of the same cell and seed" if f.superseded else "") + ")",
+             "- tasks: " + ", ".join(f"{t} ({c}, {m}, n={n})" for t, c, m, n in f.tasks),
+             *([f"- seeds: {', '.join(map(str, f.seeds))} (each number is the mean over the seeds run)"]
+               if len(f.seeds) > 1 else []),
+             f"- results dated: {_when(f.first)}" + (f" to {_when(f.last)}" if _when(f.last) != _when(f.first) else "")]
+    if f.noise is not None:
+        lines.append(f"- noise: the median standard error of an overall-average drop is {f.noise:.1f} points; "
+                     "differences smaller than about twice that are within noise.")
+    return lines
+
+
+# --- Markdown ----------------------------------------------------------------------------------------------
+
+def _md_cell(cell: Cell) -> str:
+    if cell.value is None:
+        return NA
+    if cell.drop is None:
+        return f"{cell.value:.1f}"
+    return f"{cell.value:.1f} ({signed(cell.drop)} {MARKERS[cell.severity]})"
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    """A Markdown table padded to aligned columns, so it also reads well as plain text."""
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    return [fmt(header), sep] + [fmt(r) for r in body]
+
+
+def _finding_md(f: Finding) -> list[str]:
+    lines = [f"- {CHECKBOX[f.status]} {f.number}. **{f.title}**: {f.summary}"]
+    if len(f.verdicts) > 1:
+        lines += [f"    - {v.subject}: {v.status}: {v.evidence}" for v in f.verdicts]
+    lines.append(f"    - paper: {f.paper} Rule here: {f.rule}")
+    return lines
+
+
+def model_markdown(t: ModelTable, image: str | None = None) -> list[str]:
+    lines = [f"## {t.model}", ""]
+    lines += [f"Note: {n}" for n in t.notes]
+    if t.notes:
+        lines.append("")
+    if t.categories:
+        head = ["setting"] + [f"{c} avg" for c in t.categories] + ["overall"]
+        body = [[r.setting.label] + [_md_cell(r.categories[c]) for c in t.categories] + [_md_cell(r.overall)]
+                for r in t.rows]
+        lines += ["Averages:", ""] + _md_table(head, body) + [""]
+    head = ["setting"] + t.tasks
+    body = [[r.setting.label] + [_md_cell(r.tasks[x]) for x in t.tasks] for r in t.rows]
+    lines += ["Per task:", ""] + _md_table(head, body) + [""]
+    fp = next((r for r in t.rows if r.setting.is_fp), None)
+    if fp is not None:
+        errs = [f"{x} ±{fp.tasks[x].stderr:.1f} (n={fp.tasks[x].n})" for x in t.tasks
+                if fp.tasks[x].stderr is not None]
+        if errs:
+            lines += ["Standard error at FP (points): " + ", ".join(errs) + ".", ""]
+    if image:
+        lines += [f"![{t.model}: degradation vs FP]({image})", ""]
+    return lines
+
+
+def render_markdown(tables: list[ModelTable], findings: list[Finding], facts: RunFacts,
+                    images: Mapping[str, str] | None = None, outliers: OutlierFiles | None = None,
+                    outlier_links: Mapping[str, str] | None = None) -> str:
+    """The whole report as Markdown. `images` maps a model to its plot file (relative to the report);
+    `outlier_links` maps an outlier file name to the link to use (default: its path)."""
+    images = images or {}
+    lines = ["# dllmq study report", "", "Run:", ""] + _header_lines(facts) + ["", "Legend:", ""]
+    lines += [f"    {x}" for x in LEGEND_LINES] + ["", "## Findings of the paper, checked on this run", "",
+                                                  "[x] holds, [ ] does not hold, [~] mixed across models, "
+                                                  "[?] not measured (cells missing).", ""]
+    for f in findings:
+        lines += _finding_md(f)
+    lines.append("")
+    for t in tables:
+        lines += model_markdown(t, images.get(t.model))
+    if outliers is not None:
+        links = outlier_links or {}
+        lines += ["## Activation outliers", "", f"From `{outliers.directory}`."]
+        if outliers.json is not None:
+            lines.append(f"Data: [{OUTLIERS_JSON}]({links.get(OUTLIERS_JSON, str(outliers.json))})")
+        lines.append("")
+        lines += [f"![{p.name}]({links.get(p.name, str(p))})" for p in outliers.pngs] or ["No PNG plots found."]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- HTML --------------------------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { font-size: 1.05em; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.55em; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; } td.setting { text-align: left; font-weight: 600; }
+td small { color: #444; } tr.fp td { background: #eef2f8; font-weight: 600; }
+td.negligible, .swatch.negligible { background: #c9ecc9; }
+td.moderate, .swatch.moderate { background: #ffe1a8; }
+td.severe, .swatch.severe { background: #f6b8b8; }
+td.na, .swatch.na { background: #f4f4f4; color: #999; }
+.swatch { display: inline-block; width: 1.2em; height: 1em; border: 1px solid #999; vertical-align: middle; }
+.legend li, .facts li { margin: 0.15em 0; }
+.status { font-weight: 700; padding: 0 0.4em; border-radius: 3px; }
+.status.holds { background: #c9ecc9; } .status.does-not-hold { background: #f6b8b8; }
+.status.mixed { background: #ffe1a8; } .status.not-measured { background: #e4e4e4; }
+.findings > li { margin: 0.6em 0; } .findings .rule { color: #555; font-size: 0.9em; }
+.note { color: #8a5a00; } img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.85em; }
+"""
+
+_STATUS_ICON = {HOLDS: "&#10003;", DOES_NOT_HOLD: "&#10007;", MIXED: "~", NOT_MEASURED: "?"}
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _html_cell(cell: Cell, label: str, column: str, is_fp: bool) -> str:
+    if cell.value is None:
+        return f'<td class="na" title="{_e(label)} · {_e(column)}: not measured">{NA}</td>'
+    parts = [f"{label} · {column}: {cell.value:.2f}"]
+    if cell.stderr is not None:
+        parts[0] += f" ± {cell.stderr:.2f}"
+    if cell.n is not None:
+        parts[0] += f" (n={cell.n})"
+    if cell.tasks > 1:
+        parts[0] += f", mean of {cell.tasks} tasks"
+    inner = f"{cell.value:.1f}"
+    cls = ""
+    if cell.drop is not None:
+        parts.append(f"FP {cell.value + cell.drop:.2f}")
+        change = f"change {-cell.drop:+.2f}" + (f" ± {cell.drop_stderr:.2f}" if cell.drop_stderr is not None else "")
+        parts.append(f"{change} points: {cell.severity}")
+        inner += f"<br><small>{_e(signed(cell.drop))}</small>"
+        cls = f' class="{cell.severity}"'
+    elif is_fp and cell.stderr is not None:
+        inner += f"<br><small>±{cell.stderr:.1f}</small>"
+    return f'<td{cls} title="{_e("; ".join(parts))}">{inner}</td>'
+
+
+def _html_table(t: ModelTable, columns: list[tuple[str, str]], pick) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for _, h in [("", "setting")] + columns)
+    rows = []
+    for r in t.rows:
+        cells = "".join(_html_cell(pick(r, key), r.setting.label, h, r.setting.is_fp) for key, h in columns)
+        cls = ' class="fp"' if r.setting.is_fp else ""
+        rows.append(f'<tr{cls}><td class="setting">{_e(r.setting.label)}</td>{cells}</tr>')
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _pick_category(row, key):
+    return row.overall if key == "" else row.categories.get(key, MISSING)
+
+
+def _html_findings(findings: list[Finding]) -> str:
+    items = []
+    for f in findings:
+        cls = f.status.replace(" ", "-")
+        sub = ""
+        if len(f.verdicts) > 1:
+            sub = "<ul>" + "".join(f'<li><span class="status {v.status.replace(" ", "-")}">{_e(v.status)}</span> '
+                                   f"{_e(v.subject)}: {_e(v.evidence)}</li>" for v in f.verdicts) + "</ul>"
+        items.append(f'<li><span class="status {cls}">{_STATUS_ICON[f.status]} {_e(f.status)}</span> '
+                     f"<b>{f.number}. {_e(f.title)}</b>: {_e(f.summary)}{sub}"
+                     f'<div class="rule">Paper: {_e(f.paper)} Rule here: {_e(f.rule)}</div></li>')
+    return f'<ol class="findings" style="list-style: none; padding-left: 0">{"".join(items)}</ol>'
+
+
+def render_html(tables: list[ModelTable], findings: list[Finding], facts: RunFacts,
+                pngs: Mapping[str, bytes] | None = None, outliers: OutlierFiles | None = None,
+                outliers_json_href: str | None = None) -> str:
+    """The whole report as one HTML file: inline CSS, images as data: URIs, no script, no external resource.
+    `pngs` maps a model to its degradation plot."""
+    pngs = pngs or {}
+    out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+           "<title>dllmq study report</title>", f"<style>{CSS}</style></head><body>",
+           "<h1>dllmq study report</h1>", '<h2>Run</h2><ul class="facts">']
+    out += [f"<li>{_e(line[2:])}</li>" for line in _header_lines(facts)]
+    out += ['</ul><h3>Legend</h3><ul class="legend">',
+            f"<li>{_e(LEGEND_LINES[0])} Hover a cell for its standard error, n and the FP value.</li>"]
+    for cls, text in ((NEGLIGIBLE, LEGEND_LINES[1][3:]), (MODERATE, LEGEND_LINES[2][3:]),
+                      (SEVERE, LEGEND_LINES[3][3:]), ("na", LEGEND_LINES[4][3:])):
+        out.append(f'<li><span class="swatch {cls}"></span> {_e(text.strip())}</li>')
+    out += [f"<li>{_e(LEGEND_LINES[5])}</li></ul>", "<h2>Findings of the paper, checked on this run</h2>",
+            _html_findings(findings)]
+    for t in tables:
+        out.append(f"<h2>{_e(t.model)}</h2>")
+        out += [f'<p class="note">Note: {_e(n)}</p>' for n in t.notes]
+        if t.categories:
+            cols = [(c, f"{c} avg") for c in t.categories] + [("", "overall")]
+            out += ["<h3>Averages</h3>", _html_table(t, cols, _pick_category)]
+        out += ["<h3>Per task</h3>", _html_table(t, [(x, x) for x in t.tasks], lambda r, k: r.tasks[k])]
+        if t.model in pngs:
+            out.append(f'<figure><img alt="{_e(t.model)}: degradation vs FP" src="{_data_uri(pngs[t.model])}">'
+                       "<figcaption>Drop vs FP in points by method and bit width (up = worse; dashed lines: "
+                       "moderate at 1, severe at 4; whiskers: standard error).</figcaption></figure>")
+    if outliers is not None:
+        out += ["<h2>Activation outliers</h2>", f"<p>From <code>{_e(outliers.directory)}</code>."]
+        if outliers.json is not None:
+            href = outliers_json_href or outliers.json.resolve().as_uri()
+            out.append(f' Data: <a href="{_e(href)}">{OUTLIERS_JSON}</a>.')
+        out.append("</p>")
+        if not outliers.pngs:
+            out.append("<p>No PNG plots found.</p>")
+        for p in outliers.pngs:
+            out.append(f'<figure><img alt="{_e(p.name)}" src="{_data_uri(p.read_bytes())}">'
+                       f"<figcaption>{_e(p.name)}</figcaption></figure>")
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+# --- building and writing ----------------------------------------------------------------------------------
+
+def build_report(rows_or_db: str | os.PathLike | Iterable[Mapping], out_dir: str | os.PathLike | None = None,
+                 outliers_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                 plots: bool = True) -> Report:
+    """Analyze a study database (path) or result rows and render the report. With `out_dir`, also write
+    report.md, report.html, the plots (and a copy of the outlier files under outliers/) there, atomically:
+    an existing `out_dir` is refused unless `overwrite`."""
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None and out.exists() and not overwrite:
+        raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
+    outliers = None if outliers_dir is None else find_outliers(outliers_dir)
+    tables, findings, facts = analyze(rows_or_db)
+
+    from dllmq.study.plots import degradation_png, plot_name
+    pngs: dict[str, bytes] = {}          # model -> PNG
+    names: dict[str, str] = {}           # model -> file name
+    taken: set[str] = {MARKDOWN_NAME, HTML_NAME}
+    for t in tables if plots else []:
+        png = degradation_png(t)
+        if png is not None:
+            pngs[t.model], names[t.model] = png, plot_name(t.model, taken)
+
+    in_dir = out is not None
+    links = {}
+    if outliers is not None and in_dir:
+        links = {p.name: f"{OUTLIERS_SUBDIR}/{p.name}" for p in outliers.pngs}
+        if outliers.json is not None:
+            links[OUTLIERS_JSON] = f"{OUTLIERS_SUBDIR}/{OUTLIERS_JSON}"
+    markdown = render_markdown(tables, findings, facts, images=names if in_dir else None, outliers=outliers,
+                               outlier_links=links)
+    page = render_html(tables, findings, facts, pngs, outliers, links.get(OUTLIERS_JSON))
+    images = {names[m]: png for m, png in pngs.items()}
+    report = Report(markdown, page, findings, tables, facts, images, out)
+    if out is not None:
+        write_report(report, out, outliers, overwrite=overwrite)
+    return report
+
+
+def write_report(report: Report, out: Path, outliers: OutlierFiles | None = None, overwrite: bool = False) -> None:
+    """Write the report directory atomically: fill a temporary directory beside `out`, then rename it."""
+    if out.exists() and not overwrite:
+        raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        (tmp / MARKDOWN_NAME).write_text(report.markdown, encoding="utf-8")
+        (tmp / HTML_NAME).write_text(report.html, encoding="utf-8")
+        for name, png in report.images.items():
+            (tmp / name).write_bytes(png)
+        if outliers is not None:
+            sub = tmp / OUTLIERS_SUBDIR
+            sub.mkdir()
+            for p in outliers.pngs + ([outliers.json] if outliers.json else []):
+                shutil.copyfile(p, sub / p.name)
+        if out.exists():  # --overwrite: move the old one aside first so a failure never loses both
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def terminal_report(rows_or_db: str | os.PathLike | Iterable[Mapping],
+                    outliers_dir: str | os.PathLike | None = None) -> str:
+    """The Markdown report without plots (what `dllmq report` prints without --out)."""
+    outliers = None if outliers_dir is None else find_outliers(outliers_dir)
+    tables, findings, facts = analyze(rows_or_db)
+    return render_markdown(tables, findings, facts, outliers=outliers)
+
+
+# --- CLI -----------------------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+Report a study database the way "Quantization Meets dLLMs" does: per model, FP and every method x bit
+width on each task, each category average (general / math / code) and overall, with the change vs FP in
+points classified negligible (< 1), moderate (1-4) or severe (> 4); degradation plots; and the paper's
+findings checked against this run's numbers (holds / does not hold / not measured). With --out, writes
+report.md, report.html (a single self-contained file: inline CSS, images embedded) and the PNG plots;
+without it, prints the Markdown tables to the terminal."""
+
+EPILOG = """\
+examples:
+  dllmq report                                       # runs/study.db (dllmq study's default) to the terminal
+  dllmq report --db runs.db                          # Markdown to the terminal
+  dllmq report --db runs.db --out report/            # report.md + report.html + PNGs
+  dllmq report --db runs.db --out report/ --overwrite
+  dllmq report --db runs.db --out report/ --outliers llada_outliers/   # + the `dllmq outliers` plots
+"""
+
+
+def add_parser(sub) -> None:
+    """Add the `report` subcommand to an argparse subparsers object."""
+    p = sub.add_parser("report", help="degradation tables, plots and the paper's findings from a study database",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--db", default=DEFAULT_DB,
+                   help=f"the study's SQLite database, as `dllmq study --db` wrote it (default {DEFAULT_DB})")
+    p.add_argument("--out", default=None,
+                   help="directory for report.md, report.html and PNGs (written atomically); "
+                        "without it the Markdown goes to the terminal")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--outliers", default=None, metavar="DIR",
+                   help="a `dllmq outliers --out` directory: its PNG plots are embedded in an "
+                        "'Activation outliers' section and outliers.json is linked")
+    p.add_argument("--no-plots", action="store_true", help="skip the degradation plots (no matplotlib needed)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    if args.out is None:
+        if args.overwrite:
+            raise DllmqError("--overwrite only applies with --out; pass --out DIR or drop --overwrite.")
+        print(terminal_report(args.db, args.outliers), end="")
+        return
+    report = build_report(args.db, args.out, args.outliers, overwrite=args.overwrite, plots=not args.no_plots)
+    for f in report.findings:
+        print(f"{CHECKBOX[f.status]} {f.number}. {f.line()}")
+    files = [MARKDOWN_NAME, HTML_NAME] + sorted(report.images)
+    extra = f" and {OUTLIERS_SUBDIR}/" if args.outliers else ""
+    print(f"wrote {args.out}: {', '.join(files)}{extra}")

@@ -1,0 +1,250 @@
+"""The results store of a study: one SQLite database (WAL mode), one row per (cell, task).
+
+A *cell* is one model x quantization setting x task set x evaluation setting. Its identity is
+`cell_key`, a hash of everything that decides its numbers. The runner claims a cell in `cells`,
+and writes all of its `results` rows and marks it done in one transaction when it finishes, so a
+killed run never leaves a partial cell behind. The report reads `results` only.
+
+Values are fractions in [0, 1]; reports show points (x 100).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    cell_key   TEXT PRIMARY KEY,
+    model      TEXT NOT NULL,     -- model name or path as given (e.g. dllmq-tiny)
+    method     TEXT NOT NULL,     -- fp | rtn | gptq | awq | smoothquant | quarot | duquant
+    bits       TEXT NOT NULL,     -- FP | W4A16 | W3A16 | W8A8 | W4A4 | ... (label of the bit config)
+    settings   TEXT NOT NULL,     -- JSON: the quantization settings ({} for FP)
+    tasks      TEXT NOT NULL,     -- JSON list of task names
+    status     TEXT NOT NULL,     -- running | done | failed
+    owner      TEXT,              -- runner id holding the claim
+    heartbeat  REAL,              -- unix time of the owner's last sign of life
+    started    REAL,
+    finished   REAL,
+    error      TEXT
+);
+CREATE TABLE IF NOT EXISTS results (
+    cell_key      TEXT NOT NULL REFERENCES cells(cell_key),
+    model         TEXT NOT NULL,
+    method        TEXT NOT NULL,
+    bits          TEXT NOT NULL,
+    task          TEXT NOT NULL,
+    category      TEXT NOT NULL,  -- general | math | code
+    metric        TEXT NOT NULL,  -- acc | exact_match | pass@1 | ...
+    value         REAL NOT NULL,  -- fraction in [0, 1]
+    stderr        REAL,
+    n             INTEGER,
+    seed          INTEGER,
+    quant_seconds REAL,
+    eval_seconds  REAL,
+    created       REAL NOT NULL,
+    PRIMARY KEY (cell_key, task)
+);
+"""
+
+# The study's three categories (the paper's general QA / math / code).
+CATEGORIES = ("general", "math", "code")
+TASK_CATEGORY = {
+    "mini_general": "general", "mini_math": "math", "mini_code": "code",
+    "mmlu": "general", "arc_easy": "general", "arc_challenge": "general", "hellaswag": "general",
+    "winogrande": "general", "piqa": "general",
+    "gsm8k": "math", "math": "math", "minerva_math": "math",
+    "humaneval": "code", "mbpp": "code",
+}
+
+RESULT_COLUMNS = ("cell_key", "model", "method", "bits", "task", "category", "metric", "value", "stderr", "n",
+                  "seed", "quant_seconds", "eval_seconds", "created")
+
+
+def task_category(task: str) -> str:
+    """general / math / code for a task name (prefix match for families like mmlu_*); general if unknown."""
+    if task in TASK_CATEGORY:
+        return TASK_CATEGORY[task]
+    for name, category in TASK_CATEGORY.items():
+        if task.startswith(name + "_"):
+            return category
+    return "general"
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open (creating if needed) a study database in WAL mode with the schema in place."""
+    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)  # explicit transactions only
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Every result row as a dict with RESULT_COLUMNS (what the report reads)."""
+    conn = connect(path)
+    try:
+        rows = conn.execute(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results ORDER BY model, method, bits, task")
+        return [dict(r) for r in rows]
+    finally:
+        conn.close()
+
+
+# ----------------------------------------------------------------------------- claims
+# A runner claims a cell before computing it: status running, owner "host:pid:random", heartbeat.
+# A running claim is stale (and may be taken over) when its heartbeat is older than stale_after
+# seconds or its owner's process is gone from this host. Every change is one BEGIN IMMEDIATE
+# transaction, so two runners never both see a cell as free.
+CLAIMED, DONE, BUSY, FAILED = "claimed", "done", "busy", "failed"
+
+
+def new_owner() -> str:
+    """A runner id: host, process and a random part (two runners in one process differ)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process `pid` exists on this host and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    try:  # a killed child not yet reaped by its parent is still signalable; it is dead all the same
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def owner_dead(owner: str | None) -> bool:
+    """True when `owner` names a process on this host that no longer runs (other hosts: unknown, False)."""
+    if not owner:
+        return True
+    parts = owner.split(":")
+    if len(parts) < 2 or parts[0] != socket.gethostname():
+        return False
+    try:
+        return not pid_alive(int(parts[1]))
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction (BEGIN IMMEDIATE takes the write lock at once): commit, or roll back on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def claim_cell(conn: sqlite3.Connection, cell_key: str, owner: str, *, model: str, method: str, bits: str,
+               settings: Mapping, tasks: Sequence[str], stale_after: float = 120.0,
+               retry_failed_before: float | None = None, now: float | None = None) -> str:
+    """Try to claim a cell for `owner`. Returns CLAIMED (it is ours now), DONE (finished before), BUSY (a
+    live runner holds it) or FAILED (it failed at or after `retry_failed_before`, i.e. in this run; a cell
+    that failed earlier is claimed again)."""
+    now = time.time() if now is None else now
+    with immediate(conn):
+        row = conn.execute("SELECT status, owner, heartbeat, finished FROM cells WHERE cell_key = ?",
+                           (cell_key,)).fetchone()
+        if row is None:
+            conn.execute("INSERT INTO cells (cell_key, model, method, bits, settings, tasks, status, owner, heartbeat, "
+                         "started) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+                         (cell_key, model, method, bits, json.dumps(dict(settings), sort_keys=True),
+                          json.dumps(list(tasks)), owner, now, now))
+            return CLAIMED
+        status = row["status"]
+        if status == "done":
+            return DONE
+        if status == "running":
+            stale = row["heartbeat"] is None or now - row["heartbeat"] > stale_after or owner_dead(row["owner"])
+            if not stale:
+                return BUSY
+            log.warning("taking over the stale claim of %s on cell %s (last heartbeat %.0f s ago)", row["owner"],
+                        cell_key[:12], now - (row["heartbeat"] or 0))
+        elif status == "failed":
+            if retry_failed_before is None or (row["finished"] or 0) >= retry_failed_before:
+                return FAILED
+        conn.execute("UPDATE cells SET status = 'running', owner = ?, heartbeat = ?, started = ?, finished = NULL, "
+                     "error = NULL WHERE cell_key = ?", (owner, now, now, cell_key))
+        return CLAIMED
+
+
+def heartbeat(conn: sqlite3.Connection, cell_key: str, owner: str, now: float | None = None) -> bool:
+    """Refresh our claim's heartbeat; False when the claim is no longer ours."""
+    with immediate(conn):
+        cur = conn.execute("UPDATE cells SET heartbeat = ? WHERE cell_key = ? AND owner = ? AND status = 'running'",
+                           (time.time() if now is None else now, cell_key, owner))
+        return cur.rowcount == 1
+
+
+def finish_cell(conn: sqlite3.Connection, cell_key: str, owner: str, rows: Sequence[Mapping],
+                now: float | None = None) -> bool:
+    """Write all result rows of a cell and mark it done, in one transaction. False (and nothing written)
+    when the claim is no longer ours: whoever took it over writes the cell."""
+    now = time.time() if now is None else now
+    with immediate(conn):
+        cur = conn.execute("UPDATE cells SET status = 'done', finished = ?, heartbeat = ?, error = NULL "
+                           "WHERE cell_key = ? AND owner = ? AND status = 'running'", (now, now, cell_key, owner))
+        if cur.rowcount != 1:
+            return False
+        conn.execute("DELETE FROM results WHERE cell_key = ?", (cell_key,))  # none expected; never two copies
+        cols = RESULT_COLUMNS
+        conn.executemany(f"INSERT INTO results ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                         [tuple({**row, "cell_key": cell_key, "created": now}.get(c) for c in cols) for row in rows])
+        return True
+
+
+def fail_cell(conn: sqlite3.Connection, cell_key: str, owner: str, error: str, now: float | None = None) -> bool:
+    """Mark our claimed cell failed with `error`; False when the claim is no longer ours."""
+    now = time.time() if now is None else now
+    with immediate(conn):
+        cur = conn.execute("UPDATE cells SET status = 'failed', finished = ?, error = ? "
+                           "WHERE cell_key = ? AND owner = ? AND status = 'running'", (now, error, cell_key, owner))
+        return cur.rowcount == 1
+
+
+def release_cell(conn: sqlite3.Connection, cell_key: str, owner: str) -> bool:
+    """Drop our running claim (on an interrupt), so the next run starts the cell at once."""
+    with immediate(conn):
+        cur = conn.execute("DELETE FROM cells WHERE cell_key = ? AND owner = ? AND status = 'running'",
+                           (cell_key, owner))
+        return cur.rowcount == 1
+
+
+def cell_rows(conn: sqlite3.Connection, cell_keys: Sequence[str]) -> dict[str, dict]:
+    """{cell_key: the cells row as a dict} for those of `cell_keys` the database has."""
+    out: dict[str, dict] = {}
+    keys = list(cell_keys)
+    for i in range(0, len(keys), 500):  # SQLite's host-parameter limit
+        chunk = keys[i:i + 500]
+        for r in conn.execute(f"SELECT * FROM cells WHERE cell_key IN ({', '.join('?' * len(chunk))})", chunk):
+            out[r["cell_key"]] = dict(r)
+    return out
+
+
+def results_of(conn: sqlite3.Connection, cell_keys: Sequence[str]) -> list[dict]:
+    """The result rows of the given cells."""
+    out: list[dict] = []
+    keys = list(cell_keys)
+    for i in range(0, len(keys), 500):
+        chunk = keys[i:i + 500]
+        out += [dict(r) for r in conn.execute(
+            f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE cell_key IN ({', '.join('?' * len(chunk))})", chunk)]
+    return out
