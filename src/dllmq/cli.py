@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The study's commands live beside their layers; each adds its parser and sets `func`.
     from dllmq.analysis import outliers_cli
-    from dllmq.study import report
+    from dllmq.study import report, runner
     outliers_cli.add_parser(sub)
+    runner.add_parser(sub)
     report.add_parser(sub)
     return parser
 

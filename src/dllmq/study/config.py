@@ -1,0 +1,302 @@
+"""The study config: which models, methods x bit configs, tasks, limit, calibration and seeds make the grid.
+
+A YAML file (see default_study.yaml, the paper's grid, which is also what `dllmq study` runs with no
+--config):
+
+    models: [random-llada, path/to/checkpoint]
+    methods:
+      - fp                                   # full precision, once per model
+      - {name: rtn, bits: [W4A16-g128, W3A16-g128]}
+      - {name: gptq, bits: [W4A16-g128], act_order: true, label: gptq-ao}   # any QuantConfig setting
+      - {name: quarot, bits: [W4A4], weight_method: rtn}
+    tasks: [mini_general, mini_math, mini_code]   # mini tasks, or lm-evaluation-harness tasks / groups
+    limit: 100                               # items per task (null = all)
+    calibration: {calib: wiki, nsamples: 32, seqlen: 256}
+    seeds: [0]
+    dtype: auto
+    eval: {chat: null, batch_size: 32, allow_code_execution: false, data_dir: null, harness: {}}
+
+Every problem is reported as one DllmqError sentence that names the key, e.g.
+"Study config study.yaml: methods[2].bits has an unknown bit config 'W5A16'; use one of ...".
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dllmq.errors import DllmqError
+from dllmq.quant.config import METHODS as QUANT_METHODS
+from dllmq.quant.config import PRESETS, QuantConfig
+
+DEFAULT_CONFIG_NAME = "default_study.yaml"
+METHOD_NAMES = ("fp", *QUANT_METHODS)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Settings a method entry may not override: the method is the entry's name, the seed comes from `seeds`.
+_RESERVED = ("method", "seed")
+_QUANT_FIELDS = tuple(f.name for f in fields(QuantConfig) if f.name not in _RESERVED)
+_TOP_KEYS = ("models", "methods", "tasks", "limit", "calibration", "seeds", "dtype", "eval")
+_CALIB_KEYS = ("calib", "nsamples", "seqlen")
+_EVAL_KEYS = ("chat", "batch_size", "allow_code_execution", "data_dir", "offline", "harness")
+
+
+def bits_label(preset: str) -> str:
+    """The DB label of a bit config: the preset name without its group suffix (W4A16-g128 -> W4A16)."""
+    return re.sub(r"-g\d+$", "", preset)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    calib: str = "wiki"
+    nsamples: int = 32
+    seqlen: int = 256
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How tasks are run. Everything but data_dir / offline / allow_code_execution is part of a cell's key."""
+    chat: bool | None = None          # None: the chat template for chat models (dllmq-tiny-instruct)
+    batch_size: int = 32              # prompts generated together (mini tasks)
+    allow_code_execution: bool = False  # harness humaneval / mbpp (mini_code is its own opt-in)
+    data_dir: str | None = None       # harness datasets downloaded elsewhere
+    offline: bool = False             # harness: never try the network for datasets
+    harness: dict = field(default_factory=dict)  # harness overrides (mc_num, gen_length, ...)
+
+    def key_dict(self) -> dict:
+        return {"chat": self.chat, "batch_size": self.batch_size, "harness": dict(sorted(self.harness.items()))}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of `methods`: a method, its bit configs (preset names) and setting overrides."""
+    name: str
+    bits: tuple[str, ...]
+    overrides: dict = field(default_factory=dict)
+    label: str = ""                   # the DB's method column; defaults to the name
+
+    def quant_config(self, preset: str, calibration: Calibration, seed: int) -> QuantConfig | None:
+        """The full QuantConfig of one bit config (None for fp): calibration, then preset, then overrides."""
+        if self.name == "fp":
+            return None
+        settings: dict[str, Any] = {"calib": calibration.calib, "nsamples": calibration.nsamples,
+                                    "seqlen": calibration.seqlen}
+        settings.update(PRESETS[preset])
+        settings.update(self.overrides)
+        return QuantConfig(method=self.name, seed=seed, **settings)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    models: tuple[str, ...]
+    methods: tuple[MethodSpec, ...]
+    tasks: tuple[str, ...]
+    limit: int | None = 100
+    calibration: Calibration = Calibration()
+    seeds: tuple[int, ...] = (0,)
+    dtype: str = "auto"
+    eval: EvalSettings = EvalSettings()
+    source: str = "<config>"          # where it came from, for messages
+
+    def with_limit(self, limit: int | None) -> "StudyConfig":
+        from dataclasses import replace
+        return replace(self, limit=_limit(limit, f"Study config {self.source}"))
+
+
+# ----------------------------------------------------------------------------------- parsing
+def _err(src: str, key: str, problem: str) -> DllmqError:
+    return DllmqError(f"Study config {src}: {key} {problem}.")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _limit(value: Any, src: str) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise DllmqError(f"{src}: limit must be a positive whole number of items per task (or null for all), "
+                         f"got {value!r}.")
+    return value
+
+
+def _str_list(src: str, key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, (str, int, float)) for v in value):
+        raise _err(src, key, "must be a non-empty list of names")
+    return tuple(str(v) for v in value)
+
+
+def _mapping(src: str, key: str, value: Any, allowed: tuple[str, ...]) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _err(src, key, f"must be a mapping with keys among {', '.join(allowed)}")
+    for k in value:
+        if k not in allowed:
+            raise _err(src, f"{key}.{k}", f"is not a known setting; use {', '.join(allowed)}")
+    return value
+
+
+def _expand_tasks(src: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Mini names (and `mini`) stay mini tasks; anything else goes through the harness presets' groups."""
+    from dllmq.evaluate.mini import ALIASES, TASKS
+    from dllmq.evaluate.presets import resolve_tasks
+
+    out: list[str] = []
+    for name in names:
+        name = name.strip()
+        if not name:
+            raise _err(src, "tasks", "has an empty task name")
+        expanded = ALIASES.get(name) or ((name,) if name in TASKS else tuple(resolve_tasks([name])))
+        out += [t for t in expanded if t not in out]
+    return tuple(out)
+
+
+def _method(src: str, i: int, entry: Any, calibration: Calibration) -> MethodSpec:
+    where = f"methods[{i}]"
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise _err(src, where, "must be a mapping with a name (e.g. {name: rtn, bits: [W4A16-g128]}) or the word fp")
+    name = str(entry["name"]).lower()
+    if name not in METHOD_NAMES:
+        raise _err(src, f"{where}.name", f"is {entry['name']!r}, not a known method; use {', '.join(METHOD_NAMES)}")
+    label = entry.get("label", name)
+    if not isinstance(label, str) or not label.strip():
+        raise _err(src, f"{where}.label", "must be a non-empty name")
+    overrides = {k: v for k, v in entry.items() if k not in ("name", "bits", "label")}
+    for k in overrides:
+        if k not in _QUANT_FIELDS:
+            hint = "comes from the entry's name" if k == "method" else (
+                "comes from seeds" if k == "seed" else f"is not a QuantConfig setting (e.g. {', '.join(_QUANT_FIELDS[:8])}, ...)")
+            raise _err(src, f"{where}.{k}", hint)
+    if name == "fp":
+        bits = entry.get("bits", ["FP"])
+        if overrides or _str_list(src, f"{where}.bits", bits) != ("FP",):
+            raise _err(src, where, "is fp, which takes no bits or settings")
+        return MethodSpec("fp", ("FP",), {}, label)
+    if "bits" not in entry:
+        raise _err(src, f"{where}.bits", f"is missing; list bit configs such as {', '.join(PRESETS)}")
+    bits = _str_list(src, f"{where}.bits", entry["bits"])
+    for b in bits:
+        if b not in PRESETS:
+            raise _err(src, f"{where}.bits", f"has an unknown bit config {b!r}; use one of {', '.join(PRESETS)}")
+    if len(set(bits)) != len(bits):
+        raise _err(src, f"{where}.bits", "lists a bit config twice")
+    spec = MethodSpec(name, bits, dict(overrides), label)
+    for b in bits:  # every combination must be a valid QuantConfig now, not hours into the run
+        try:
+            spec.quant_config(b, calibration, 0)
+        except DllmqError as err:
+            raise _err(src, f"{where} at {b}", f"is not a valid setting ({str(err).rstrip('.')})") from None
+        except TypeError as err:
+            raise _err(src, where, f"has a setting of the wrong type ({err})") from None
+    return spec
+
+
+def parse_config(data: Any, source: str = "<config>") -> StudyConfig:
+    """A validated StudyConfig from the parsed YAML mapping; DllmqError names the first bad key."""
+    src = source
+    if not isinstance(data, dict):
+        raise DllmqError(f"Study config {src} must be a YAML mapping with keys {', '.join(_TOP_KEYS)}.")
+    for k in data:
+        if k not in _TOP_KEYS:
+            raise _err(src, str(k), f"is not a known key; use {', '.join(_TOP_KEYS)}")
+    for k in ("models", "methods", "tasks"):
+        if k not in data:
+            raise _err(src, k, "is missing")
+    models = _str_list(src, "models", data["models"])
+
+    raw_cal = _mapping(src, "calibration", data.get("calibration"), _CALIB_KEYS)
+    calibration = Calibration(**raw_cal)
+    if not isinstance(calibration.calib, str) or not calibration.calib:
+        raise _err(src, "calibration.calib", "must be wiki, wikitext2, pile or a path to a .txt/.jsonl file")
+    for k in ("nsamples", "seqlen"):
+        if not _is_int(getattr(calibration, k)) or getattr(calibration, k) < 1:
+            raise _err(src, f"calibration.{k}", f"must be a positive whole number, got {getattr(calibration, k)!r}")
+
+    if not isinstance(data["methods"], list) or not data["methods"]:
+        raise _err(src, "methods", "must be a non-empty list of methods")
+    methods = tuple(_method(src, i, e, calibration) for i, e in enumerate(data["methods"]))
+    seen: dict[tuple[str, str], int] = {}
+    for i, m in enumerate(methods):
+        for b in m.bits:
+            key = (m.label, bits_label(b))
+            if key in seen:
+                raise _err(src, f"methods[{i}]", f"repeats {m.label} at {bits_label(b)} (also in methods[{seen[key]}]); "
+                                                 "give one of them a distinct label")
+            seen[key] = i
+
+    tasks = _expand_tasks(src, _str_list(src, "tasks", data["tasks"]))
+    limit = _limit(data.get("limit", 100), f"Study config {src}")
+    seeds_raw = data.get("seeds", [0])
+    seeds_raw = [seeds_raw] if _is_int(seeds_raw) else seeds_raw
+    if not isinstance(seeds_raw, list) or not seeds_raw or not all(_is_int(s) and s >= 0 for s in seeds_raw) \
+            or len(set(seeds_raw)) != len(seeds_raw):
+        raise _err(src, "seeds", f"must be a list of distinct non-negative whole numbers, got {data.get('seeds')!r}")
+    dtype = data.get("dtype", "auto")
+    if dtype not in DTYPES:
+        raise _err(src, "dtype", f"is {dtype!r}; use {', '.join(DTYPES)}")
+
+    raw_eval = dict(_mapping(src, "eval", data.get("eval"), _EVAL_KEYS))
+    harness = _mapping(src, "eval.harness", raw_eval.pop("harness", None), _harness_keys())
+    ev = EvalSettings(**raw_eval, harness=dict(harness))
+    if ev.chat is not None and not isinstance(ev.chat, bool):
+        raise _err(src, "eval.chat", "must be true, false or null (automatic)")
+    if not _is_int(ev.batch_size) or ev.batch_size < 1:
+        raise _err(src, "eval.batch_size", f"must be a positive whole number, got {ev.batch_size!r}")
+    for k in ("allow_code_execution", "offline"):
+        if not isinstance(getattr(ev, k), bool):
+            raise _err(src, f"eval.{k}", "must be true or false")
+    if ev.data_dir is not None and not isinstance(ev.data_dir, str):
+        raise _err(src, "eval.data_dir", "must be a folder path or null")
+    _check_code_tasks(src, tasks, ev)
+    return StudyConfig(models=models, methods=methods, tasks=tasks, limit=limit, calibration=calibration,
+                       seeds=tuple(seeds_raw), dtype=dtype, eval=ev, source=src)
+
+
+def _harness_keys() -> tuple[str, ...]:
+    from dllmq.evaluate.presets import OVERRIDABLE
+    return OVERRIDABLE
+
+
+def _check_code_tasks(src: str, tasks: tuple[str, ...], ev: EvalSettings) -> None:
+    from dllmq.evaluate.mini import TASKS
+    from dllmq.evaluate.presets import preset_for
+
+    code = [t for t in tasks if t not in TASKS and preset_for(t).code_execution]
+    if code and not ev.allow_code_execution:
+        raise _err(src, "tasks", f"include {', '.join(code)}, which run model-written code; set "
+                                 "eval.allow_code_execution: true to run it in dllmq's sandbox, or leave them out")
+
+
+def load_config(path: str | Path | None = None) -> StudyConfig:
+    """The study config at `path`, or the paper's grid shipped as default_study.yaml when None."""
+    import yaml
+
+    if path is None:
+        text = resources.files("dllmq.study").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
+        source = DEFAULT_CONFIG_NAME
+    else:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise DllmqError(f"No study config at {p}; give a YAML file (see dllmq/study/{DEFAULT_CONFIG_NAME}).")
+        text, source = p.read_text(encoding="utf-8"), str(p)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid syntax"
+        raise DllmqError(f"Study config {source} is not valid YAML{where} ({problem}); fix the file and run again.") \
+            from None
+    return parse_config(data, source)
+
+
+def default_config() -> StudyConfig:
+    """The paper's grid on dllmq-tiny and dllmq-tiny-instruct (default_study.yaml)."""
+    return load_config(None)

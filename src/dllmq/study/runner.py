@@ -1,0 +1,492 @@
+"""`dllmq study`: run a grid of models x methods x bit configs x tasks into a results database, resumably.
+
+    from dllmq.study.config import load_config
+    from dllmq.study.runner import run_study
+    summary = run_study(load_config("study.yaml"), db="runs/study.db", cache="runs/study-cache")
+
+For each cell (cells.py) the runner
+1. claims it in the database (store.claim_cell: one BEGIN IMMEDIATE transaction; a cell done, or held
+   by a live runner, is skipped; a stale claim - no heartbeat for `stale_after` s, or its process gone
+   from this host - is taken over), and keeps the claim alive from a background thread;
+2. loads the quantized model from the cache (CACHE/<quant_key>) or loads the model, quantizes it and
+   stores it in the cache atomically (cache.py);
+3. runs every task (mini tasks in-process, other tasks through lm-evaluation-harness);
+4. writes all its result rows and marks it done in ONE transaction (store.finish_cell).
+A cell that raises is marked failed with its error and the run goes on; a later run retries it.
+Killed at any moment, a run loses no finished cell, and a rerun repeats none: the killed cell's claim
+goes stale (at once on this host), leaving no rows, and its half-saved model is only ever in a staging
+folder that lookups ignore.
+
+Heavy imports (torch, the models, lm_eval) happen inside functions, so `add_parser` is cheap to import.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dllmq.errors import DllmqError
+from dllmq.study import store
+from dllmq.study.cache import QuantCache
+from dllmq.study.cells import Cell, model_is_readable, plan_cells
+from dllmq.study.config import StudyConfig, load_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "runs/study.db"
+DEFAULT_CACHE = "runs/study-cache"
+MINI_METRIC = {"mini_general": "acc", "mini_math": "exact_match", "mini_code": "pass@1"}
+
+# hook(event, cell, task): called at "claimed", "model_ready", "task_done" (task set), "finished".
+# Tests raise from it to simulate a crash at a chosen point.
+Hook = Callable[[str, Cell, "str | None"], None]
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    # done | failed | skipped (done before) | busy (another runner has it) | lost (taken over while we ran)
+    # | not-retried (failed in an earlier run and retry_failed is off, or failed in another runner of this run)
+    status: str
+    seconds: float = 0.0
+    error: str | None = None
+    cached: bool = False        # the quantized model came from the cache
+
+
+@dataclass
+class StudySummary:
+    db: Path
+    cells: list[Cell]
+    outcomes: list[CellOutcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[CellOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# ----------------------------------------------------------------------------- the claim's heartbeat
+class Heartbeat:
+    """Refreshes a claim every `every` seconds from a daemon thread with its own connection."""
+
+    def __init__(self, db: Path, cell_key: str, owner: str, every: float):
+        self.db, self.cell_key, self.owner, self.every = db, cell_key, owner, every
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{cell_key[:8]}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        conn = store.connect(self.db)
+        try:
+            while not self._stop.wait(self.every):
+                try:
+                    if not store.heartbeat(conn, self.cell_key, self.owner):
+                        self.lost = True
+                        log.warning("the claim on cell %s was taken over by another runner", self.cell_key[:12])
+                        return
+                except sqlite3.Error as err:  # a busy database now and then is no reason to stop
+                    log.warning("heartbeat of cell %s failed: %s", self.cell_key[:12], err)
+        finally:
+            conn.close()
+
+
+# ----------------------------------------------------------------------------- one cell
+def _finite(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _evaluate_task(model, tokenizer, task: str, cell: Cell, config: StudyConfig, progress: bool) -> dict:
+    """{metric, value, stderr, n, category} of one task on a loaded model."""
+    from dllmq.evaluate.mini import TASKS
+
+    if task in TASKS:
+        from dllmq.evaluate import evaluate_mini
+
+        r = evaluate_mini(model, tokenizer, [task], limit=cell.limit, seed=cell.seed, progress=progress,
+                          chat=config.eval.chat, batch_size=config.eval.batch_size)[task]
+        return {"metric": MINI_METRIC[task], "value": float(r["acc"]), "stderr": _finite(r["stderr"]), "n": r["n"],
+                "category": store.task_category(task)}
+    from dllmq.evaluate.runner import run_eval
+
+    ev = config.eval
+    overrides = {"chat": ev.chat, **ev.harness}  # eval.chat applies to harness tasks too, unless harness sets it
+    report = run_eval((model, tokenizer), [task], limit=cell.limit, allow_code_execution=ev.allow_code_execution,
+                      data_dir=ev.data_dir, overrides=overrides, seed=cell.seed,
+                      offline=True if ev.offline else None, progress=progress, model_name=cell.model)
+    t = report["tasks"][task]
+    if _finite(t["value"]) is None:
+        raise DllmqError(f"Task {task} reported no value for its metric {t['metric'] or '(none)'}; "
+                         "give a task with a headline metric.")
+    category = t["category"] if t["category"] in store.CATEGORIES else store.task_category(task)
+    return {"metric": t["metric"].split(",")[0], "value": float(t["value"]), "stderr": _finite(t["stderr"]),
+            "n": t["n_samples"], "category": category}
+
+
+def _prepare_model(cell: Cell, cache: QuantCache | None, device: str, calib_device: str | None, progress: bool,
+                   outcome: CellOutcome):
+    """(model, tokenizer, quant_seconds): the full-precision model, or the quantized one from the cache,
+    or freshly quantized (and then cached)."""
+    from dllmq import quant
+    from dllmq.api import load_model
+
+    if cell.is_fp:
+        model, tokenizer, _ = load_model(cell.model, dtype=cell.dtype, device=device, seed=0)
+        return model, tokenizer, None
+    hit = cache.lookup(cell.quant_key) if cache else None
+    if hit is not None:
+        log.info("%s: quantized model from the cache %s", cell.describe(), hit)
+        model, tokenizer, _ = load_model(hit, dtype=cell.dtype, device=device)
+        outcome.cached = True
+        return model, tokenizer, _finite(cache.meta(cell.quant_key).get("quant_seconds"))
+    model, tokenizer, _ = load_model(cell.model, dtype=cell.dtype, device=device, seed=0)
+    start = time.perf_counter()
+    quant.quantize(model, tokenizer, cell.quant_config(), device=calib_device or device, progress=progress)
+    seconds = time.perf_counter() - start
+    if cache is not None:
+        try:
+            cache.store(cell.quant_key, model, tokenizer, {"model": cell.model, "method": cell.method_name,
+                                                            "preset": cell.preset, "settings": cell.settings,
+                                                            "quant_seconds": seconds})
+        except (OSError, DllmqError) as err:  # the measurement does not depend on the cache
+            log.warning("could not cache the quantized model of %s (%s); going on without", cell.describe(), err)
+    return model, tokenizer, seconds
+
+
+def _compute_cell(cell: Cell, config: StudyConfig, cache: QuantCache | None, device: str, calib_device: str | None,
+                  progress: bool, hook: Hook | None, outcome: CellOutcome) -> list[dict]:
+    model, tokenizer, quant_seconds = _prepare_model(cell, cache, device, calib_device, progress, outcome)
+    try:
+        if hook:
+            hook("model_ready", cell, None)
+        rows = []
+        for task in cell.tasks:
+            start = time.perf_counter()
+            r = _evaluate_task(model, tokenizer, task, cell, config, progress)
+            rows.append({"model": cell.model, "method": cell.method, "bits": cell.bits, "task": task, "seed": cell.seed,
+                         "quant_seconds": quant_seconds, "eval_seconds": time.perf_counter() - start, **r})
+            if hook:
+                hook("task_done", cell, task)
+        return rows
+    finally:
+        del model
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+            torch.cuda.empty_cache()
+
+
+def _run_claimed(conn: sqlite3.Connection, db: Path, cell: Cell, owner: str, config: StudyConfig,
+                 cache: QuantCache | None, device: str, calib_device: str | None, heartbeat_every: float,
+                 progress: bool, hook: Hook | None) -> CellOutcome:
+    outcome = CellOutcome(cell, "done")
+    start = time.perf_counter()
+    try:
+        with Heartbeat(db, cell.cell_key, owner, heartbeat_every) as beat:
+            if hook:
+                hook("claimed", cell, None)
+            rows = _compute_cell(cell, config, cache, device, calib_device, progress, hook, outcome)
+    except Exception as err:  # a failed cell is recorded and the grid goes on
+        log.debug("cell %s failed", cell.describe(), exc_info=True)
+        outcome.status, outcome.error = "failed", f"{type(err).__name__}: {err}"
+        store.fail_cell(conn, cell.cell_key, owner, outcome.error)
+    except BaseException:  # Ctrl-C (or a simulated crash): free the claim so a rerun starts it at once
+        try:
+            store.release_cell(conn, cell.cell_key, owner)
+        except sqlite3.Error:
+            pass
+        raise
+    else:
+        if beat.lost or not store.finish_cell(conn, cell.cell_key, owner, rows):
+            outcome.status = "lost"
+            log.warning("%s: another runner took this cell over; its results are theirs", cell.describe())
+        elif hook:
+            hook("finished", cell, None)
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+# ----------------------------------------------------------------------------- the grid
+def _check_models(config: StudyConfig) -> None:
+    for model in config.models:
+        reason = model_is_readable(model)
+        if reason:
+            raise DllmqError(f"Study model {model} cannot be used: {reason.rstrip('.')}.")
+
+
+def _eta(durations: list[float], remaining: int) -> str:
+    from tqdm.auto import tqdm
+    if not durations or remaining <= 0:
+        return "ETA ?" if remaining > 0 else ""
+    return f"ETA {tqdm.format_interval(sum(durations) / len(durations) * remaining)}"
+
+
+def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: str | os.PathLike | None = DEFAULT_CACHE,
+              *, device: str = "cpu", calib_device: str | None = None, stale_after: float = 120.0,
+              heartbeat_every: float = 10.0, retry_failed: bool = True, progress: bool = True,
+              hook: Hook | None = None, owner: str | None = None) -> StudySummary:
+    """Run every cell of `config` not yet done in `db`; see the module docstring. cache=None: no cache.
+    retry_failed: cells that failed in an earlier run are run again (never twice in one run)."""
+    from tqdm.auto import tqdm
+
+    if stale_after <= 0:
+        raise DllmqError(f"stale_after must be a positive number of seconds, got {stale_after}.")
+    heartbeat_every = min(heartbeat_every, stale_after / 4)  # a live claim must never look stale
+    _check_models(config)
+    cells = plan_cells(config, device)
+    db = Path(db)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    owner = owner or store.new_owner()
+    qcache = QuantCache(cache) if cache is not None else None
+    if qcache is not None:
+        qcache.clean_stale()
+    started = time.time()
+    summary = StudySummary(db, cells)
+    conn = store.connect(db)
+    try:
+        known = store.cell_rows(conn, [c.cell_key for c in cells])
+        done_before = sum(known.get(c.cell_key, {}).get("status") == "done" for c in cells)
+        bar = tqdm(total=len(cells), initial=done_before, desc="study", unit="cell", disable=not progress,
+                   bar_format="{desc}{n_fmt}/{total_fmt} cells |{bar}| [{elapsed}{postfix}]")
+        durations: list[float] = []
+        try:
+            for cell in cells:
+                if known.get(cell.cell_key, {}).get("status") == "done":
+                    summary.outcomes.append(CellOutcome(cell, "skipped"))
+                    continue
+                state = store.claim_cell(conn, cell.cell_key, owner, model=cell.model, method=cell.method,
+                                         bits=cell.bits, settings=cell.settings, tasks=cell.tasks,
+                                         stale_after=stale_after,
+                                         retry_failed_before=started if retry_failed else None)
+                if state != store.CLAIMED:
+                    status = {store.DONE: "skipped", store.BUSY: "busy", store.FAILED: "not-retried"}[state]
+                    summary.outcomes.append(CellOutcome(cell, status))
+                    if state == store.DONE:
+                        bar.update(1)
+                    continue
+                bar.set_description(f"study ({cell.describe()})")
+                outcome = _run_claimed(conn, db, cell, owner, config, qcache, device, calib_device,
+                                       heartbeat_every, progress, hook)
+                summary.outcomes.append(outcome)
+                if outcome.status == "failed":
+                    log.warning("%s failed: %s", cell.describe(), outcome.error)
+                durations.append(outcome.seconds)
+                bar.update(1)
+                bar.set_postfix_str(_eta(durations, len(cells) - bar.n))
+        finally:
+            bar.set_description("study")
+            bar.close()
+    finally:
+        conn.close()
+    return summary
+
+
+# ----------------------------------------------------------------------------- output
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def format_table(db: str | os.PathLike, cells: list[Cell]) -> str:
+    """Model, method, bits (and seed when several) and each task's points, for the grid's cells."""
+    conn = store.connect(db)
+    try:
+        rows = store.cell_rows(conn, [c.cell_key for c in cells])
+        results: dict[str, dict[str, float]] = {}
+        for r in store.results_of(conn, [c.cell_key for c in cells]):
+            results.setdefault(r["cell_key"], {})[r["task"]] = r["value"]
+    finally:
+        conn.close()
+    tasks = list(cells[0].tasks) if cells else []
+    seeds = len({c.seed for c in cells}) > 1
+    head = ["model", "method", "bits"] + (["seed"] if seeds else []) + tasks
+    table = [head]
+    for c in cells:
+        status = rows.get(c.cell_key, {}).get("status")
+        got = results.get(c.cell_key, {})
+        if status == "done":
+            vals = [_points(got.get(t)) for t in tasks]
+        else:
+            vals = [status or "todo"] + [""] * (len(tasks) - 1)
+        table.append([c.model, c.method, c.bits] + ([str(c.seed)] if seeds else []) + vals)
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    n_left = 3 + seeds
+    return "\n".join("  ".join(v.ljust(w) if i < n_left else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                     .rstrip() for r in table)
+
+
+def format_summary(summary: StudySummary) -> str:
+    n = len(summary.cells)
+    done_now = summary.count("done")
+    parts = [f"{done_now} computed", f"{summary.count('skipped')} already done"]
+    for status, text in (("busy", "run by another runner"), ("lost", "taken over by another runner"),
+                         ("not-retried", "left failed (not retried)"), ("failed", "failed")):
+        if summary.count(status):
+            parts.append(f"{summary.count(status)} {text}")
+    cached = sum(o.cached for o in summary.outcomes)
+    lines = [f"{n} cells: " + ", ".join(parts) + (f" ({cached} quantized models from the cache)" if cached else "")]
+    for o in summary.failed:
+        lines.append(f"  FAILED {o.cell.describe()}: {o.error}")
+    return "\n".join(lines)
+
+
+def format_dry_run(config: StudyConfig, db: str | os.PathLike, device: str = "cpu") -> str:
+    """The grid's cells and each one's state in `db` (the database is not created if missing)."""
+    unreadable = {m: model_is_readable(m) for m in config.models}
+    placeholders = {m: f'{{"name": "{m}", "unreadable": true}}' for m, why in unreadable.items() if why}
+    cells = plan_cells(config, device, model_identities=placeholders)
+    rows: dict[str, dict] = {}
+    if Path(db).is_file():
+        conn = store.connect(db)
+        try:
+            rows = store.cell_rows(conn, [c.cell_key for c in cells])
+        finally:
+            conn.close()
+    now = time.time()
+    table = [["status", "model", "method", "bits", "seed", "cell"]]
+    counts: dict[str, int] = {}
+    for c in cells:
+        row = rows.get(c.cell_key)
+        if unreadable.get(c.model):
+            status = "no-model"
+        elif row is None:
+            status = "todo"
+        elif row["status"] == "running":
+            status = f"running ({row['owner']}, heartbeat {now - (row['heartbeat'] or 0):.0f} s ago)"
+        else:
+            status = row["status"]
+        counts[status.split(" ")[0]] = counts.get(status.split(" ")[0], 0) + 1
+        key = "-" if unreadable.get(c.model) else c.cell_key[:12]
+        table.append([status, c.model, c.method, c.bits, str(c.seed), key])
+    widths = [max(len(r[i]) for r in table) for i in range(1, len(table[0]))]
+    per_model = sum(len(m.bits) for m in config.methods)
+    lines = [f"{len(cells)} cells ({len(config.models)} models x {per_model} method/bits x {len(config.seeds)} seeds); "
+             f"tasks {', '.join(config.tasks)}; limit {config.limit}; db {db}"]
+    for r in table:
+        lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r[1:], widths)) + "  " + r[0])
+    lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+    for m, why in unreadable.items():
+        if why:
+            lines.append(f"note: {m} cannot be read yet ({why.rstrip('.')}).")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the CLI
+DESCRIPTION = """\
+Run the study grid: every model x method x bit config (full precision once per model) x seed is a
+cell; each cell quantizes the model (or loads it from the cache), runs every task and writes its
+results to the SQLite database --db in one transaction. Resumable: rerun the same command after a
+crash or Ctrl-C and only the missing cells run; several runners on one machine can work on one
+grid at once and never compute a cell twice (keep --db on a local disk: SQLite's WAL mode does not
+work over network filesystems)."""
+
+EPILOG = """\
+examples:
+  dllmq study                                   # the paper's grid on dllmq-tiny and dllmq-tiny-instruct
+  dllmq study --dry-run                         # list the cells and which are done
+  dllmq study --config study.yaml --db runs.db  # any grid: models x methods x bit configs x tasks
+  dllmq study --config study.yaml --device cuda --limit 20
+  dllmq report --db runs/study.db               # the degradation report of the results
+
+A study config (YAML; the default is dllmq/study/default_study.yaml):
+  models: [random-llada, /path/to/LLaDA-8B-Instruct]
+  methods:
+    - fp
+    - {name: rtn, bits: [W4A16-g128, W3A16-g128]}
+    - {name: gptq, bits: [W4A16-g128], act_order: true, label: gptq-ao}
+    - {name: quarot, bits: [W8A8, W4A4]}
+  tasks: [mini_general, mini_math, mini_code]   # or harness tasks: general, gsm8k, ...
+  limit: 100
+  calibration: {calib: wiki, nsamples: 32, seqlen: 256}
+  seeds: [0]
+"""
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="study YAML file (default: the paper's grid, dllmq/study/default_study.yaml)")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"results database (SQLite; default {DEFAULT_DB})")
+    p.add_argument("--cache", default=DEFAULT_CACHE,
+                   help=f"folder of quantized models reused across cells and runs (default {DEFAULT_CACHE})")
+    p.add_argument("--no-cache", action="store_true", help="do not keep quantized models (saves disk; a resumed "
+                                                          "cell quantizes again)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    p.add_argument("--limit", type=int, default=None, help="items per task, overriding the config's limit")
+    p.add_argument("--device", default="cpu", help="where models run: cpu, cuda, ... (default cpu)")
+    p.add_argument("--calib-device", default=None, help="device for calibration (default: --device)")
+    p.add_argument("--stale-after", type=float, default=120.0,
+                   help="seconds without a heartbeat after which another runner's claim is taken over (default 120)")
+    p.add_argument("--no-retry-failed", action="store_true", help="leave cells that failed in earlier runs failed")
+
+
+def add_parser(sub) -> None:
+    """Add the `study` subcommand to an argparse subparsers object."""
+    p = sub.add_parser("study", help="run a models x methods x bits x tasks grid into a results database (resumable)",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    """`dllmq study`: dry run, or run the grid, print the table and summary; exit code 1 if a cell failed."""
+    if args.stale_after <= 0:
+        raise DllmqError(f"--stale-after must be a positive number of seconds, got {args.stale_after}.")
+    if args.limit is not None and args.limit < 1:
+        raise DllmqError(f"--limit must be a positive number of items per task, got {args.limit}.")
+    config = load_config(args.config)
+    if args.limit is not None:
+        config = config.with_limit(args.limit)
+    if args.dry_run:
+        print(format_dry_run(config, args.db, args.device))
+        return
+    summary = run_study(config, args.db, None if args.no_cache else args.cache, device=args.device,
+                        calib_device=args.calib_device, stale_after=args.stale_after,
+                        retry_failed=not args.no_retry_failed, progress=sys.stderr.isatty())
+    print(format_table(args.db, summary.cells))
+    print(format_summary(summary))
+    print(f"report: dllmq report --db {args.db}")
+    if not summary.ok:
+        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dllmq.study`: the same as `dllmq study`."""
+    parser = argparse.ArgumentParser(prog="dllmq study", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except DllmqError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
