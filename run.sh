@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Set up (first run only) and run dllmq's main job on the built-in default model: describe it,
-# generate with LLaDA's diffusion sampler, and measure perplexity.
+# Set up (first run only) and run dllmq's main job on the default model, the shipped dllmq-tiny:
+# describe it, generate with LLaDA's diffusion sampler, measure perplexity, run the mini benchmark.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
 DLLMQ=.venv/bin/dllmq
-MODEL=${1:-random-llada}
+MODEL=${1:-dllmq-tiny}
 $DLLMQ inspect "$MODEL"
-$DLLMQ generate "$MODEL" --prompt "Question: What is 17 + 25? Answer:" --gen-length 64 --steps 64 --block-length 32
-$DLLMQ ppl "$MODEL" --data README.md --seqlen 256 --mc-num 4 --max-windows 4
+$DLLMQ generate "$MODEL" --prompt "Question: What is 17 + 25? Answer:" --gen-length 8 --block-length 4
+$DLLMQ ppl "$MODEL" --data wiki --seqlen 256 --mc-num 4 --max-windows 4
+$DLLMQ eval "$MODEL" --tasks mini --limit 50

@@ -8,14 +8,13 @@ import pytest
 from dllmq.errors import DllmqError
 from dllmq.tiny import NAMES, checkpoint_dir
 
-TOLERANCE = 0.13  # a near-tie can flip between torch builds; more than a couple of items is a regression
+# A near-tie in a generated token can flip between CPUs / torch builds; more than this share of the
+# recorded per-item outcomes changing is a regression (of the weights, the loader or the samplers).
+MAX_FLIPPED = 0.1
 
 
 def _shipped(name):
-    try:
-        return checkpoint_dir(name)
-    except DllmqError:
-        pytest.skip(f"{name} weights are not in this tree yet")
+    return checkpoint_dir(name)  # the weights ship with the package: missing files are a failure
 
 
 def test_unknown_name_is_refused():
@@ -61,6 +60,25 @@ def test_shipped_weights_give_the_recorded_accuracies(name):
     model, tokenizer, _ = load_model(path, dtype="float32")
     assert tokenizer.mask_token_id == model.config.mask_token_id
     for task, n in SUBSET.items():
-        got = evaluate_mini(model, tokenizer, tasks=[task], limit=n, progress=False)[task]
+        got = evaluate_mini(model, tokenizer, tasks=[task], limit=n, progress=False, return_samples=True)[task]
+        correct = [s["correct"] for s in got["samples"]]
         assert got["n"] == recorded[task]["n"] == n
-        assert abs(got["acc"] - recorded[task]["acc"]) <= TOLERANCE, (task, got, recorded[task])
+        flipped = sum(a != b for a, b in zip(correct, recorded[task]["correct"]))
+        assert flipped <= max(1, MAX_FLIPPED * n), (task, got["acc"], recorded[task]["acc"], flipped)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recorded_accuracies_are_far_above_chance(name):
+    """The point of the embedded model: quantization damage is measurable only above chance."""
+    full = json.loads((_shipped(name) / "eval.json").read_text())["full"]
+    assert full["mini_general"]["acc"] >= 2 * full["mini_general"]["chance"] - 0.1
+    assert full["mini_math"]["acc"] >= 0.2 and full["mini_code"]["acc"] >= 0.2
+
+
+def test_builtin_names_resolve_to_the_shipped_weights():
+    from dllmq.api import load_model
+
+    model, tokenizer, family = load_model()  # the default model is dllmq-tiny
+    assert family.name == "llada" and model.config.mask_token_id == tokenizer.mask_token_id
+    text = "Question: What is 2 + 3? Answer: 5"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text

@@ -124,6 +124,16 @@ def test_other_settings_refuse_to_resume(tmp_path):
         train(TrainConfig(out=str(out), steps=6, **TINY))
 
 
+def test_mixtures_are_validated():
+    from dllmq.errors import DllmqError
+
+    with pytest.raises(DllmqError, match="sft-mix"):
+        TrainConfig(stage="instruct", sft_mix={"poetry": 1.0})
+    with pytest.raises(DllmqError, match="--mix"):
+        TrainConfig(mix={"wiki": -1.0})
+    assert TrainConfig(sft_mix={"math": 1.0}).sft_mix == {"math": 1.0}
+
+
 def test_sft_rows_mask_only_the_response(small_tokenizer):
     cfg = TrainConfig(batch_size=6, seq_len=256)
     batches = Batches(cfg, small_tokenizer, corpus.wiki_documents("train")[:3], [])

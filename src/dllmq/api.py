@@ -9,9 +9,14 @@ from dllmq.models.loading import LoadedModel
 from dllmq.models.loading import load_model as _load_plain
 
 
-def load_model(name_or_path: str | os.PathLike = "random-llada", *, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
+def load_model(name_or_path: str | os.PathLike = "dllmq-tiny", *, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "cpu", seed: int = 0, backend: str = "fake") -> LoadedModel:
     """(model, tokenizer, family) for a built-in name, a checkpoint directory — full precision or
-    quantized by dllmq — or a Hub id. A quantized directory is a MODEL everywhere."""
+    quantized by dllmq — or a Hub id. A quantized directory is a MODEL everywhere. `backend` is how
+    its quantized layers compute: "fake" (quantize-dequantize, the reference) or "kernel" (real
+    integer matmuls where a kernel fits; see dllmq.quant.backend)."""
+    from dllmq.quant.backend import set_backend
     from dllmq.quant.format import prepare_quantized
-    return _load_plain(name_or_path, dtype=dtype, device=device, seed=seed, prepare=prepare_quantized)
+    loaded = _load_plain(name_or_path, dtype=dtype, device=device, seed=seed, prepare=prepare_quantized)
+    set_backend(loaded.model, backend)
+    return loaded

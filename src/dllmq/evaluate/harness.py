@@ -115,7 +115,7 @@ class DllmqLM(TemplateLM):
 
     def __init__(
         self,
-        pretrained: str = "random-llada",
+        pretrained: str = "dllmq-tiny",
         *,
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,

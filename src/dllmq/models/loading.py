@@ -40,7 +40,8 @@ class LoadedModel(NamedTuple):
 
 
 def builtin_names() -> list[str]:
-    return list(RANDOM_MODELS)
+    from dllmq.tiny import NAMES
+    return [*NAMES, *RANDOM_MODELS]
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
@@ -62,6 +63,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             raise DllmqError(f"{path} is a file; give the checkpoint directory that contains config.json.")
         return path
     text = str(name_or_path)
+    from dllmq import tiny
+    if text in tiny.NAMES:  # the trained models shipped inside the package
+        return tiny.checkpoint_dir(text)
     if _HUB_ID.match(text):
         from huggingface_hub import snapshot_download
 
@@ -145,12 +149,13 @@ def load_tokenizer(directory: Path):
         return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), **extra)
 
 
-def load_model(name_or_path: str | os.PathLike = "random-llada", *, dtype: str | torch.dtype = "auto",
+def load_model(name_or_path: str | os.PathLike = "dllmq-tiny", *, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "cpu", seed: int = 0,
                prepare: Callable[[TransformerLM, dict], None] | None = None) -> LoadedModel:
     """The model (eval mode), its tokenizer and its family description.
 
-    `name_or_path`: a built-in name (random-llada, random-dream, random-llama), a checkpoint
+    `name_or_path`: a built-in name (the shipped trained dllmq-tiny / dllmq-tiny-instruct, or the
+    random random-llada / random-dream / random-llama), a checkpoint
     directory (config.json + safetensors, single or sharded), or a Hub id when network or the HF
     cache allows. `seed` only matters for built-in random models.
     """

@@ -1,7 +1,7 @@
 """Export a finished run into the package: weights + tokenizer + eval.json + model card.
 
     python -m dllmq.train.export runs/base src/dllmq/tiny/dllmq-tiny
-    python -m dllmq.train.export runs/instruct src/dllmq/tiny/dllmq-tiny-instruct --base runs/base
+    python -m dllmq.train.export runs/instruct src/dllmq/tiny/dllmq-tiny-instruct
 
 The full mini benchmark is run on the exported (bf16) weights loaded as the user loads them, and
 so is the small fixed subset that tests/test_tiny.py checks.
@@ -13,12 +13,13 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from dllmq.train import corpus
 
 # The fixed subset the shipped-weights test re-runs (first N items of each task).
-SUBSET = {"mini_general": 8, "mini_math": 16, "mini_code": 8}
+SUBSET = {"mini_general": 32, "mini_math": 32, "mini_code": 16}
 
 
 def read_log(run: Path) -> list[dict]:
@@ -77,6 +78,22 @@ The weights are a derivative of this data; the Wikipedia part is CC BY-SA 3.0 (s
 """
 
 
+def train_command(cfg: dict, out: str) -> str:
+    """The `python -m dllmq.train` command line that reproduces a run (its non-default settings)."""
+    from dllmq.train.loop import TrainConfig
+
+    defaults = asdict(TrainConfig())
+    flags = [f"--stage {cfg['stage']}", f"--out {out}"]
+    if cfg.get("init"):
+        flags.append("--init runs/base/final")
+    for key, value in cfg.items():
+        if key in ("stage", "out", "init") or value == defaults.get(key, value):
+            continue
+        text = f"'{json.dumps(value)}'" if isinstance(value, dict) else str(value)
+        flags.append(f"--{key.replace('_', '-')} {text}")
+    return "python -m dllmq.train " + " ".join(flags)
+
+
 def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
     cfg = summary["config"]
     rows = "\n".join(
@@ -84,13 +101,8 @@ def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
         for task, r in evals.items())
     minutes = (summary["train_seconds"] or 0) / 60
     losses = ", ".join(f"{k} {v}" for k, v in summary["final_loss"].items())
-    if summary["stage"] == "base":
-        command = (f"python -m dllmq.train --stage base --out runs/base --steps {cfg['steps']} --threads 2\n"
-                   f"python -m dllmq.train.export runs/base src/dllmq/tiny/{name}")
-    else:
-        command = (f"python -m dllmq.train --stage instruct --init runs/base/final --out runs/instruct "
-                   f"--steps {cfg['steps']} --lr {cfg['lr']} --warmup {cfg['warmup']} --threads 2\n"
-                   f"python -m dllmq.train.export runs/instruct src/dllmq/tiny/{name}")
+    run_dir = "runs/base" if summary["stage"] == "base" else "runs/instruct"
+    command = f"{train_command(cfg, run_dir)}\npython -m dllmq.train.export {run_dir} src/dllmq/tiny/{name} --quant-check --activations"
     return f"""# {name}
 
 A small masked diffusion language model with exactly LLaDA's architecture and checkpoint layout
@@ -237,7 +249,7 @@ def model_from_checkpoint(run: Path):
     else:
         raw = llada_tiny_config(cfg, tokenizer)
     model = build_model(parse_config(raw))
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model.eval(), tokenizer, state["step"]
 

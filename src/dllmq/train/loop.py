@@ -64,6 +64,8 @@ class TrainConfig:
     mix: dict = field(default_factory=lambda: {"wiki": 0.22, "python": 0.05, "math": 0.45, "code": 0.28})
     init: str = ""                      # instruct: directory of the base model (config.json + weights)
     pretrain_every: int = 4             # instruct: every n-th step is a pre-training step (0: never)
+    # instruct: kinds of SFT pairs (weights): text continuation, math, code
+    sft_mix: dict = field(default_factory=lambda: {"general": 0.3, "math": 0.35, "code": 0.35})
     checkpoint_every: int = 50
     log_every: int = 10
     bf16_autocast: bool = True
@@ -78,6 +80,11 @@ class TrainConfig:
             raise DllmqError(f"Unknown stage {self.stage!r}; use base or instruct.")
         if self.steps <= 0 or self.batch_size <= 0 or self.seq_len <= 0:
             raise DllmqError("steps, batch size and sequence length must be positive.")
+        for name, mix, known in (("mix", self.mix, {"wiki", "python", "math", "code"}),
+                                 ("sft_mix", self.sft_mix, {"general", "math", "code"})):
+            if not mix or set(mix) - known or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+                raise DllmqError(f"--{name.replace('_', '-')} must map some of {', '.join(sorted(known))} "
+                                 f"to non-negative weights, got {mix}.")
         if self.d_model % 64 or self.d_model // 64 != self.n_heads:
             raise DllmqError(f"d_model {self.d_model} with {self.n_heads} heads: dllmq-tiny uses head dim 64 "
                              "(n_heads = d_model / 64).")
@@ -147,7 +154,8 @@ class Batches:
         return torch.tensor(rows, dtype=torch.long)
 
     def sft_pair(self, rng: random.Random) -> tuple[str, str]:
-        kind = rng.choices(("general", "math", "code"), (0.3, 0.35, 0.35))[0]
+        kinds = list(self.cfg.sft_mix)
+        kind = rng.choices(kinds, [self.cfg.sft_mix[k] for k in kinds])[0]
         return sft_example(kind, rng, self.wiki_docs)
 
     def sft(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +337,7 @@ def _train(cfg: TrainConfig, minutes: float | None, export: str | None) -> Path:
     step, elapsed_before = 0, 0.0
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # never unpickle
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
