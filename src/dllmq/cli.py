@@ -40,6 +40,13 @@ def _add_model_args(p: argparse.ArgumentParser, with_runtime: bool = True) -> No
         p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
 
 
+def _add_backend_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--backend", choices=("kernel", "fake"), default=default,
+                   help="how a dllmq-quantized MODEL computes: kernel = real int8 / int4 matmuls where one fits "
+                        "(other layers stay fake; `dllmq bench` lists them), fake = quantize-dequantize, the "
+                        f"study's exact reference numbers (default: {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dllmq", description="Quantize diffusion LLMs (LLaDA, Dream) and measure what each choice costs.",
@@ -59,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "block generation with low-confidence remasking; Dream-family models use Dream's "
                                    "diffusion_generate algorithms; Llama models decode autoregressively.")
     _add_model_args(p)
+    _add_backend_arg(p, "kernel")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the tokenizer's chat template (default: on when the tokenizer has one "
@@ -82,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "perplexity, comparable across quantizations of the same model; for a causal "
                                    "model it is the ordinary perplexity.")
     _add_model_args(p)
+    _add_backend_arg(p, "fake")
     p.add_argument("--data", default="wiki",
                    help="wiki (held-out offline Wikipedia shipped with dllmq; default), wikitext2 (test split, "
                         "needs HF datasets + network or cache), or a .txt / .jsonl file")
@@ -149,12 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "  dllmq eval MODEL --tasks humaneval --allow-code-execution   # works offline",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
+    _add_backend_arg(p, "fake")
     from dllmq.evaluate.runner import add_cli_arguments
     add_cli_arguments(p)
 
     # The study's commands live beside their layers; each adds its parser and sets `func`.
     from dllmq.analysis import outliers_cli
+    from dllmq import bench
     from dllmq.study import report, runner
+    bench.add_parser(sub)
     outliers_cli.add_parser(sub)
     runner.add_parser(sub)
     report.add_parser(sub)
@@ -190,13 +202,16 @@ def cmd_inspect(args) -> None:
     else:
         print(format_description(name, config, family))
         if quantized:
+            from dllmq.quant.backend import plan_kernels
             print(quantized)
+            print(f"kernels      {plan_kernels(raw).summary()} (CPU, --backend kernel)")
 
 
 def _load(args):
     from dllmq.api import load_model
     start = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                        backend=getattr(args, "backend", "fake"))
     logging.getLogger("dllmq").info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
     return loaded
 

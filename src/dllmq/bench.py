@@ -1,0 +1,201 @@
+"""`dllmq bench`: how fast a model (full precision or quantized) runs and how much memory it holds.
+
+One diffusion step runs the whole sequence through the model, so the forward latency at the
+sequence length is the unit cost; generation time adds the sampler. Measured: forward latency
+(median of repeats), generation tokens/s and time per step for the same random prompt and step
+count, the bytes of weights held in memory, and the process's peak resident memory. With
+``--backend both`` the kernel and fake backends run on the same loaded model, in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from dllmq.errors import DllmqError
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """\
+examples:
+  dllmq bench random-llada --seq-len 128 --gen-length 64 --steps 4
+  dllmq bench q/ --backend both                    # kernel vs fake on one quantized model
+  dllmq bench q/ --dtype bfloat16 --seq-len 512 --gen-length 256 --steps 16 --json
+"""
+
+
+@dataclass
+class BenchResult:
+    """One backend's numbers on one model."""
+
+    model: str
+    backend: str
+    dtype: str
+    kernels: dict[str, int] = field(default_factory=dict)
+    kernel_summary: str = ""
+    threads: int = 1
+    batch: int = 1
+    seq_len: int = 0
+    gen_length: int = 0
+    steps: int = 0
+    forward_ms: float = 0.0
+    forward_min_ms: float = 0.0
+    generate_s: float = 0.0
+    step_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    model_bytes: int = 0        # parameters + buffers as held now
+    quant_weight_bytes: int = 0  # of which: quantized layers' weight storage
+    scratch_bytes: int = 0      # kernels' reusable temporaries after the run
+    peak_rss_bytes: int = 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_model(model: torch.nn.Module, tokenizer, *, name: str = "", seq_len: int = 512, gen_length: int = 256,
+                steps: int = 16, block_length: int | None = None, batch: int = 1, repeats: int = 3,
+                seed: int = 0, generate: bool = True) -> BenchResult:
+    """Time ``model`` as it is now (its backend is whatever set_backend last chose)."""
+    from dllmq.diffusion import generate as run_generate
+    from dllmq.quant.backend import backend_report, weight_bytes
+    from dllmq.quant.kernels import scratch_bytes
+
+    if seq_len <= 0 or batch <= 0 or repeats <= 0:
+        raise DllmqError("--seq-len, --batch and --repeats must be positive.")
+    if seq_len > model.config.max_seq_len:
+        raise DllmqError(f"--seq-len {seq_len} is longer than the model's context of {model.config.max_seq_len}.")
+    if generate and not 0 < gen_length < seq_len:
+        raise DllmqError(f"--gen-length must be between 1 and --seq-len - 1 ({seq_len - 1}); the rest is the prompt.")
+    report = backend_report(model)
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(model.config.vocab_size, 256)  # ordinary token ids, never the mask token
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+    result = BenchResult(model=name, backend=report.backend, dtype=str(dtype).removeprefix("torch."),
+                         kernels=report.counts(), kernel_summary=report.summary(),
+                         threads=torch.get_num_threads(), batch=batch, seq_len=seq_len)
+    with torch.inference_mode():
+        model(ids)  # warm-up: scratch buffers, lazy tables
+        times = _timed(lambda: model(ids), repeats)
+        result.forward_ms, result.forward_min_ms = 1e3 * statistics.median(times), 1e3 * min(times)
+        if generate:
+            prompt = ids[:, : seq_len - gen_length]
+            settings = dict(gen_length=gen_length, steps=steps, block_length=block_length or gen_length)
+            start = time.perf_counter()
+            run_generate(model, tokenizer, prompt, **settings)
+            result.generate_s = time.perf_counter() - start
+            result.gen_length, result.steps = gen_length, steps
+            result.step_ms = 1e3 * result.generate_s / max(steps, 1)
+            result.tokens_per_s = batch * gen_length / result.generate_s
+    result.model_bytes = model_bytes(model)
+    result.quant_weight_bytes = weight_bytes(model)
+    result.scratch_bytes = scratch_bytes()
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def format_result(r: BenchResult) -> str:
+    from dllmq.models.describe import human_bytes
+
+    lines = [f"{r.model}  backend {r.backend}  {r.dtype}  {r.threads} threads  batch {r.batch}",
+             f"  kernels      {r.kernel_summary}",
+             f"  forward      {r.forward_ms:.1f} ms median ({r.forward_min_ms:.1f} min) at {r.seq_len} tokens"]
+    if r.gen_length:
+        lines.append(f"  generate     {r.gen_length} tokens in {r.steps} steps: {r.generate_s:.2f} s, "
+                     f"{r.step_ms:.1f} ms/step, {r.tokens_per_s:.1f} tokens/s")
+    lines.append(f"  memory       weights {human_bytes(r.model_bytes)}"
+                 + (f" (quantized layers {human_bytes(r.quant_weight_bytes)})" if r.quant_weight_bytes else "")
+                 + f", kernel scratch {human_bytes(r.scratch_bytes)}, peak RSS {human_bytes(r.peak_rss_bytes)}")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="speed and memory: forward latency, generation tokens/s, weights in memory",
+        description="Time MODEL (a built-in name, checkpoint or quantized directory): forward latency at "
+                    "--seq-len, diffusion generation of --gen-length tokens in --steps steps after a random "
+                    "prompt, weights in memory and peak RSS. --backend picks how quantized layers compute "
+                    "(kernel: real integer matmuls; fake: quantize-dequantize; both: one after the other).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="dllmq-tiny", metavar="MODEL",
+                   help="built-in name, checkpoint directory or quantized directory (default: dllmq-tiny)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random prompt (default: 0)")
+    p.add_argument("--backend", default="kernel", choices=["kernel", "fake", "both"],
+                   help="how quantized layers compute (default: kernel)")
+    p.add_argument("--seq-len", type=int, default=512, help="total tokens per step: prompt + generation (default 512)")
+    p.add_argument("--gen-length", type=int, default=256, help="tokens to generate (default 256)")
+    p.add_argument("--steps", type=int, default=16, help="diffusion steps (default 16)")
+    p.add_argument("--block-length", type=int, default=None, help="LLaDA block length (default: gen-length)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed forward passes (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-generate", action="store_true", help="forward latency only")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from dllmq.api import load_model
+    from dllmq.quant.backend import set_backend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends = ["kernel", "fake"] if args.backend == "both" else [args.backend]
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                                     backend=backends[0])
+    results = []
+    for i, backend in enumerate(backends):
+        if i:
+            set_backend(model, backend)
+        results.append(bench_model(model, tokenizer, name=str(args.model), seq_len=args.seq_len,
+                                   gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                                   batch=args.batch, repeats=args.repeats, seed=args.seed,
+                                   generate=not args.no_generate))
+        if not results[-1].kernels:  # full precision: the backend changes nothing
+            results[-1].backend = "full precision"
+            break
+        results[-1].backend = backend
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+        return
+    for r in results:
+        print(format_result(r))
+    if len(results) == 2 and results[0].kernels:
+        k, f = results
+        speed = f.forward_ms / k.forward_ms if k.forward_ms else float("nan")
+        line = f"kernel vs fake: forward {speed:.2f}x faster"
+        if k.generate_s:
+            line += f", generation {f.generate_s / k.generate_s:.2f}x faster"
+        print(line)

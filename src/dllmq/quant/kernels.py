@@ -1,0 +1,339 @@
+"""Real low-bit matmuls from plain PyTorch ops: the arithmetic behind dllmq's kernel backend.
+
+Three integer paths, each checked against fake quantization (the reference) in the tests:
+
+* int8 GEMM (``torch._int_mm``, int8 x int8 -> int32) for weight-activation models. Activations
+  are quantized per token at run time with exactly the fake quantizer's formula, so the codes are
+  the same integers; codes are stored shifted into int8 and the shift is undone exactly in int32:
+
+      sum_i (c_i - zx)(q_i - zw) = A - zw * sum_i c'_i - zx' * sum_i (q_i - zw),   A = c' @ q'
+
+  with ``c' = c - shift_x`` and ``q' = q - shift_w``. Below 8 bits the shift is the zero point
+  itself (``c - z`` fits int8, no correction at all); at 8 bits it is 128 and the residual zero
+  ``z - 128`` is corrected (it is 0 for symmetric grids). The int32 result is then scaled in float32
+  by the token and channel scales: the integer path matches fake quantization up to float rounding.
+* int4 weight-only GEMM (``aten._weight_int4pack_mm_for_cpu``). That op dequantizes a code ``q``
+  as ``(q - 8) * scale + zero``, so GPTQ's integer zero point ``z`` becomes the float
+  ``zero = (8 - z) * scale`` (exact in float32 for float16 scales). 3- and 2-bit codes fit the
+  same 4-bit layout unchanged. The op runs in bf16/fp16 only at useful speed (its float32 path
+  is a slow reference loop), and only wins for few rows, so large inputs (and float32 models)
+  go through :func:`dequantize_int4`: one layer's weight is unpacked from the same packed buffer
+  into the compute dtype for the duration of the matmul, never kept.
+* int8 weight-only GEMM (``aten._weight_int8pack_mm``) for 5-8 bit weights with float activations.
+
+``aten._convert_weight_to_int4pack_for_cpu`` writes a blocked layout that depends on the CPU
+build; :func:`int4_layout` finds it by packing a probe matrix once, so codes can be read back
+(for dequantization and for switching a model back to fake quantization) without assuming it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dllmq.quant.primitives import QuantSpec, compute_qparams
+
+INT4_OP_GROUPS = (256, 128, 64, 32)   # group sizes the int4 op accepts, largest first
+INT4_OP_MAX_ROWS = 64                 # fewer rows than this: the int4 op; more: dequantize + dense GEMM
+_INT32_SAFE_K = 32_000                # K * 2 * 128 * 255 stays below 2^31 up to here
+
+
+# --- activations ------------------------------------------------------------------------------
+
+@dataclass
+class Int8Rows:
+    """Per-token quantized activations: ``x ~ (codes - zero) * scale`` with codes shifted into int8."""
+
+    codes: torch.Tensor          # int8 [M, K]: c - shift
+    scale: torch.Tensor          # float32 [M, 1] (or [1, 1] for a static grid)
+    zero: torch.Tensor | None    # int32 [M] (or [1]): residual zero c's zero minus the shift; None if all 0
+    row_sum: torch.Tensor | None = None  # int32 [M]: sum of each row's int8 codes, when asked for
+
+
+def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0,
+                  static: tuple[torch.Tensor, torch.Tensor] | None = None, reuse: bool = False,
+                  row_sum: bool = False) -> Int8Rows:
+    """Quantize each row of ``x`` [M, K] on its own grid, bit-identically to ``fake_quantize``
+    with granularity "token" (or to a static per-tensor grid ``(scale, zero)``).
+
+    ``reuse`` writes the codes into a shared scratch buffer (valid until the next call);
+    ``row_sum`` also returns each row's code sum (needed against an asymmetric 8-bit weight)."""
+    maxq = 2**bits - 1
+    t = scratch("rows_f32", x.shape, torch.float32, x.device)
+    t.copy_(x)  # float32, as fake quantization computes
+    if static is not None:
+        scale = static[0].float().reshape(1, 1)
+        zero = static[1].float().reshape(1, 1)
+    else:
+        # amin/amax rather than aminmax: the latter is several times slower on CPU.
+        lo, hi = t.amin(dim=-1, keepdim=True), t.amax(dim=-1, keepdim=True)
+        # The row's range is all compute_qparams needs: min/max of [lo, hi] equal those of the row.
+        spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip_ratio)
+        scale, zero = compute_qparams(torch.cat([lo, hi], dim=-1), spec)
+    # Same float32 division and rounding as primitives.quantize, so the integers are identical.
+    t.div_(scale).round_()
+    if bits <= 7:  # c - z lies in [-maxq, maxq]: store it directly, no zero to correct
+        t.clamp_(min=-zero, max=maxq - zero)
+        residual = None
+    else:          # c - 128 fits int8; the residual zero z - 128 is corrected after the GEMM
+        t.add_(zero - 128).clamp_(-128, 127)
+        residual = (zero.reshape(-1) - 128).to(torch.int32)
+        if symmetric or not residual.any():
+            residual = None
+    # Integers below 2^24 sum exactly in float32, and this is faster than an int8 reduction.
+    sums = t.sum(dim=-1, dtype=torch.float32).to(torch.int32) if row_sum else None
+    codes = scratch("rows_i8", x.shape, torch.int8, x.device) if reuse else torch.empty_like(t, dtype=torch.int8)
+    return Int8Rows(codes.copy_(t), scale, residual, sums)
+
+
+# --- int8 GEMM ----------------------------------------------------------------------------------
+
+def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] @ int8 [N, K]^T -> int32 [M, N] (a scratch buffer on the CPU). CUDA's kernel wants
+    M > 16 and M % 8 == 0 (K and N multiples of 8 are checked at conversion): rows are padded there."""
+    m = a.shape[0]
+    if a.is_cuda:
+        if m <= 16 or m % 8:
+            rows = max(24, -(-m // 8) * 8)
+            a = torch.cat([a, a.new_zeros(rows - m, a.shape[1])])
+        return torch._int_mm(a, b_t.t())[:m]
+    return torch._int_mm(a, b_t.t(), out=scratch("acc_i32", (m, b_t.shape[0]), torch.int32, a.device))
+
+
+def int8_linear(x: Int8Rows, weight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+                w_sum: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(x codes - zx) @ (W codes - zw)^T`` exactly in int32, then ``* s_x * s_w (+ bias)``.
+
+    ``weight`` int8 [N, K] holds ``q - shift_w``; ``w_zero`` int32 [N] the residual zero
+    ``zw - shift_w`` (None when 0); ``w_sum`` int32 [N] the column sums ``sum_i (q_i - zw)``.
+    """
+    acc = int_mm(x.codes, weight)
+    if w_zero is not None:
+        sums = x.row_sum if x.row_sum is not None else x.codes.sum(dim=1, dtype=torch.int32)
+        acc.addr_(sums, w_zero, alpha=-1)
+    if x.zero is not None:
+        acc.addr_(x.zero.expand(acc.shape[0]), w_sum, alpha=-1)
+    if out_dtype == torch.float32:
+        y = torch.empty(acc.shape, dtype=torch.float32, device=acc.device)
+    else:
+        y = scratch("out_f32", acc.shape, torch.float32, acc.device)
+    y.copy_(acc)
+    y.mul_(x.scale)
+    y.mul_(w_scale)
+    if bias is not None:
+        y.add_(bias.float())
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def int8_weight_parts(codes_nk: torch.Tensor, zero: torch.Tensor, bits: int
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """From unsigned codes [N, K] and integer zeros [N]: (int8 ``q - shift``, residual zero int32
+    [N] or None, column sums ``sum_i (q_i - z)`` int32 [N])."""
+    q = codes_nk.to(torch.int32)
+    z = zero.to(torch.int32)
+    shift = z if bits <= 7 else torch.full_like(z, 128)
+    residual = z - shift
+    w_sum = (q - z[:, None]).sum(dim=1, dtype=torch.int32)
+    return (q - shift[:, None]).to(torch.int8), (residual if residual.any() else None), w_sum
+
+
+def int32_safe(in_features: int) -> bool:
+    """Whether int32 accumulation cannot overflow for this reduction length."""
+    return in_features <= _INT32_SAFE_K
+
+
+# --- int8 weight-only ---------------------------------------------------------------------------
+
+def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+                       w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """Float ``x`` [M, K] times int8 weights: ``s_w * (x @ q'^T - zw' * sum_i x_i)`` (+ bias)."""
+    scale = w_scale.to(x.dtype)
+    y = torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+    if w_zero is not None:
+        y = y - x.float().sum(dim=1, keepdim=True).mul(w_zero.float() * w_scale).to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y
+
+
+# --- int4 layout --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Int4Layout:
+    """How the int4 packing op lays out one block of ``block`` rows: packed bytes are
+    ``[N / block, K, block / 2]``, byte ``j`` holding row ``lo_rows[j]`` (low nibble) and
+    ``hi_rows[j]`` (high nibble) of that block at column k."""
+
+    block: int
+    lo_rows: tuple[int, ...]
+    hi_rows: tuple[int, ...]
+
+    @property
+    def halves(self) -> bool:
+        """Low nibbles hold the first half of the block's rows, high nibbles the second half."""
+        half = self.block // 2
+        return self.lo_rows == tuple(range(half)) and self.hi_rows == tuple(range(half, self.block))
+
+
+def _convert(codes: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+@functools.lru_cache(maxsize=None)
+def int4_layout() -> Int4Layout | None:
+    """The int4 op's packed layout on this build, found by packing probes; None if the op is
+    missing or its layout is not the blocked form described by :class:`Int4Layout`."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return None
+    n, k = 256, 6
+    index = torch.arange(n * k).reshape(n, k)
+    lo = torch.zeros(n * k // 2, dtype=torch.long)
+    hi = torch.zeros(n * k // 2, dtype=torch.long)
+    try:
+        for digit in range(3):  # 3 hex digits name each of the n*k = 1536 positions
+            packed = _convert((index >> (4 * digit)) & 15).reshape(-1).long()
+            lo |= (packed & 15) << (4 * digit)
+            hi |= (packed >> 4) << (4 * digit)
+    except RuntimeError:
+        return None
+    # Byte b of block-row-group holds (row, col) = divmod(source, k); infer the block from column 1.
+    lo_row, lo_col = lo // k, lo % k
+    block = 2 * int((lo_col[: n // 2] == 0).sum()) if int(lo_col[0]) == 0 else 0
+    if block <= 0 or n % block:
+        return None
+    half = block // 2
+    layout = Int4Layout(block, tuple(lo_row[:half].tolist()), tuple((hi[:half] // k).tolist()))
+    check = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
+    if not torch.equal(unpack_int4(_convert(check), n, k, layout), check.to(torch.uint8).t()):
+        return None
+    return layout
+
+
+def pack_int4(codes_nk: torch.Tensor) -> torch.Tensor:
+    """Unsigned codes [N, K] (values 0..15, N a multiple of the layout block) -> the op's packed uint8."""
+    return _convert(codes_nk)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int, layout: Int4Layout,
+                out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The codes of a packed int4 weight as uint8 ``[K, N]`` (the transposed weight), or only
+    input rows ``rows = (start, stop)`` of it."""
+    b, half = layout.block, layout.block // 2
+    v = packed.view(n // b, k, half).transpose(0, 1)            # [K, NB, half]
+    if rows is not None:
+        v = v[rows[0]:rows[1]]
+    out = torch.empty(v.shape[0], n, dtype=torch.uint8, device=packed.device) if out is None else out
+    blocks = out.view(v.shape[0], n // b, b)
+    if layout.halves:  # the usual case: two strided writes, no index tensor
+        torch.bitwise_and(v, 15, out=blocks[:, :, :half])
+        torch.bitwise_right_shift(v, 4, out=blocks[:, :, half:])
+    else:
+        blocks[:, :, list(layout.lo_rows)] = v & 15
+        blocks[:, :, list(layout.hi_rows)] = v >> 4
+    return out
+
+
+def int4_scales_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The op's ``[G, N, 2]`` (scale, zero) for GPTQ ``scale``/``zero`` [G, N]: ``(8 - z) * s``."""
+    s = scale.float()
+    return torch.stack([s, (8 - zero.float()) * s], dim=-1).to(dtype).contiguous()
+
+
+_DEQUANT_CHUNK = 1 << 20  # weights per float32 chunk (4 MiB): stays in cache, bounds scratch memory
+
+
+def dequantize_int4(packed: torch.Tensor, n: int, k: int, layout: Int4Layout, scale: torch.Tensor,
+                    zero: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight transposed, ``W^T`` [K, N] in ``dtype``: ``(q - z) * s`` per group of ``group``
+    input rows, computed in float32 exactly as fake quantization does, then rounded to ``dtype``.
+    The result lives in a shared scratch buffer (one layer's size): valid until the next call."""
+    out = scratch("int4_w", (k, n), dtype, packed.device)
+    step = max(1, _DEQUANT_CHUNK // (group * n))  # groups per chunk
+    z, s = zero.float()[:, None, :], scale.float()[:, None, :]
+    for g0 in range(0, k // group, step):
+        g1 = min(g0 + step, k // group)
+        rows = (g0 * group, g1 * group)
+        codes = unpack_int4(packed, n, k, layout, rows=rows,
+                            out=scratch("int4_codes", (rows[1] - rows[0], n), torch.uint8, packed.device))
+        if dtype == torch.float32:
+            w = out[rows[0]:rows[1]].view(g1 - g0, group, n)
+        else:
+            w = scratch("int4_f32", (g1 - g0, group, n), torch.float32, packed.device)
+        w.copy_(codes.view(g1 - g0, group, n))
+        w.sub_(z[g0:g1]).mul_(s[g0:g1])
+        if dtype != torch.float32:
+            out[rows[0]:rows[1]].copy_(w.view(-1, n))
+    return out
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, n: int, layout: Int4Layout | None,
+                scale: torch.Tensor, zero: torch.Tensor, sz: torch.Tensor, group: int,
+                bias: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+    """``x`` [M, K] times a packed int4 weight; returns (y [M, n], the path taken).
+
+    The int4 op for 16-bit inputs with few rows; otherwise one layer's weight is dequantized
+    into ``x.dtype`` for this matmul and dropped afterwards.
+    """
+    m, k = x.shape
+    use_op = x.dtype in (torch.bfloat16, torch.float16) and (m < INT4_OP_MAX_ROWS or layout is None)
+    if use_op:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, sz.to(x.dtype))
+        path = "int4_op"
+    else:
+        assert layout is not None
+        w_t = dequantize_int4(packed, packed.shape[0], k, layout, scale, zero, group, x.dtype)
+        y = x @ w_t
+        path = "int4_dequant"
+    if y.shape[1] != n:
+        y = y[:, :n]
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y, path
+
+
+def kernel_group(group_size: int, in_features: int) -> int | None:
+    """The largest group size the int4 op accepts that divides both the layer's group size and K
+    (per-group scales are then repeated exactly), or None."""
+    for g in INT4_OP_GROUPS:
+        if group_size % g == 0 and in_features % g == 0:
+            return g
+    return None
+
+
+# --- scratch memory ---------------------------------------------------------------------------
+
+# Large temporaries are reused across calls: a fresh CPU allocation of a few MiB costs page faults
+# comparable to the elementwise work itself. One buffer per role, grown to the largest size seen
+# (for a dequantized weight: the largest layer, shared by all layers). Not thread-safe.
+_SCRATCH: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def scratch(role: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """A reusable tensor of ``shape`` for ``role`` (contents undefined); plain empty off the CPU."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    key = (role, dtype, device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        with torch.inference_mode(False):  # a normal tensor: written in place in and out of inference mode
+            buf = _SCRATCH[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def release_scratch() -> int:
+    """Free the scratch buffers; returns the bytes released."""
+    freed = sum(b.numel() * b.element_size() for b in _SCRATCH.values())
+    _SCRATCH.clear()
+    return freed
+
+
+def scratch_bytes() -> int:
+    return sum(b.numel() * b.element_size() for b in _SCRATCH.values())
+
+
+def round_up(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
