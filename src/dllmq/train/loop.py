@@ -37,6 +37,8 @@ from dllmq.train import corpus
 log = logging.getLogger(__name__)
 
 EPS = 1e-3
+# Settings that change how a run executes, not what it computes: a run may resume with others.
+RUNTIME_SETTINGS = ("threads", "log_every", "checkpoint_every")
 
 
 @dataclass
@@ -303,13 +305,10 @@ def train(cfg: TrainConfig, minutes: float | None = None, export: str | None = N
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # Denormal floats (tiny Adam moments, small gradients) are many times slower on x86 CPUs.
-    torch.set_flush_denormal(True)
     try:
         return _train(cfg, minutes, export)
     finally:
         torch.set_num_threads(previous_threads)
-        torch.set_flush_denormal(False)
 
 
 def _train(cfg: TrainConfig, minutes: float | None, export: str | None) -> Path:
@@ -319,7 +318,7 @@ def _train(cfg: TrainConfig, minutes: float | None, export: str | None) -> Path:
     if cfg_path.is_file():
         saved = json.loads(cfg_path.read_text())
         defaults, current = asdict(TrainConfig()), asdict(cfg)
-        diff = sorted(k for k in current if saved.get(k, defaults[k]) != current[k])
+        diff = sorted(k for k in current if k not in RUNTIME_SETTINGS and saved.get(k, defaults[k]) != current[k])
         if diff:
             raise DllmqError(f"{out} holds a run with other settings ({', '.join(diff)}); use another --out "
                              "or the same settings to resume it.")
