@@ -213,6 +213,20 @@ def test_finding_evidence_quotes_the_numbers():
     assert v.status == F.DOES_NOT_HOLD and "not negligible: DuQuant" in v.evidence
 
 
+@pytest.mark.parametrize("check, drops", [
+    (F.gptq_beats_awq, {("gptq", "W4A16"): d(1.2), ("awq", "W4A16"): d(2.1)}),
+    (F.rotation_beats_smoothing,
+     {("smoothquant", "W4A4"): d(6.0), ("quarot", "W4A4"): d(1.0), ("duquant", "W4A4"): d(5.5)}),
+    (F.duquant_beats_quarot, {("quarot", "W4A4"): d(6.6), ("duquant", "W4A4"): d(5.7)}),
+    (F.math_code_degrade_more, {("gptq", "W4A16"): d(1, general=0.5, math=1.4, code=3.0)}),
+])
+def test_a_win_by_less_than_one_point_is_a_tie(check, drops):
+    """One item of a 100-item task is a point: a smaller gap must not decide a finding either way."""
+    v = check(drops, "m")
+    assert v.status == F.DOES_NOT_HOLD and "a gap under 1 point is a tie" in v.evidence, v
+    assert F.beats(1.0, 2.0) and not F.beats(1.0, 1.99) and F.beats(0.1 + 0.2, 1.3)  # float noise at the edge
+
+
 @pytest.mark.parametrize("base, instruct", [
     ("LLaDA-8B-Base", "LLaDA-8B-Instruct"), ("dllmq-tiny", "dllmq-tiny-instruct"),
     ("Dream-v0-Base-7B", "Dream-v0-Instruct-7B"), ("/models/llada_base/", "/ckpt/llada_instruct")])
@@ -227,6 +241,8 @@ def test_instruct_robustness_both_ways_and_unmeasured():
     assert v.status == F.HOLDS and "over 2 shared settings" in v.evidence and "3-bit GPTQ -5.0 vs -10.0" in v.evidence
     assert F.instruct_more_robust(inst, base).status == F.DOES_NOT_HOLD
     assert F.instruct_more_robust(base, {("awq", "W4A16"): d(1.0)}).status == F.NOT_MEASURED
+    tie = F.instruct_more_robust({("gptq", "W4A16"): d(0.24)}, {("gptq", "W4A16"): d(0.2)})
+    assert tie.status == F.DOES_NOT_HOLD and "tie" in tie.evidence
 
 
 def test_overall_verdicts_combine_models_and_never_hide_a_failure():

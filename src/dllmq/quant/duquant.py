@@ -84,11 +84,18 @@ class DuQuantTransform(nn.Module):
         return [getattr(self, f"{tag}_{i}") for i in range(len(block_sizes(self.n, self.block)))]
 
     def _rotate(self, x: torch.Tensor, tag: str) -> torch.Tensor:
-        parts, start = [], 0
-        for r in self._blocks(tag):
-            parts.append(x[..., start:start + r.shape[0]] @ r.to(x.dtype))
-            start += r.shape[0]
-        return torch.cat(parts, dim=-1)
+        """x @ blockdiag(R_0, R_1, ...): the full blocks in one batched matmul, a short last block apart."""
+        blocks = self._blocks(tag)
+        full = [r for r in blocks if r.shape[0] == self.block]
+        if not full:  # n smaller than one block
+            return x @ blocks[0].to(x.dtype)
+        k, b = len(full), self.block
+        lead = x.shape[:-1]
+        xs = x[..., :k * b].reshape(-1, k, b).transpose(0, 1)                  # [k, tokens, b]
+        out = torch.bmm(xs, torch.stack(full).to(x.dtype)).transpose(0, 1).reshape(*lead, k * b)
+        if len(full) == len(blocks):
+            return out
+        return torch.cat([out, x[..., k * b:] @ blocks[-1].to(x.dtype)], dim=-1)
 
     def _apply(self, fn, recurse=True):
         # rotations stay at least float32 when the model is cast to a 16-bit dtype

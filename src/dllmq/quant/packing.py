@@ -127,13 +127,21 @@ def unpack_codes(packed: torch.Tensor, bits: int, length: int, dim: int = 0) -> 
 
 
 def _unpack_blocks(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[k, bits, post]`` int32 words -> ``[k, 32, post]`` uint8 codes."""
+    """``[k, bits, post]`` int32 words -> ``[k, 32, post]`` uint8 codes, all 32 slots at once (a loop over
+    the slots made small fake-quantized layers spend most of their forward here)."""
+    word, off, straddles = _slot_tables(bits, w.device)
     w = w.to(torch.int64) & 0xFFFFFFFF  # unsigned view of each word
-    mask = 2**bits - 1
-    out = torch.empty(w.shape[0], WORD_BITS, w.shape[2], dtype=torch.uint8, device=w.device)
-    for j, wi, off in _slots(bits):
-        code = w[:, wi] >> off
-        if off + bits > WORD_BITS:
-            code |= w[:, wi + 1] << (WORD_BITS - off)
-        out[:, j] = code & mask
-    return out
+    codes = w.index_select(1, word) >> off
+    if straddles is not None:  # 3, 5, 6, 7 bits: some codes continue in the next word
+        nxt = w.index_select(1, (word + 1).clamp(max=bits - 1)) << (WORD_BITS - off)
+        codes |= torch.where(straddles, nxt, 0)
+    return (codes & (2**bits - 1)).to(torch.uint8)
+
+
+def _slot_tables(bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(word index [32], bit offset [1, 32, 1], straddles-into-the-next-word mask or None) of each slot."""
+    slots = _slots(bits)
+    word = torch.tensor([wi for _, wi, _ in slots], device=device)
+    off = torch.tensor([o for _, _, o in slots], dtype=torch.int64, device=device).view(1, -1, 1)
+    cross = [o + bits > WORD_BITS for _, _, o in slots]
+    return word, off, (torch.tensor(cross, device=device).view(1, -1, 1) if any(cross) else None)

@@ -15,8 +15,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from dllmq.study.grid import (AVG, NEGLIGIBLE, ROTATION_METHODS, SEVERE, WEIGHT_ONLY_METHODS, Setting, classify,
-                              method_name, parse_bits)
+from dllmq.study.grid import (AVG, MODERATE_AT, NEGLIGIBLE, ROTATION_METHODS, SEVERE, WEIGHT_ONLY_METHODS, Setting,
+                              classify, method_name, parse_bits)
 
 HOLDS, DOES_NOT_HOLD, MIXED, NOT_MEASURED = "holds", "does not hold", "mixed", "not measured"
 
@@ -25,6 +25,20 @@ ModelDrops = Mapping[tuple[str, str], Drops]             # (method, bits) -> dro
 DropTable = Mapping[str, ModelDrops]                     # model -> its drops
 
 W4A16, W3A16, W8A8, W4A4 = (4, 16), (3, 16), (8, 8), (4, 4)
+# "A beats B" needs A's drop smaller by at least the negligible class edge: a smaller gap is a tie, since
+# one item of a 100-item task is already one point.
+MARGIN = MODERATE_AT
+TIE = f"a gap under {MARGIN:g} point is a tie"
+
+
+def beats(a: float, b: float) -> bool:
+    """Whether a drop of `a` points is clearly smaller than a drop of `b` (by MARGIN or more)."""
+    return round(b - a, 9) >= MARGIN
+
+
+def _tie_note(drops, other: float) -> str:
+    """'; a gap under 1 point is a tie' when some drop is within MARGIN of `other` (else nothing)."""
+    return f"; {TIE}" if any(abs(d - other) < MARGIN for d in drops) else ""
 
 
 @dataclass(frozen=True)
@@ -121,7 +135,7 @@ def sweet_spot_w4(drops: ModelDrops, subject: str = "") -> Verdict:
     d4, d3 = w4[m4], w3[m3]
     small, gap = classify(d4) != SEVERE, d3 - d4
     text = (f"best W4A16 {method_name(m4)} {signed(d4)} ({classify(d4)}), best W3A16 {method_name(m3)} "
-            f"{signed(d3)} ({classify(d3)}): 3-bit costs {gap:.1f} points more")
+            f"{signed(d3)} ({classify(d3)}): 3-bit costs {abs(gap):.1f} points {'more' if gap >= 0 else 'less'}")
     if small and gap > 1.0:
         return Verdict(subject, HOLDS, text + ".")
     why = [] if small else ["the best W4A16 is already severe"]
@@ -155,7 +169,8 @@ def w4a4_severe(drops: ModelDrops, subject: str = "") -> Verdict:
 
 
 def gptq_beats_awq(drops: ModelDrops, subject: str = "") -> Verdict:
-    """4. GPTQ beats AWQ at W4A16: a smaller average drop (W3A16 and the general category reported too)."""
+    """4. GPTQ beats AWQ at W4A16: an average drop smaller by MARGIN or more (W3A16 and the general
+    category reported too)."""
     g4, a4 = pick(drops, "gptq", W4A16), pick(drops, "awq", W4A16)
     extra = []
     g3, a3 = pick(drops, "gptq", W3A16), pick(drops, "awq", W3A16)
@@ -169,14 +184,14 @@ def gptq_beats_awq(drops: ModelDrops, subject: str = "") -> Verdict:
         which = " and ".join(n for n, v in (("GPTQ", g4), ("AWQ", a4)) if not v)
         return Verdict(subject, NOT_MEASURED, f"no W4A16 average for {which}{tail}.")
     text = f"GPTQ {signed(g4[1])} vs AWQ {signed(a4[1])} W4A16 average{tail}"
-    if g4[1] < a4[1]:
+    if beats(g4[1], a4[1]):
         return Verdict(subject, HOLDS, f"{text}.")
-    return Verdict(subject, DOES_NOT_HOLD, f"{text}.")
+    return Verdict(subject, DOES_NOT_HOLD, f"{text}{_tie_note([g4[1]], a4[1])}.")
 
 
 def rotation_beats_smoothing(drops: ModelDrops, subject: str = "") -> Verdict:
     """5. Rotation beats smoothing at W4A4: every rotation method measured (QuaRot, DuQuant) drops less
-    than SmoothQuant on average."""
+    than SmoothQuant on average, by MARGIN or more."""
     w4 = at_bits(drops, W4A4)
     rot = {m: d for m, d in w4.items() if m in ROTATION_METHODS}
     if "smoothquant" not in w4 or not rot:
@@ -184,26 +199,29 @@ def rotation_beats_smoothing(drops: ModelDrops, subject: str = "") -> Verdict:
         return Verdict(subject, NOT_MEASURED, f"no W4A4 average for {need}.")
     sq = w4["smoothquant"]
     text = f"W4A4 average {_list(rot)} vs SmoothQuant {signed(sq)}"
-    losers = [m for m, d in rot.items() if not d < sq]
+    losers = [m for m, d in rot.items() if not beats(d, sq)]
     if not losers:
         return Verdict(subject, HOLDS, f"{text}.")
     return Verdict(subject, DOES_NOT_HOLD,
-                   f"{text}; not better: {', '.join(method_name(m) for m in losers)}.")
+                   f"{text}; not better: {', '.join(method_name(m) for m in losers)}"
+                   f"{_tie_note([rot[m] for m in losers], sq)}.")
 
 
 def duquant_beats_quarot(drops: ModelDrops, subject: str = "") -> Verdict:
-    """5b. DuQuant beats QuaRot at W4A4: a smaller average drop."""
+    """5b. DuQuant beats QuaRot at W4A4: an average drop smaller by MARGIN or more."""
     d, q = pick(drops, "duquant", W4A4), pick(drops, "quarot", W4A4)
     if not (d and q):
         which = " and ".join(n for n, v in (("DuQuant", d), ("QuaRot", q)) if not v)
         return Verdict(subject, NOT_MEASURED, f"no W4A4 average for {which}.")
     text = f"DuQuant {signed(d[1])} vs QuaRot {signed(q[1])} W4A4 average"
-    return Verdict(subject, HOLDS if d[1] < q[1] else DOES_NOT_HOLD, f"{text}.")
+    if beats(d[1], q[1]):
+        return Verdict(subject, HOLDS, f"{text}.")
+    return Verdict(subject, DOES_NOT_HOLD, f"{text}{_tie_note([d[1]], q[1])}.")
 
 
 def math_code_degrade_more(drops: ModelDrops, subject: str = "") -> Verdict:
     """6. Math and code degrade more than general: over the quantized settings that have every measured
-    category, the mean math drop and the mean code drop both exceed the mean general drop."""
+    category, the mean math drop and the mean code drop both exceed the mean general drop by MARGIN."""
     present = [c for c in ("general", "math", "code") if any(c in d for d in drops.values())]
     if "general" not in present or len(present) < 2:
         return Verdict(subject, NOT_MEASURED, "needs general and at least one of math / code measured.")
@@ -216,10 +234,11 @@ def math_code_degrade_more(drops: ModelDrops, subject: str = "") -> Verdict:
     missing = [c for c in ("math", "code") if c not in present]
     if missing:
         text += f" ({' and '.join(missing)} not measured)"
-    worse = [c for c in present if c != "general" and not mean[c] > mean["general"]]
+    worse = [c for c in present if c != "general" and not beats(mean["general"], mean[c])]
     if not worse:
         return Verdict(subject, HOLDS, text + ".")
-    return Verdict(subject, DOES_NOT_HOLD, f"{text}; not worse than general: {', '.join(worse)}.")
+    note = _tie_note([mean[c] for c in worse], mean["general"])
+    return Verdict(subject, DOES_NOT_HOLD, f"{text}; not worse than general: {', '.join(worse)}{note}.")
 
 
 _TOKENS = re.compile(r"[-_ .]+")
@@ -249,7 +268,7 @@ def instruct_pairs(models: Sequence[str]) -> list[tuple[str, str]]:
 
 def instruct_more_robust(base: ModelDrops, instruct: ModelDrops, subject: str = "") -> Verdict:
     """7. Instruct is more robust than Base: over the quantized settings both have an average for, the
-    instruct model's mean average drop is smaller."""
+    instruct model's mean average drop is smaller by MARGIN or more."""
     shared = sorted((k for k in base if AVG in base[k] and k in instruct and AVG in instruct[k]),
                     key=lambda k: Setting(*k).sort_key())
     if not shared:
@@ -260,7 +279,9 @@ def instruct_more_robust(base: ModelDrops, instruct: ModelDrops, subject: str = 
     g3 = [k for k in shared if k[0] == "gptq" and parse_bits(k[1]) == W3A16]
     if g3:
         text += f"; 3-bit GPTQ {signed(instruct[g3[0]][AVG])} vs {signed(base[g3[0]][AVG])}"
-    return Verdict(subject, HOLDS if i < b else DOES_NOT_HOLD, f"{text}.")
+    if beats(i, b):
+        return Verdict(subject, HOLDS, f"{text}.")
+    return Verdict(subject, DOES_NOT_HOLD, f"{text}{_tie_note([i], b)}.")
 
 
 # --- the checklist -------------------------------------------------------------------------------------
@@ -289,23 +310,25 @@ PER_MODEL = (
           "more than half of the W4A4 methods measured have a severe average drop (> 4).", w4a4_severe),
     _Spec("gptq_beats_awq", "GPTQ beats AWQ at W4A16",
           "LLaDA general W4A16: GPTQ -0.3 vs AWQ -3.5 points.",
-          "GPTQ's W4A16 average drop is smaller than AWQ's (W3A16 and general shown too).", gptq_beats_awq),
+          "GPTQ's W4A16 average drop is at least 1 point smaller than AWQ's (W3A16 and general shown too).",
+          gptq_beats_awq),
     _Spec("rotation_beats_smoothing", "Rotation beats smoothing at W4A4",
           "QuaRot and DuQuant keep W4A4 usable; SmoothQuant loses up to 37.3 points on math/code.",
-          "every rotation method measured (QuaRot, DuQuant) has a smaller W4A4 average drop than SmoothQuant.",
+          "every rotation method measured (QuaRot, DuQuant) has a W4A4 average drop at least 1 point smaller "
+          "than SmoothQuant's.",
           rotation_beats_smoothing),
     _Spec("duquant_beats_quarot", "DuQuant beats QuaRot at W4A4",
           "DuQuant -5.1 vs QuaRot -6.6 points.",
-          "DuQuant's W4A4 average drop is smaller than QuaRot's.", duquant_beats_quarot),
+          "DuQuant's W4A4 average drop is at least 1 point smaller than QuaRot's.", duquant_beats_quarot),
     _Spec("math_code_worse", "Math and code degrade more than general",
           "math and code tasks lose more than general QA under the same quantization.",
           "over the quantized settings with every category measured, the mean math drop and the mean code drop "
-          "both exceed the mean general drop.", math_code_degrade_more),
+          "both exceed the mean general drop by at least 1 point.", math_code_degrade_more),
 )
 INSTRUCT = _Spec("instruct_robust", "Instruct is more robust than Base",
                  "LLaDA 3-bit GPTQ: Instruct about -5 vs Base about -10 points.",
                  "for each base/instruct pair recognised by name (X and X-Instruct, X-Base and X-Instruct), the "
-                 "instruct model's mean average drop over the settings both have is smaller.",
+                 "instruct model's mean average drop over the settings both have is at least 1 point smaller.",
                  instruct_more_robust)
 
 
