@@ -177,8 +177,9 @@ def test_online_hadamard_stays_in_the_kernel_layer():
 
 def test_bf16_kernels_stay_close_to_fake():
     """In bf16 the reference rounds dequantized weights/activations to bf16, the kernels do not
-    (int8) or use bf16 scales (int4 op): both are bf16-rounding close. M < 64 takes the int4 op,
-    M >= 64 the dequantize path."""
+    (int8) or use bf16 scales (int4 op): both are bf16-rounding close. 24 rows take the int4 op,
+    160 rows the dequantize path (INT4_OP_MAX_ROWS is the crossover)."""
+    assert 24 < K.INT4_OP_MAX_ROWS <= 160
     for settings, path in ((CASES["rtn-W8A8"][0], None), (CASES["rtn-W4A16-g128"][0], "int4_op"),
                            (CASES["rtn-W4A16-g128"][0], "int4_dequant")):
         model, _ = _quantized(settings)
@@ -318,3 +319,17 @@ def test_kernels_run_in_and_out_of_inference_mode():
     with torch.no_grad():
         assert torch.equal(model(ids), first)
     assert torch.equal(model(ids), first)   # grad mode: kernel layers run without autograd
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """ru_maxrss survives exec on Linux: a benchmark child of a big parent must not report the parent's peak."""
+    import subprocess
+    import sys
+
+    from dllmq.bench import peak_rss_bytes
+    ballast = b"\x01" * (700 << 20)  # written, so resident
+    parent = peak_rss_bytes()
+    child = int(subprocess.run([sys.executable, "-c", "from dllmq.bench import peak_rss_bytes; print(peak_rss_bytes())"],
+                               capture_output=True, text=True, check=True).stdout)
+    del ballast
+    assert parent >= 700 << 20 and child < parent - (400 << 20), (parent, child)

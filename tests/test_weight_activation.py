@@ -31,6 +31,16 @@ def test_hadamard_is_orthogonal_and_fast_transform_matches(n):
     assert torch.allclose(fast_hadamard(x), x @ H / n ** 0.5, atol=1e-10)
 
 
+def test_fast_hadamard_in_row_chunks_equals_the_whole(monkeypatch):
+    """Long inputs are transformed a few rows at a time on CPU (cache-sized passes); same numbers."""
+    import dllmq.quant.hadamard as hadamard_module
+    x = torch.randn(2, 37, 384, dtype=torch.float64)
+    whole = x @ hadamard_matrix(384) / 384 ** 0.5
+    monkeypatch.setattr(hadamard_module, "_CHUNK_ELEMENTS", 384 * 5)  # 5 rows per chunk, 74 rows in all
+    assert torch.allclose(fast_hadamard(x), whole, atol=1e-10)
+    assert torch.allclose(fast_hadamard(x, scale=2.0), whole * 384 ** 0.5 * 2.0, atol=1e-9)
+
+
 def test_real_model_sizes_are_supported():
     assert factorize(12288) == (12, 1024)      # LLaDA-8B FFN
     assert factorize(18944) == (148, 128)      # Dream-7B FFN: Paley II of q = 73

@@ -106,8 +106,26 @@ def hadamard_matrix(n: int) -> torch.Tensor:
         return torch.kron(_base(m), _sylvester(power))
 
 
+# Rows per butterfly pass are capped so the pass's temporaries stay cache-sized: on a whole [1024, 12288]
+# activation each of the 12 passes went to main memory and the transform cost 3x the GEMM it precedes.
+_CHUNK_ELEMENTS = 1 << 19
+
+
 def fast_hadamard(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """x @ H_n * scale along the last dim (default scale 1/sqrt(n): the orthogonal transform)."""
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    if rows <= step or x.device.type != "cpu":
+        return _fast_hadamard(x, scale)
+    flat = x.reshape(rows, n)
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    for start in range(0, rows, step):
+        out[start:start + step] = _fast_hadamard(flat[start:start + step], scale)
+    return out.reshape(x.shape)
+
+
+def _fast_hadamard(x: torch.Tensor, scale: float | None) -> torch.Tensor:
     n = x.shape[-1]
     m, power = factorize(n)
     y = x.reshape(*x.shape[:-1], m, power)

@@ -36,7 +36,7 @@ import torch
 from dllmq.quant.primitives import QuantSpec, compute_qparams
 
 INT4_OP_GROUPS = (256, 128, 64, 32)   # group sizes the int4 op accepts, largest first
-INT4_OP_MAX_ROWS = 64                 # fewer rows than this: the int4 op; more: dequantize + dense GEMM
+INT4_OP_MAX_ROWS = 128                # fewer rows: the int4 op; more: dequantize + dense GEMM (measured crossover)
 _INT32_SAFE_K = 32_000                # K * 2 * 128 * 255 stays below 2^31 up to here
 
 
