@@ -133,7 +133,9 @@ def main() -> None:
         r = results[config] = json.loads(lines[-1].removeprefix("RESULT "))
         print(f"{config:<11} forward {r['forward_ms']:9.1f} ms  {r['step_ms']:9.1f} ms/step  "
               f"{r['tokens_per_s']:7.2f} tok/s  weights {r['model_bytes'] / 2**20:8.1f} MiB  "
-              f"peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  kernels: {r['kernel_summary']}", flush=True)
+              f"peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB  "
+              f"private RSS after {r['anon_rss_bytes'] / 2**20:8.1f} MiB  "
+              f"kernels: {r['kernel_summary']}", flush=True)
     if not results:
         return
     any_r = next(iter(results.values()))

@@ -54,6 +54,19 @@ class BenchResult:
     quant_weight_bytes: int = 0  # of which: quantized layers' weight storage
     scratch_bytes: int = 0      # kernels' reusable temporaries after the run
     peak_rss_bytes: int = 0
+    anon_rss_bytes: int = 0     # private memory after the run (clean pages mapped from the checkpoint file excluded)
+
+
+def anon_rss_bytes() -> int:
+    """This process's private resident memory now (Linux RssAnon; 0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_rss_bytes() -> int:
@@ -129,6 +142,7 @@ def bench_model(model: torch.nn.Module, tokenizer, *, name: str = "", seq_len: i
     result.quant_weight_bytes = weight_bytes(model)
     result.scratch_bytes = scratch_bytes()
     result.peak_rss_bytes = peak_rss_bytes()
+    result.anon_rss_bytes = anon_rss_bytes()
     return result
 
 
@@ -143,7 +157,8 @@ def format_result(r: BenchResult) -> str:
                      f"{r.step_ms:.1f} ms/step, {r.tokens_per_s:.1f} tokens/s")
     lines.append(f"  memory       weights {human_bytes(r.model_bytes)}"
                  + (f" (quantized layers {human_bytes(r.quant_weight_bytes)})" if r.quant_weight_bytes else "")
-                 + f", kernel scratch {human_bytes(r.scratch_bytes)}, peak RSS {human_bytes(r.peak_rss_bytes)}")
+                 + f", kernel scratch {human_bytes(r.scratch_bytes)}, peak RSS {human_bytes(r.peak_rss_bytes)}"
+                 + (f", private RSS now {human_bytes(r.anon_rss_bytes)}" if r.anon_rss_bytes else ""))
     return "\n".join(lines)
 
 

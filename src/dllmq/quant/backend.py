@@ -26,7 +26,9 @@ A kernel-backed layer's ``state_dict`` is the QuantLinear one, so a model can be
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -371,7 +373,20 @@ def convert(model: nn.Module, backend: str) -> BackendReport:
                 report.layers[path] = layer.kernel
     if report.reasons:
         log.info("kernel backend: %s", report.summary())
+    if report.layers:
+        release_freed_memory()
     return report
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the conversion's temporaries back to the OS. glibc keeps freed heap pages:
+    a 1B W4A16 model kept 0.8-1.4 GiB of them after conversion, more than its 0.5 GiB of weights."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim this way
+        pass
 
 
 def set_backend(model: nn.Module, backend: str) -> dict[str, int]:
