@@ -144,6 +144,25 @@ def test_forward_equals_linear_with_dequantized_weight():
     assert ql(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_kept_dequantized_weights_give_the_same_outputs_and_are_freed(monkeypatch):
+    from dllmq.quant.qlinear import cached_dequantized_weights, dense_weight_bytes
+    model = nn.Sequential(*(QuantLinear.from_float(lin, *_params(lin.weight.detach(), 4, 16), 4, 16)
+                            for lin in (_linear(64, 32), _linear(32, 64))))
+    x = torch.randn(3, 64)
+    ref = model(x)
+    calls = []
+    original = QuantLinear.dequantized_weight
+    monkeypatch.setattr(QuantLinear, "dequantized_weight", lambda self: calls.append(self) or original(self))
+    with cached_dequantized_weights(model):
+        outs = [model(x) for _ in range(4)] + [model(x.double()).float()]
+    assert all(torch.equal(o, ref) for o in outs[:4]) and torch.allclose(outs[4], ref, atol=1e-5)
+    assert len(calls) == 2 + 2  # once per layer, once more per layer for the new dtype
+    assert all(m._kept_weight is None and not m._keep_weight for m in model)
+    model(x)
+    assert len(calls) == 6  # outside the block: dequantized on every forward again
+    assert dense_weight_bytes(model) == (64 * 32 + 32 * 64) * 4
+
+
 def test_forward_applies_transform_then_act_quantizer():
     lin = _linear(16, 8, bias=False)
     scale, zero = _params(lin.weight.detach(), 8, -1)

@@ -20,6 +20,8 @@ optional submodules are None until a method (e.g. QuaRot, W4A4) sets them.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -223,12 +225,20 @@ class QuantLinear(nn.Module):
         w_t = dequantize(codes, self.scales.index_select(0, gi), zeros.index_select(0, gi))
         return w_t.t()
 
+    # Set only inside cached_dequantized_weights(): the dense weight kept between forwards (not state).
+    _keep_weight = False
+    _kept_weight: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
-        weight = self.dequantized_weight().to(x.dtype)
+        weight = self._kept_weight
+        if weight is None or weight.dtype != x.dtype:
+            weight = self.dequantized_weight().to(x.dtype)
+            if self._keep_weight:
+                self._kept_weight = weight
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
 
@@ -258,3 +268,26 @@ class QuantLinear(nn.Module):
                 if saved.dtype != mine.dtype and saved.dtype.is_floating_point:
                     self._buffers[name] = torch.empty_like(mine, dtype=saved.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def dense_weight_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """What keeping every QuantLinear's dequantized weight in ``dtype`` would cost."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, QuantLinear))
+
+
+@contextmanager
+def cached_dequantized_weights(model: nn.Module) -> Iterator[None]:
+    """Inside the block every QuantLinear dequantizes its weight once and keeps it: the same numbers,
+    without unpacking the codes again on each of an evaluation's many forwards (on small models that was
+    a third of the time). Costs the dense size of the quantized layers (`dense_weight_bytes`); the buffers
+    must not change inside the block. Leaving it frees the kept weights."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m._keep_weight = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._keep_weight, m._kept_weight = False, None
+
