@@ -329,7 +329,7 @@ def test_peak_rss_of_a_child_is_its_own_not_its_parents():
     from dllmq.bench import peak_rss_bytes
     ballast = b"\x01" * (700 << 20)  # written, so resident
     parent = peak_rss_bytes()
-    child = int(subprocess.run([sys.executable, "-c", "from dllmq.bench import peak_rss_bytes; print(peak_rss_bytes())"],
-                               capture_output=True, text=True, check=True).stdout)
+    code = "from dllmq.bench import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     del ballast
     assert parent >= 700 << 20 and child < parent - (400 << 20), (parent, child)

@@ -290,4 +290,3 @@ def cached_dequantized_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m._keep_weight, m._kept_weight = False, None
-

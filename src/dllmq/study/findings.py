@@ -36,7 +36,7 @@ def beats(a: float, b: float) -> bool:
     return round(b - a, 9) >= MARGIN
 
 
-def _tie_note(drops, other: float) -> str:
+def _tie_note(drops: Sequence[float], other: float) -> str:
     """'; a gap under 1 point is a tie' when some drop is within MARGIN of `other` (else nothing)."""
     return f"; {TIE}" if any(abs(d - other) < MARGIN for d in drops) else ""
 
