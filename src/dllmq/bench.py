@@ -57,28 +57,29 @@ class BenchResult:
     anon_rss_bytes: int = 0     # private memory after the run (clean pages mapped from the checkpoint file excluded)
 
 
-def anon_rss_bytes() -> int:
-    """This process's private resident memory now (Linux RssAnon; 0 where unknown)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status ("VmHWM", "RssAnon", ...) in bytes; None where unavailable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def anon_rss_bytes() -> int:
+    """This process's private resident memory now (Linux RssAnon; 0 where unknown)."""
+    return _proc_status_bytes("RssAnon") or 0
 
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far. On Linux from VmHWM: ru_maxrss survives exec, so a
     benchmark child started by a big parent would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak_hwm = _proc_status_bytes("VmHWM")
+    if peak_hwm is not None:
+        return peak_hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
