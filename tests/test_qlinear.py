@@ -145,7 +145,7 @@ def test_forward_equals_linear_with_dequantized_weight():
 
 
 def test_kept_dequantized_weights_give_the_same_outputs_and_are_freed(monkeypatch):
-    from dllmq.quant.qlinear import cached_dequantized_weights, dense_weight_bytes
+    from dllmq.quant.qlinear import cached_dequantized_weights, dense_weight_bytes, keep_dequantized_weights
     model = nn.Sequential(*(QuantLinear.from_float(lin, *_params(lin.weight.detach(), 4, 16), 4, 16)
                             for lin in (_linear(64, 32), _linear(32, 64))))
     x = torch.randn(3, 64)
@@ -161,6 +161,12 @@ def test_kept_dequantized_weights_give_the_same_outputs_and_are_freed(monkeypatc
     model(x)
     assert len(calls) == 6  # outside the block: dequantized on every forward again
     assert dense_weight_bytes(model) == (64 * 32 + 32 * 64) * 4
+    with keep_dequantized_weights(model, max_bytes=dense_weight_bytes(model) - 1):  # too big: nothing kept
+        model(x)
+        assert all(m._kept_weight is None for m in model)
+    with keep_dequantized_weights(model):
+        model(x)
+        assert all(m._kept_weight is not None for m in model)
 
 
 def test_forward_applies_transform_then_act_quantizer():

@@ -437,6 +437,7 @@ def run_eval(
     import lm_eval
 
     import dllmq.evaluate.harness as harness
+    from dllmq.quant.qlinear import keep_dequantized_weights
 
     sandbox_info = None
     if needs_code:
@@ -462,21 +463,23 @@ def run_eval(
                              "tokenizer files next to config.json).")
         family = model.family.name
         model_label = model_name or path or type(model).__name__
-        for preset, objs in built:
-            settings = P.model_settings(preset, family, overrides)
-            shots = P.num_fewshot(preset, overrides)
-            lm = harness.DllmqLM(model_label, model=model, tokenizer=tok, seed=seed, progress=progress, **settings)
-            t0 = time.time()
-            log.info("evaluating %s (%s, %s-shot) with %s", preset.name, preset.kind, shots, settings)
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=list(objs), num_fewshot=shots, limit=limit, log_samples=bool(log_samples or samples_out),
-                bootstrap_iters=bootstrap_iters, confirm_run_unsafe_code=allow_code_execution,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=fewshot_seed,
-                task_manager=task_manager)
-            leaves = _leaf_names(objs)
-            report_tasks[preset.name] = _summarise(preset, results, leaves, lm.settings(), shots, time.time() - t0)
-            for leaf, rows in (results.get("samples") or {}).items():
-                samples += [{"task": preset.name, "subtask": leaf, **row} for row in rows]
+        with keep_dequantized_weights(model):  # fake-quantized weights dequantized once, not per forward
+            for preset, objs in built:
+                settings = P.model_settings(preset, family, overrides)
+                shots = P.num_fewshot(preset, overrides)
+                lm = harness.DllmqLM(model_label, model=model, tokenizer=tok, seed=seed, progress=progress, **settings)
+                t0 = time.time()
+                log.info("evaluating %s (%s, %s-shot) with %s", preset.name, preset.kind, shots, settings)
+                results = lm_eval.simple_evaluate(
+                    model=lm, tasks=list(objs), num_fewshot=shots, limit=limit,
+                    log_samples=bool(log_samples or samples_out),
+                    bootstrap_iters=bootstrap_iters, confirm_run_unsafe_code=allow_code_execution,
+                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=fewshot_seed,
+                    task_manager=task_manager)
+                leaves = _leaf_names(objs)
+                report_tasks[preset.name] = _summarise(preset, results, leaves, lm.settings(), shots, time.time() - t0)
+                for leaf, rows in (results.get("samples") or {}).items():
+                    samples += [{"task": preset.name, "subtask": leaf, **row} for row in rows]
 
     report = {
         "format": "dllmq-eval/1",

@@ -20,8 +20,8 @@ optional submodules are None until a method (e.g. QuaRot, W4A4) sets them.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -276,7 +276,7 @@ def dense_weight_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> 
     return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, QuantLinear))
 
 
-@contextmanager
+@contextlib.contextmanager
 def cached_dequantized_weights(model: nn.Module) -> Iterator[None]:
     """Inside the block every QuantLinear dequantizes its weight once and keeps it: the same numbers,
     without unpacking the codes again on each of an evaluation's many forwards (on small models that was
@@ -290,3 +290,15 @@ def cached_dequantized_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m._keep_weight, m._kept_weight = False, None
+
+
+KEEP_WEIGHTS_BYTES = 2 << 30  # evaluations keep dequantized weights up to this size (an 8B model's are not kept)
+
+
+def keep_dequantized_weights(model: nn.Module, max_bytes: int = KEEP_WEIGHTS_BYTES):
+    """`cached_dequantized_weights(model)` when the kept weights fit `max_bytes`, else a no-op context: what
+    evaluations wrap themselves in."""
+    if dense_weight_bytes(model) <= max_bytes:  # counted at float32: the widest forward dtype
+        return cached_dequantized_weights(model)
+    return contextlib.nullcontext()
+

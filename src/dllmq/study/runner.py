@@ -22,7 +22,6 @@ Heavy imports (torch, the models, lm_eval) happen inside functions, so `add_pars
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import logging
 import math
@@ -45,7 +44,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DB = "runs/study.db"
 DEFAULT_CACHE = "runs/study-cache"
-KEEP_WEIGHTS_BYTES = 2 << 30  # dequantized weights kept during a cell's evaluation up to this size
 MINI_METRIC = {"mini_general": "acc", "mini_math": "exact_match", "mini_code": "pass@1"}
 
 # hook(event, cell, task): called at "claimed", "model_ready", "task_done" (task set), "finished".
@@ -177,25 +175,16 @@ def _prepare_model(cell: Cell, cache: QuantCache | None, device: str, calib_devi
     return model, tokenizer, seconds
 
 
-def _kept_weights(model):
-    """Keep dequantized weights during a cell's evaluation when they fit KEEP_WEIGHTS_BYTES (same numbers,
-    no unpacking per forward); an 8B model's would not, and is evaluated as before."""
-    from dllmq.quant.qlinear import cached_dequantized_weights, dense_weight_bytes
-
-    dtype = next(model.parameters()).dtype
-    if dense_weight_bytes(model, dtype) <= KEEP_WEIGHTS_BYTES:
-        return cached_dequantized_weights(model)
-    return contextlib.nullcontext()
-
-
 def _compute_cell(cell: Cell, config: StudyConfig, cache: QuantCache | None, device: str, calib_device: str | None,
                   progress: bool, hook: Hook | None, outcome: CellOutcome) -> list[dict]:
+    from dllmq.quant.qlinear import keep_dequantized_weights
+
     model, tokenizer, quant_seconds = _prepare_model(cell, cache, device, calib_device, progress, outcome)
     try:
         if hook:
             hook("model_ready", cell, None)
         rows = []
-        with _kept_weights(model):
+        with keep_dequantized_weights(model):
             for task in cell.tasks:
                 start = time.perf_counter()
                 r = _evaluate_task(model, tokenizer, task, cell, config, progress)
