@@ -227,16 +227,19 @@ def test_cell_keys_are_stable_and_follow_every_setting(tmp_path):
 
 
 # ----------------------------------------------------------------------------- runs
-def test_full_run_fills_the_db_and_the_cache_reproduces_it(tmp_path, count_quantize):
+def test_full_run_fills_the_db_and_the_cache_reproduces_it(tmp_path, count_quantize, capsys):
     from dllmq.api import load_model
     from dllmq.evaluate import evaluate_mini
 
     config = parse_config(grid(["fp", {"name": "rtn", "bits": ["W4A16-g128"]}, {"name": "gptq", "bits": ["W4A16-g128"]}],
                                tasks=["mini"]))
     db, cache = tmp_path / "runs.db", tmp_path / "cache"
-    summary = run_study(config, db, cache, progress=False)
+    summary = run_study(config, db, cache, progress=False, log_lines=True)
     cells = summary.cells
     assert summary.ok and [o.status for o in summary.outcomes] == ["done"] * 3 and count_quantize == ["rtn", "gptq"]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["study 1/3 cells", "study 2/3 cells", "study 3/3 cells"]
+    assert " rtn W4A16 done in " in lines[1] and "ETA" in lines[0] and "ETA" not in lines[2]
     assert_complete(db, cells, config.tasks)
 
     rows = store.read_results(db)

@@ -250,9 +250,10 @@ def _eta(durations: list[float], remaining: int) -> str:
 def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: str | os.PathLike | None = DEFAULT_CACHE,
               *, device: str = "cpu", calib_device: str | None = None, stale_after: float = 120.0,
               heartbeat_every: float = 10.0, retry_failed: bool = True, progress: bool = True,
-              hook: Hook | None = None, owner: str | None = None) -> StudySummary:
+              hook: Hook | None = None, owner: str | None = None, log_lines: bool = False) -> StudySummary:
     """Run every cell of `config` not yet done in `db`; see the module docstring. cache=None: no cache.
-    retry_failed: cells that failed in an earlier run are run again (never twice in one run)."""
+    retry_failed: cells that failed in an earlier run are run again (never twice in one run).
+    log_lines: one line on stderr per computed cell (for logs, where a progress bar cannot draw)."""
     from tqdm.auto import tqdm
 
     if stale_after <= 0:
@@ -275,6 +276,7 @@ def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: st
         bar = tqdm(total=len(cells), initial=done_before, desc="study", unit="cell", disable=not progress,
                    bar_format="{desc}{n_fmt}/{total_fmt} cells |{bar}| [{elapsed}{postfix}]")
         durations: list[float] = []
+        finished = done_before  # the bar's count, kept apart because a disabled bar counts nothing
         try:
             for cell in cells:
                 if known.get(cell.cell_key, {}).get("status") == "done":
@@ -289,6 +291,7 @@ def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: st
                     summary.outcomes.append(CellOutcome(cell, status))
                     if state == store.DONE:
                         bar.update(1)
+                        finished += 1
                     continue
                 bar.set_description(f"study ({cell.describe()})")
                 outcome = _run_claimed(conn, db, cell, owner, config, qcache, device, calib_device,
@@ -298,7 +301,12 @@ def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: st
                     log.warning("%s failed: %s", cell.describe(), outcome.error)
                 durations.append(outcome.seconds)
                 bar.update(1)
-                bar.set_postfix_str(_eta(durations, len(cells) - bar.n))
+                finished += 1
+                eta = _eta(durations, len(cells) - finished)
+                bar.set_postfix_str(eta)
+                if log_lines:
+                    print(f"study {finished}/{len(cells)} cells: {cell.describe()} {outcome.status} in "
+                          f"{outcome.seconds:.0f} s {eta}".rstrip(), file=sys.stderr, flush=True)
         finally:
             bar.set_description("study")
             bar.close()
@@ -466,7 +474,8 @@ def run(args) -> None:
         return
     summary = run_study(config, args.db, None if args.no_cache else args.cache, device=args.device,
                         calib_device=args.calib_device, stale_after=args.stale_after,
-                        retry_failed=not args.no_retry_failed, progress=sys.stderr.isatty())
+                        retry_failed=not args.no_retry_failed, progress=sys.stderr.isatty(),
+                        log_lines=not sys.stderr.isatty())
     print(format_table(args.db, summary.cells))
     print(format_summary(summary))
     print(f"report: dllmq report --db {args.db}")
