@@ -145,7 +145,7 @@ def test_forward_equals_linear_with_dequantized_weight():
 
 
 def test_kept_dequantized_weights_give_the_same_outputs_and_are_freed(monkeypatch):
-    from dllmq.quant.qlinear import cached_dequantized_weights, dense_weight_bytes, keep_dequantized_weights
+    from dllmq.quant.qlinear import dense_weight_bytes, keep_dequantized_weights
     model = nn.Sequential(*(QuantLinear.from_float(lin, *_params(lin.weight.detach(), 4, 16), 4, 16)
                             for lin in (_linear(64, 32), _linear(32, 64))))
     x = torch.randn(3, 64)
@@ -153,7 +153,7 @@ def test_kept_dequantized_weights_give_the_same_outputs_and_are_freed(monkeypatc
     calls = []
     original = QuantLinear.dequantized_weight
     monkeypatch.setattr(QuantLinear, "dequantized_weight", lambda self: calls.append(self) or original(self))
-    with cached_dequantized_weights(model):
+    with keep_dequantized_weights(model):
         outs = [model(x) for _ in range(4)] + [model(x.double()).float()]
     assert all(torch.equal(o, ref) for o in outs[:4]) and torch.allclose(outs[4], ref, atol=1e-5)
     assert len(calls) == 2 + 2  # once per layer, once more per layer for the new dtype
@@ -167,6 +167,10 @@ def test_kept_dequantized_weights_give_the_same_outputs_and_are_freed(monkeypatc
     with keep_dequantized_weights(model):
         model(x)
         assert all(m._kept_weight is not None for m in model)
+        with keep_dequantized_weights(model):  # nested (an evaluation inside a study cell): the outer one owns them
+            pass
+        assert all(m._kept_weight is not None and m._keep_weight for m in model)
+    assert all(m._kept_weight is None for m in model)
 
 
 def test_forward_applies_transform_then_act_quantizer():

@@ -301,9 +301,7 @@ def _eval_mini(args, names) -> None:
 
     model, tokenizer, _ = _load(args)
     limit = None if args.limit is None else int(args.limit)
-    from dllmq.quant.qlinear import keep_dequantized_weights
-    with keep_dequantized_weights(model):
-        results = evaluate_mini(model, tokenizer, names, limit=limit, seed=args.seed, chat=args.chat)
+    results = evaluate_mini(model, tokenizer, names, limit=limit, seed=args.seed, chat=args.chat)
     print(f"{'task':<14} {'acc':>7} {'stderr':>7} {'n':>5} {'chance':>7}")
     for task, r in results.items():
         print(f"{task:<14} {100 * r['acc']:>7.2f} {100 * r['stderr']:>7.2f} {r['n']:>5} {100 * r['chance']:>7.1f}")

@@ -190,26 +190,29 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
     """
     if tokenizer is None:
         raise DllmqError("The mini benchmark needs the model's tokenizer; load a checkpoint that ships one.")
+    from dllmq.quant.qlinear import keep_dequantized_weights
+
     chat = is_chat_model(model) if chat is None else chat
     was_training = model.training
     model.eval()
     results = {}
     try:
-        for task in expand_tasks(tasks):
-            items = load_items(task, limit)
-            samples = None
-            if task == "mini_general":
-                correct = score_general(model, tokenizer, items, seed=seed, progress=progress)
-            elif task == "mini_math":
-                correct, samples = score_math(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
-                                              progress=progress)
-            else:
-                correct, samples = score_code(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
-                                              progress=progress)
-            results[task] = _summary(correct, task)
-            if return_samples:
-                results[task]["samples"] = [{"id": it["id"], "correct": c, **({"output": s} if samples else {})}
-                                            for it, c, s in zip(items, correct, samples or [None] * len(items))]
+        with keep_dequantized_weights(model):  # fake-quantized weights dequantized once, not per forward
+            for task in expand_tasks(tasks):
+                items = load_items(task, limit)
+                samples = None
+                if task == "mini_general":
+                    correct = score_general(model, tokenizer, items, seed=seed, progress=progress)
+                elif task == "mini_math":
+                    correct, samples = score_math(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
+                                                  progress=progress)
+                else:
+                    correct, samples = score_code(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
+                                                  progress=progress)
+                results[task] = _summary(correct, task)
+                if return_samples:
+                    results[task]["samples"] = [{"id": it["id"], "correct": c, **({"output": s} if samples else {})}
+                                                for it, c, s in zip(items, correct, samples or [None] * len(items))]
     finally:
         model.train(was_training)
     return results

@@ -225,7 +225,7 @@ class QuantLinear(nn.Module):
         w_t = dequantize(codes, self.scales.index_select(0, gi), zeros.index_select(0, gi))
         return w_t.t()
 
-    # Set only inside cached_dequantized_weights(): the dense weight kept between forwards (not state).
+    # Set only inside keep_dequantized_weights(): the dense weight kept between forwards (not state).
     _keep_weight = False
     _kept_weight: torch.Tensor | None = None
 
@@ -276,13 +276,20 @@ def dense_weight_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> 
     return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, QuantLinear))
 
 
+KEEP_WEIGHTS_BYTES = 2 << 30  # evaluations keep dequantized weights up to this size (an 8B model's are not kept)
+
+
 @contextlib.contextmanager
-def cached_dequantized_weights(model: nn.Module) -> Iterator[None]:
+def keep_dequantized_weights(model: nn.Module, max_bytes: int = KEEP_WEIGHTS_BYTES) -> Iterator[None]:
     """Inside the block every QuantLinear dequantizes its weight once and keeps it: the same numbers,
     without unpacking the codes again on each of an evaluation's many forwards (on small models that was
-    a third of the time). Costs the dense size of the quantized layers (`dense_weight_bytes`); the buffers
-    must not change inside the block. Leaving it frees the kept weights."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    a third of the time). Only when the kept weights fit ``max_bytes`` (counted at float32, the widest
+    forward dtype); otherwise nothing changes. The buffers must not change inside the block; leaving it
+    frees the kept weights. Nested blocks leave the layers to the outermost one."""
+    if dense_weight_bytes(model) > max_bytes:
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and not m._keep_weight]
     for m in layers:
         m._keep_weight = True
     try:
@@ -290,15 +297,3 @@ def cached_dequantized_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m._keep_weight, m._kept_weight = False, None
-
-
-KEEP_WEIGHTS_BYTES = 2 << 30  # evaluations keep dequantized weights up to this size (an 8B model's are not kept)
-
-
-def keep_dequantized_weights(model: nn.Module, max_bytes: int = KEEP_WEIGHTS_BYTES):
-    """`cached_dequantized_weights(model)` when the kept weights fit `max_bytes`, else a no-op context: what
-    evaluations wrap themselves in."""
-    if dense_weight_bytes(model) <= max_bytes:  # counted at float32: the widest forward dtype
-        return cached_dequantized_weights(model)
-    return contextlib.nullcontext()
-

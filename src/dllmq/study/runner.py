@@ -177,22 +177,18 @@ def _prepare_model(cell: Cell, cache: QuantCache | None, device: str, calib_devi
 
 def _compute_cell(cell: Cell, config: StudyConfig, cache: QuantCache | None, device: str, calib_device: str | None,
                   progress: bool, hook: Hook | None, outcome: CellOutcome) -> list[dict]:
-    from dllmq.quant.qlinear import keep_dequantized_weights
-
     model, tokenizer, quant_seconds = _prepare_model(cell, cache, device, calib_device, progress, outcome)
     try:
         if hook:
             hook("model_ready", cell, None)
         rows = []
-        with keep_dequantized_weights(model):
-            for task in cell.tasks:
-                start = time.perf_counter()
-                r = _evaluate_task(model, tokenizer, task, cell, config, progress)
-                rows.append({"model": cell.model, "method": cell.method, "bits": cell.bits, "task": task,
-                             "seed": cell.seed, "quant_seconds": quant_seconds,
-                             "eval_seconds": time.perf_counter() - start, **r})
-                if hook:
-                    hook("task_done", cell, task)
+        for task in cell.tasks:
+            start = time.perf_counter()
+            r = _evaluate_task(model, tokenizer, task, cell, config, progress)
+            rows.append({"model": cell.model, "method": cell.method, "bits": cell.bits, "task": task, "seed": cell.seed,
+                         "quant_seconds": quant_seconds, "eval_seconds": time.perf_counter() - start, **r})
+            if hook:
+                hook("task_done", cell, task)
         return rows
     finally:
         del model
