@@ -4,10 +4,13 @@ import torch
 import torch.nn.functional as F
 
 from dllmq.models.random_models import random_model
-from dllmq.quant.awq import AWQ, candidate_scales, clip_weight, fold_scales
+from dllmq.quant.block import BlockContext
 from dllmq.quant.config import QuantConfig
-from dllmq.quant.pipeline import BlockContext, capture_block_inputs
-from dllmq.quant.rtn import rtn_weight
+from dllmq.quant.methods.awq import AWQ, candidate_scales, clip_weight
+from dllmq.quant.pipeline import capture_block_inputs
+from dllmq.quant.rounding import rtn_weight
+from dllmq.quant.smoothing import can_fold, fold_scales
+from dllmq.quant.specs import WeightSpec
 
 
 def block_context(name, config, n=3, length=24, dtype=torch.float64):
@@ -24,7 +27,7 @@ def test_folding_scales_leaves_full_precision_outputs_unchanged(name):
     before = ctx.run(keep_outputs=True)
     gen = torch.Generator().manual_seed(1)
     for group in ctx.family.groups:
-        if AWQ._scalable(ctx, group):
+        if can_fold(ctx, group):
             n_in = ctx.linear(group.linears[0]).in_features
             fold_scales(ctx, group, torch.rand(n_in, generator=gen, dtype=torch.float64) * 4 + 0.1)
     after = ctx.run(keep_outputs=True)
@@ -35,8 +38,8 @@ def test_folding_scales_leaves_full_precision_outputs_unchanged(name):
 def test_gqa_skips_v_to_out_but_mha_scales_it():
     dream = block_context("random-dream", QuantConfig(method="awq"))
     llada = block_context("random-llada", QuantConfig(method="awq"))
-    assert not AWQ._scalable(dream, dream.family.group("attn_out"))
-    assert AWQ._scalable(llada, llada.family.group("attn_out"))
+    assert not can_fold(dream, dream.family.group("attn_out"))
+    assert can_fold(llada, llada.family.group("attn_out"))
 
 
 @pytest.mark.parametrize("group_name", ["qkv", "gate_up", "down"])
@@ -45,15 +48,15 @@ def test_search_never_loses_to_alpha_zero(group_name):
     ctx = block_context("random-llada", config, dtype=torch.float32)
     method = AWQ(config)
     group = ctx.family.group(group_name)
-    feats = AWQ._input_features(ctx)[group.linears[0]]
+    feats = ctx.group_inputs()[group.role]
     s, losses = method.search_scale(ctx, group, feats)
-    fn = method._group_output(ctx, group)
+    fn = ctx.scored_output(group)
 
     def loss_with(scales):  # recomputed independently of the search loop
         originals = [ctx.linear(n).weight.data.clone() for n in group.linears]
         for n in group.linears:
             w = ctx.linear(n).weight.data
-            ctx.linear(n).weight.data = rtn_weight(w * scales, 3, 32, False).weight / scales
+            ctx.linear(n).weight.data = rtn_weight(w * scales, WeightSpec(3, 32, False)).weight / scales
         with torch.no_grad():
             out = [fn(x) for x in feats]
         for n, w in zip(group.linears, originals):
@@ -74,7 +77,7 @@ def test_clipping_does_not_increase_output_error():
     linear.weight.data[0, 5] = 12.0  # one outlier weight makes the plain grid coarse
     x = torch.randn(256, 64, generator=gen)
     w = linear.weight.data.clone()
-    before = (x @ (rtn_weight(w, 3, 32, False).weight - w).T).norm()
-    clip_weight(linear, x, 3, 32, False, n_grid=20, max_shrink=0.5)
-    after = (x @ (rtn_weight(linear.weight.data, 3, 32, False).weight - w).T).norm()
+    before = (x @ (rtn_weight(w, WeightSpec(3, 32, False)).weight - w).T).norm()
+    clip_weight(linear, x, WeightSpec(3, 32, False), n_grid=20, max_shrink=0.5)
+    after = (x @ (rtn_weight(linear.weight.data, WeightSpec(3, 32, False)).weight - w).T).norm()
     assert after <= before

@@ -1,10 +1,11 @@
 """GPTQ against the textbook Optimal Brain Quantizer, against RTN, and with act-order."""
 import torch
 
-from dllmq.quant.gptq import HessianAccumulator, gptq_quantize, relative_output_error
+from dllmq.quant.gptq_solver import HessianAccumulator, gptq_quantize, relative_output_error
 from dllmq.quant.primitives import QuantSpec, compute_qparams, quantize_column
 from dllmq.quant.qlinear import QuantLinear
-from dllmq.quant.rtn import round_scales, rtn_weight
+from dllmq.quant.rounding import round_scales, rtn_weight
+from dllmq.quant.specs import WeightSpec
 
 
 def correlated_inputs(n_tokens=512, n_in=32, seed=0, dtype=torch.float64):
@@ -66,7 +67,7 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     for bits in (3, 4):
         q_gptq = gptq_quantize(W, H, bits=bits, group_size=32)[0]
-        q_rtn = rtn_weight(W, bits, 32, sym=False).weight.double()
+        q_rtn = rtn_weight(W, WeightSpec(bits, 32, sym=False)).weight.double()
         e_gptq = (x @ (W - q_gptq).T).norm()
         e_rtn = (x @ (W - q_rtn).T).norm()
         assert e_gptq < 0.8 * e_rtn, (bits, e_gptq, e_rtn)
@@ -90,7 +91,7 @@ def test_act_order_permutation_is_undone_exactly():
     assert torch.allclose(ql.dequantized_weight().double(), Q, atol=1e-6)
     # static groups keep the natural group order
     Qs, _, _, g_static = gptq_quantize(W, H, bits=4, group_size=8, blocksize=8, act_order=True, static_groups=True)
-    assert g_static is None and (x @ (W - Qs).T).norm() < (x @ (W - rtn_weight(W, 4, 8, False).weight.double()).T).norm()
+    assert g_static is None and (x @ (W - Qs).T).norm() < (x @ (W - rtn_weight(W, WeightSpec(4, 8, False)).weight.double()).T).norm()
 
 
 def test_dead_inputs_get_zero_weights():

@@ -51,9 +51,10 @@ def test_w3_is_coarser_than_w4_and_gptq_beats_rtn_on_its_objective():
 
 def test_gptq_output_error_below_rtn_on_the_same_inputs():
     """Measure both on block 0's real calibration inputs (RTN reports weight error, so recompute)."""
-    from dllmq.quant.gptq import HessianAccumulator, gptq_quantize
+    from dllmq.quant.gptq_solver import HessianAccumulator, gptq_quantize
     from dllmq.quant.pipeline import capture_block_inputs
-    from dllmq.quant.rtn import rtn_weight
+    from dllmq.quant.rounding import rtn_weight
+    from dllmq.quant.specs import WeightSpec
     from dllmq.data import calibration_set
 
     model, tok = random_model("random-llada", seed=2)
@@ -68,7 +69,7 @@ def test_gptq_output_error_below_rtn_on_the_same_inputs():
     handle.remove()
     W = block.up_proj.weight.data.float()
     q_gptq = gptq_quantize(W, acc.H, 3, 32)[0]
-    q_rtn = rtn_weight(W, 3, 32, False).weight
+    q_rtn = rtn_weight(W, WeightSpec(3, 32, False)).weight
 
     def err(q):
         d = W - q

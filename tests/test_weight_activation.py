@@ -11,13 +11,14 @@ from dllmq.errors import DllmqError
 from dllmq.models.random_models import random_model
 from dllmq.quant import QuantConfig, quantize, save_quantized
 from dllmq.quant.activations import ActQuantizer, KVQuantizer
-from dllmq.quant.duquant import DuQuant
 from dllmq.quant.hadamard import HadamardTransform, factorize, fast_hadamard, hadamard_matrix
 from dllmq.quant.online import seen_input
-from dllmq.quant.pipeline import BlockContext, capture_block_inputs
+from dllmq.quant.block import BlockContext
+from dllmq.quant.methods.duquant import DuQuant
+from dllmq.quant.methods.quarot import rotate_model
+from dllmq.quant.methods.smoothquant import SmoothQuant
+from dllmq.quant.pipeline import capture_block_inputs
 from dllmq.quant.primitives import QuantSpec, fake_quantize
-from dllmq.quant.quarot import rotate_model
-from dllmq.quant.smoothquant import SmoothQuant
 
 FAMILIES = ["random-llada", "random-dream", "random-llama"]
 SIZES = [1, 2, 4, 12, 16, 28, 36, 64, 112, 128, 148, 296, 384, 576, 1536, 3584, 4096]

@@ -116,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--method", default="rtn",
-                   help="weight-only: rtn, gptq, awq; weight-activation: smoothquant, quarot, duquant (default rtn)")
+    p.add_argument("--method", default="rtn", help=f"{_methods_by_kind()} (default rtn)")
     p.add_argument("--preset", default=None, help="named bit config; explicit --wbits / --group-size win")
     p.add_argument("--wbits", type=int, default=None, help="weight bits, 2..8 (default 4)")
     p.add_argument("--group-size", type=int, default=None, help="inputs per scale, -1 = per channel (default 128)")
@@ -125,21 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abits", type=int, default=None,
                    help="activation bits for smoothquant / quarot / duquant (per-token dynamic; 16 = off)")
     p.add_argument("--kv-bits", type=int, default=None, help="K/V cache bits (per head, group 128; default 16 = off)")
-    p.add_argument("--alpha", type=float, default=None, help="smoothing strength (SmoothQuant 0.5, DuQuant 0.6)")
     p.add_argument("--act-clip", type=float, default=None, help="activation clip ratio (default: the method's)")
     p.add_argument("--weight-clip", type=float, default=None, help="weight clip ratio (default: the method's)")
-    p.add_argument("--weight-method", default="gptq", choices=["gptq", "rtn"],
-                   help="QuaRot: how the rotated weights are quantized (default gptq)")
     p.add_argument("--calib", default="wiki",
                    help="calibration text: wiki (offline, shipped; default), wikitext2, pile, or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
-    p.add_argument("--dynamic-groups", action="store_true",
-                   help="GPTQ act-order: groups follow the permuted order instead of static natural groups")
-    p.add_argument("--duo-scaling", action="store_true", help="AWQ: divide by mean|w|^(1-alpha) too")
-    p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clipping search")
+    add_method_arguments(p)
     p.add_argument("--calib-device", default=None, help="device for calibration (default: --device)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations on the CPU between blocks (less device memory)")
@@ -267,13 +258,10 @@ def cmd_quantize(args) -> None:
         raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
     settings = preset_settings(args.preset)
     flags = dict(wbits=args.wbits, group_size=args.group_size, abits=args.abits, kv_bits=args.kv_bits,
-                 alpha=args.alpha, act_clip=args.act_clip, weight_clip=args.weight_clip,
-                 sym=True if args.sym else None)
+                 act_clip=args.act_clip, weight_clip=args.weight_clip, sym=True if args.sym else None)
     settings.update({k: v for k, v in flags.items() if v is not None})  # explicit flags beat the preset
     config = QuantConfig(method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                         seed=args.seed, damp=args.damp, act_order=args.act_order,
-                         static_groups=not args.dynamic_groups, awq_duo_scaling=args.duo_scaling,
-                         awq_clip=not args.no_clip, weight_method=args.weight_method, **settings)
+                         seed=args.seed, **settings, **method_settings_from_args(args, args.method))
     model, tokenizer, family = _load(args)
     report = quantize(model, tokenizer, config, device=args.calib_device or args.device,
                       offload_activations=args.offload_activations, progress=True)
@@ -282,6 +270,67 @@ def cmd_quantize(args) -> None:
     on_disk, target = directory_bytes(out), theoretical_bytes(model)
     print(f"saved {out}: {human_bytes(on_disk)} of safetensors (packed target {human_bytes(target)}, "
           f"{100 * (on_disk / target - 1):+.1f}%)")
+
+
+def _methods_by_kind() -> str:
+    from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION
+    from dllmq.quant.registry import methods
+
+    def names(*kinds):
+        return ", ".join(m.name for m in methods() if m.kind in kinds)
+    either = names(EITHER)
+    return (f"weight-only: {names(EITHER, 'weight-only')}; weight-activation: {names(WEIGHT_ACTIVATION)}"
+            + (f" ({either} too, given --abits)" if either else ""))
+
+
+def _method_flags() -> dict[str, list]:
+    """flag -> [(method class, settings field)], for every setting a method exposes on the command line."""
+    from dataclasses import fields
+
+    from dllmq.quant.registry import methods
+    flags: dict[str, list] = {}
+    for m in methods():
+        for f in fields(m.Settings):
+            if f.metadata.get("flag"):
+                flags.setdefault(f.metadata["flag"], []).append((m, f))
+    return flags
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per method setting the registry's methods expose; its help names the methods it applies to."""
+    group = p.add_argument_group("method settings (each applies only to the methods it names)")
+    for flag, users in _method_flags().items():
+        first = users[0][1]
+        meta = first.metadata
+        if any(f.name != first.name for _, f in users):
+            raise TypeError(f"{flag} stands for different settings in different methods")
+        who = ", ".join(m.display_name for m, _ in users)
+        if isinstance(first.default, bool):
+            group.add_argument(flag, dest=first.name, action="store_const", const=not meta["invert"], default=None,
+                               help=f"{meta['help']} ({who})")
+            continue
+        if len({f.default for _, f in users}) == 1:
+            defaults = f"{who}; default {first.default}"
+        else:
+            defaults = "default " + ", ".join(f"{m.display_name} {f.default}" for m, f in users)
+        group.add_argument(flag, dest=first.name, type=type(first.default), choices=meta["choices"], default=None,
+                           help=f"{meta['help']} ({defaults})")
+
+
+def method_settings_from_args(args, method: str) -> dict:
+    """The method settings given on the command line; a flag of another method is an error."""
+    from dllmq.quant.registry import get_method
+    cls = get_method(method)
+    given = {}
+    for flag, users in _method_flags().items():
+        value = getattr(args, users[0][1].name)
+        if value is None:
+            continue
+        if cls not in [m for m, _ in users]:
+            raise DllmqError(f"{flag} is a setting of {', '.join(m.name for m, _ in users)}, not of {cls.name}; "
+                             "leave it out or choose one of those methods.")
+        given[users[0][1].name] = value
+    return given
 
 
 def cmd_eval(args) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from dllmq.models.config import ModelConfig, config_from_llada
-from dllmq.models.family import Family, LinearGroup
+from dllmq.models.family import SCORE_ATTENTION, SCORE_MLP, Family, LinearGroup, Role
 from dllmq.models.modeling import Block, RMSNorm, TransformerLM, linear
 
 FAMILY = Family(
@@ -14,13 +14,12 @@ FAMILY = Family(
     blocks="model.transformer.blocks",
     final_norm="model.transformer.ln_f",
     lm_head="model.transformer.ff_out",  # same leaf name as a block's down projection: match full paths
-    attn_norm="attn_norm",
-    ffn_norm="ff_norm",
     groups=(
-        LinearGroup("qkv", ("q_proj", "k_proj", "v_proj"), source="attn_norm"),
-        LinearGroup("attn_out", ("attn_out",), source="v_proj"),
-        LinearGroup("gate_up", ("ff_proj", "up_proj"), source="ff_norm"),
-        LinearGroup("down", ("ff_out",), source="up_proj"),
+        LinearGroup(Role.ATTN_IN, ("q_proj", "k_proj", "v_proj"), source="attn_norm", scored_on=SCORE_ATTENTION,
+                    clip_exempt=("q_proj", "k_proj")),
+        LinearGroup(Role.ATTN_OUT, ("attn_out",), source="v_proj"),
+        LinearGroup(Role.MLP_IN, ("ff_proj", "up_proj"), source="ff_norm", scored_on=SCORE_MLP),
+        LinearGroup(Role.MLP_OUT, ("ff_out",), source="up_proj"),
     ),
     causal=False,
     shift_logits=False,

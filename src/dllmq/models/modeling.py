@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dllmq.errors import DllmqError
 from dllmq.models.config import ModelConfig
-from dllmq.models.family import Family
+from dllmq.models.family import Family, Role
 
 
 class RMSNorm(nn.Module):
@@ -80,15 +81,15 @@ class Block(nn.Module):
 
     def attention(self, h: torch.Tensor, rope, mask) -> torch.Tensor:
         """Normed input -> attention output after the out projection (AWQ scores its q/k/v scales on this)."""
-        qkv, out = self.family.groups[0], self.family.groups[1]
-        q, k, v = (self._part(name)(h) for name in qkv.linears)
-        return self._part(out.linears[0])(self._attend(q, k, v, rope, mask))
+        q, k, v = (self._part(name)(h) for name in self.family.group(Role.ATTN_IN).linears)
+        [out] = self.family.group(Role.ATTN_OUT).linears
+        return self._part(out)(self._attend(q, k, v, rope, mask))
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """Normed input -> SwiGLU output after the down projection."""
-        gate_up, down = self.family.groups[2], self.family.groups[3]
-        gate, up = (self._part(name)(h) for name in gate_up.linears)
-        return self._part(down.linears[0])(F.silu(gate) * up)
+        gate, up = (self._part(name)(h) for name in self.family.group(Role.MLP_IN).linears)
+        [down] = self.family.group(Role.MLP_OUT).linears
+        return self._part(down)(F.silu(gate) * up)
 
     def _attend(self, q, k, v, rope, mask):
         b, length, _ = q.shape
@@ -145,7 +146,6 @@ class TransformerLM(nn.Module):
         """Hidden states entering block 0, plus the (rope, mask) every block is called with."""
         b, length = input_ids.shape
         if length > self.config.max_seq_len:
-            from dllmq.errors import DllmqError
             raise DllmqError(f"The input has {length} tokens but the model's context is {self.config.max_seq_len}.")
         hidden = self.get_embedding()(input_ids)
         if position_ids is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from dllmq.models.config import ModelConfig
-from dllmq.models.family import Family, LinearGroup
+from dllmq.models.family import SCORE_ATTENTION, SCORE_MLP, Family, LinearGroup, Role
 from dllmq.models.modeling import Block, RMSNorm, TransformerLM, linear
 
 
@@ -16,13 +16,14 @@ def qwen2_layout_family(name: str, model_types: tuple[str, ...], causal: bool, s
         blocks="model.layers",
         final_norm="model.norm",
         lm_head="lm_head",
-        attn_norm="input_layernorm",
-        ffn_norm="post_attention_layernorm",
         groups=(
-            LinearGroup("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), source="input_layernorm"),
-            LinearGroup("attn_out", ("self_attn.o_proj",), source="self_attn.v_proj"),
-            LinearGroup("gate_up", ("mlp.gate_proj", "mlp.up_proj"), source="post_attention_layernorm"),
-            LinearGroup("down", ("mlp.down_proj",), source="mlp.up_proj"),
+            LinearGroup(Role.ATTN_IN, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                        source="input_layernorm", scored_on=SCORE_ATTENTION,
+                        clip_exempt=("self_attn.q_proj", "self_attn.k_proj")),
+            LinearGroup(Role.ATTN_OUT, ("self_attn.o_proj",), source="self_attn.v_proj"),
+            LinearGroup(Role.MLP_IN, ("mlp.gate_proj", "mlp.up_proj"), source="post_attention_layernorm",
+                        scored_on=SCORE_MLP),
+            LinearGroup(Role.MLP_OUT, ("mlp.down_proj",), source="mlp.up_proj"),
         ),
         causal=causal,
         shift_logits=shift_logits,

@@ -1,8 +1,10 @@
 """How numbers become low-bit: primitives, the quantized linear, the block-by-block pipeline, one
-module per method (rtn, gptq, awq) and the saved format."""
-from dllmq.quant.api import format_report, make_method, quantize, save_quantized
+module per method under methods/ (listed by the registry) and the saved format."""
+from dllmq.quant.api import format_report, quantize, save_quantized
 from dllmq.quant.config import PRESETS, QuantConfig, preset_settings
+from dllmq.quant.methods.base import Method
 from dllmq.quant.qlinear import QuantLinear
+from dllmq.quant.registry import get_method, method_names, register
 
-__all__ = ["PRESETS", "QuantConfig", "QuantLinear", "preset_settings", "format_report", "make_method", "quantize",
-           "save_quantized"]
+__all__ = ["PRESETS", "Method", "QuantConfig", "QuantLinear", "format_report", "get_method", "method_names",
+           "preset_settings", "quantize", "register", "save_quantized"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dllmq.models.modeling import Block
 from dllmq.quant.hadamard import fast_hadamard
-from dllmq.quant.primitives import QuantSpec, fake_quantize
+from dllmq.quant.primitives import QuantSpec, compute_qparams, dequantize, fake_quantize, quantize
+from dllmq.quant.specs import ActSpec, KVSpec
 
 
 class ActQuantizer(nn.Module):
@@ -26,7 +28,6 @@ class ActQuantizer(nn.Module):
 
     def calibrate(self, x: torch.Tensor) -> None:
         """Widen the static grid to cover x (call over the calibration set)."""
-        from dllmq.quant.primitives import compute_qparams
         spec = QuantSpec(bits=self.spec.bits, symmetric=self.spec.symmetric, granularity="tensor",
                          clip_ratio=self.spec.clip_ratio)
         lo = torch.minimum(x.min().float(), torch.zeros(()))
@@ -42,7 +43,6 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.static:
             return fake_quantize(x, self.spec)
-        from dllmq.quant.primitives import dequantize, quantize
         return dequantize(quantize(x, self.static_scale, self.static_zero, self.spec.bits),
                           self.static_scale, self.static_zero).to(x.dtype)
 
@@ -73,3 +73,11 @@ class KVQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, group={self.group_size}, clip={self.clip_ratio}, rotate_qk={self.rotate_qk}"
+
+
+def attach_quantizers(block: Block, act: ActSpec, kv: KVSpec, rotate_qk: bool = False) -> None:
+    """Per-token activation quantizers on every block linear, and the K/V quantizer when asked."""
+    for name in block.family.block_linears:
+        block.get_submodule(name).act_quantizer = ActQuantizer(act.bits, symmetric=act.sym, clip_ratio=act.clip)
+    if kv.enabled:
+        block.kv_hook = KVQuantizer(kv.bits, kv.group_size, kv.clip, rotate_qk=rotate_qk)

@@ -6,39 +6,27 @@ from pathlib import Path
 
 import torch
 
+from dllmq.data import calibration_set
 from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
-from dllmq.models.loading import save_model
+from dllmq.models.loading import save_model, state_dict_for_saving
 from dllmq.models.modeling import TransformerLM
-from dllmq.quant.awq import AWQ
 from dllmq.quant.config import QuantConfig
-from dllmq.quant.duquant import DuQuant
 from dllmq.quant.format import quantization_config
-from dllmq.quant.gptq import GPTQ
-from dllmq.quant.pipeline import Method, QuantReport, quantize_model
+from dllmq.quant.pipeline import QuantReport, quantize_model
 from dllmq.quant.qlinear import QuantLinear
-from dllmq.quant.quarot import QuaRot
-from dllmq.quant.rtn import RTN
-from dllmq.quant.smoothquant import SmoothQuant
-
-METHODS: dict[str, type[Method]] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant,
-                                    "quarot": QuaRot, "duquant": DuQuant}
-
-
-def make_method(config: QuantConfig) -> Method:
-    return METHODS[config.method](config)
 
 
 def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> torch.Tensor | None:
     if not config.needs_calibration:
         return None
-    if config.seqlen > model.config.max_seq_len:
-        raise DllmqError(f"--seqlen {config.seqlen} is longer than the model's context of "
+    cal = config.calibration
+    if cal.seqlen > model.config.max_seq_len:
+        raise DllmqError(f"--seqlen {cal.seqlen} is longer than the model's context of "
                          f"{model.config.max_seq_len} tokens; use a shorter calibration window.")
     if tokenizer is None:
         raise DllmqError("Calibration needs the model's tokenizer, and this model directory has none.")
-    from dllmq.data import calibration_set
-    return calibration_set(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+    return calibration_set(tokenizer, cal.source, cal.nsamples, cal.seqlen, config.seed)
 
 
 def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: str | torch.device = "cpu",
@@ -47,7 +35,7 @@ def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: st
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise DllmqError("This model is already quantized; start from the full-precision checkpoint.")
     calib = calibration_ids(model, tokenizer, config)
-    report = quantize_model(model, make_method(config), calib, device=device,
+    report = quantize_model(model, config.make_method(), calib, device=device,
                             offload_activations=offload_activations, progress=progress)
     model.config.raw["quantization_config"] = quantization_config(model, config)
     return report
@@ -57,8 +45,6 @@ def theoretical_bytes(model: TransformerLM) -> int:
     """Bytes of the packed model: codes at their bit width plus scales, zeros and g_idx for every
     QuantLinear, and every other saved tensor (embedding, norms, head, online transforms) at its dtype.
     The saved file is checked against this."""
-    from dllmq.models.loading import state_dict_for_saving
-
     core = ("qweight", "qzeros", "scales", "g_idx")
     total = 0.0
     quantized = set()

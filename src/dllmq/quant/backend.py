@@ -37,8 +37,11 @@ import torch
 from torch import nn
 
 from dllmq.errors import DllmqError
+from dllmq.models.registry import build_model, parse_config
 from dllmq.quant import kernels as K
 from dllmq.quant.activations import ActQuantizer
+from dllmq.quant.format import prepare_quantized
+from dllmq.quant.modules import replace_module
 from dllmq.quant.packing import pack_codes, unpack_codes
 from dllmq.quant.qlinear import QuantLinear
 
@@ -343,11 +346,6 @@ class BackendReport:
         return text
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def convert(model: nn.Module, backend: str) -> BackendReport:
     """Switch every quantized layer of ``model`` to ``backend`` ("kernel" or "fake") in place."""
     if backend not in BACKENDS:
@@ -356,7 +354,7 @@ def convert(model: nn.Module, backend: str) -> BackendReport:
     for path, module in list(model.named_modules()):
         if isinstance(module, KernelLinear):
             if backend == FAKE:
-                _replace(model, path, module.to_quantlinear())
+                replace_module(model, path, module.to_quantlinear())
                 report.layers[path] = FAKE
             else:
                 report.layers[path] = module.kernel
@@ -369,7 +367,7 @@ def convert(model: nn.Module, backend: str) -> BackendReport:
             if layer is None:
                 report.layers[path], report.reasons[path] = FAKE, choice.reason
             else:
-                _replace(model, path, layer)
+                replace_module(model, path, layer)
                 report.layers[path] = layer.kernel
                 release_freed_memory()
     if report.reasons:
@@ -412,9 +410,6 @@ def backend_report(model: nn.Module) -> BackendReport:
 def plan_kernels(raw_config: dict, device: str = "cpu") -> BackendReport:
     """The kernel each quantized layer of a saved model would run on ``device``, from its
     config.json alone (for `dllmq inspect`; no weights are read)."""
-    from dllmq.models.registry import build_model, parse_config
-    from dllmq.quant.format import prepare_quantized
-
     with torch.device("meta"):
         model = build_model(parse_config(raw_config))
         prepare_quantized(model, raw_config)

@@ -1,131 +1,118 @@
-"""Quantization settings: one dataclass with the reference implementations' defaults, and the presets."""
+"""Quantization settings: one resolved config per run, the presets, and the flat form that saved
+models, study configs and keyword arguments use.
+
+    QuantConfig(method="gptq", wbits=4, group_size=128, act_order=True, nsamples=128)
+
+Shared settings go by their flat names (SHARED below) into the weight / activation / K/V /
+calibration specs; every other keyword is one of the method's own settings (its `Settings` class,
+see dllmq.quant.methods). What a config leaves unset takes the method's preference (QuaRot is
+symmetric, DuQuant clips at 4 bits, ...) and then the study's defaults (REFERENCE.md): group 128 for
+weight-only, per-channel weights for weight-activation, 128 calibration windows of 2048 tokens.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from dllmq.errors import DllmqError
+from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, Method
+from dllmq.quant.registry import get_method, methods
+from dllmq.quant.specs import NOT_QUANTIZED, ActSpec, CalibSpec, KVSpec, MethodSettings, WeightSpec
 
-WEIGHT_ONLY_METHODS = ("rtn", "gptq", "awq")
-WEIGHT_ACTIVATION_METHODS = ("smoothquant", "quarot", "duquant")
-METHODS = WEIGHT_ONLY_METHODS + WEIGHT_ACTIVATION_METHODS
-
-# The study's settings per weight-activation method (REFERENCE.md), used where a field is left None.
-# The reference clip ratios are tuned for 4-bit; at 6+ activation bits clipping only adds error, so
-# they apply when abits <= 4 and are 1.0 otherwise.
-_WA_DEFAULTS = {
-    "rtn": dict(alpha=None, act_sym=False, low_bit_act_clip=1.0, low_bit_weight_clip=1.0, sym=False),
-    "smoothquant": dict(alpha=0.5, act_sym=False, low_bit_act_clip=1.0, low_bit_weight_clip=1.0, sym=False),
-    "quarot": dict(alpha=None, act_sym=True, low_bit_act_clip=0.9, low_bit_weight_clip=1.0, sym=True),
-    "duquant": dict(alpha=0.6, act_sym=False, low_bit_act_clip=0.9, low_bit_weight_clip=0.8, sym=False),
-}
+# The flat names of the shared settings, in the order saved configs list them.
+SHARED = ("wbits", "group_size", "sym", "weight_clip", "abits", "act_sym", "act_clip", "kv_bits", "kv_group_size",
+          "kv_clip", "calib", "nsamples", "seqlen", "seed")
 
 
-@dataclass
 class QuantConfig:
-    """What to quantize and how. Defaults are the study's (REFERENCE.md): group 128, asymmetric weights,
-    GPTQ damp 0.01 / block 128, AWQ grid 20 with clip search, 128 calibration windows of 2048 tokens."""
+    """What to quantize and how, resolved: `method` (its registry name), the shared specs `weight`,
+    `act`, `kv` and `calibration`, the `seed` of every random choice, and `settings`, the method's own."""
 
-    method: str = "rtn"
-    wbits: int = 4
-    group_size: int | None = None  # -1 = one group per output channel; None: 128 weight-only, -1 otherwise
-    sym: bool | None = None        # None: symmetric for QuaRot, asymmetric otherwise
-    # weight-activation (16 = not quantized)
-    abits: int = 16
-    kv_bits: int = 16
-    alpha: float | None = None     # smoothing strength (SmoothQuant 0.5, DuQuant 0.6)
-    act_clip: float | None = None
-    act_sym: bool | None = None
-    weight_clip: float | None = None
-    kv_group_size: int = 128
-    kv_clip: float = 0.95
-    weight_method: str = "gptq"    # QuaRot: gptq or rtn on the rotated model
-    rotation_block: int = 128      # DuQuant
-    rotation_steps: int = 256      # DuQuant
-    # calibration
-    calib: str = "wiki"            # wiki (offline, shipped), wikitext2, pile, or a .txt / .jsonl path
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    # GPTQ
-    damp: float = 0.01
-    blocksize: int = 128
-    act_order: bool = False
-    static_groups: bool = True     # with act_order: groups keep the natural order (the issue's variant)
-    # AWQ
-    awq_grid: int = 20
-    awq_duo_scaling: bool = False
-    awq_clip: bool = True
-    awq_max_shrink: float = 0.5
-    awq_clip_tokens: int = 512
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.method = self.method.lower()
-        if self.method not in METHODS:
-            raise DllmqError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if not 2 <= self.wbits <= 8:
-            raise DllmqError(f"Weight bits must be between 2 and 8, got {self.wbits}.")
-        for name in ("abits", "kv_bits"):
-            if not (2 <= getattr(self, name) <= 8 or getattr(self, name) == 16):
-                raise DllmqError(f"--{name.replace('_', '-')} must be between 2 and 8 (or 16 for none), "
-                                 f"got {getattr(self, name)}.")
-        if self.weight_activation:
-            if self.abits == 16 and self.method != "rtn":
-                raise DllmqError(f"{self.method} quantizes activations; give --abits (e.g. 8 or 4) or a preset "
+    def __init__(self, method: str = "rtn", *, wbits: int = 4, group_size: int | None = None,
+                 sym: bool | None = None, weight_clip: float | None = None, abits: int = NOT_QUANTIZED,
+                 act_sym: bool | None = None, act_clip: float | None = None, kv_bits: int = NOT_QUANTIZED,
+                 kv_group_size: int = 128, kv_clip: float = 0.95, calib: str = "wiki", nsamples: int = 128,
+                 seqlen: int = 2048, seed: int = 0, **settings: Any):
+        cls = get_method(str(method))
+        self.method_class: type[Method] = cls
+        self.method = cls.name
+        self.settings: MethodSettings = cls.Settings.build(cls.name, settings)
+        if not 2 <= wbits <= 8:
+            raise DllmqError(f"Weight bits must be between 2 and 8, got {wbits}.")
+        for flag, bits in (("abits", abits), ("kv-bits", kv_bits)):
+            if not (2 <= bits <= 8 or bits == NOT_QUANTIZED):
+                raise DllmqError(f"--{flag} must be between 2 and 8 (or 16 for none), got {bits}.")
+        if cls.quantizes_activations(ActSpec(bits=abits)):
+            if abits == NOT_QUANTIZED:
+                raise DllmqError(f"{cls.name} quantizes activations; give --abits (e.g. 8 or 4) or a preset "
                                  "such as W8A8 / W4A4.")
-            d = _WA_DEFAULTS[self.method]
-            low = self.abits <= 4
-            self.alpha = d["alpha"] if self.alpha is None else self.alpha
-            self.act_sym = d["act_sym"] if self.act_sym is None else self.act_sym
-            self.act_clip = (d["low_bit_act_clip"] if low else 1.0) if self.act_clip is None else self.act_clip
-            self.weight_clip = ((d["low_bit_weight_clip"] if self.wbits <= 4 else 1.0)
-                                if self.weight_clip is None else self.weight_clip)
-            self.sym = d["sym"] if self.sym is None else self.sym
-            self.group_size = -1 if self.group_size is None else self.group_size
-        elif self.abits != 16 or self.kv_bits != 16:
-            raise DllmqError(f"{self.method} is weight-only; use smoothquant, quarot, duquant (or rtn as the "
-                             "untransformed baseline) to quantize activations.")
-        self.sym = bool(self.sym)
-        self.group_size = 128 if self.group_size is None else self.group_size
-        if self.weight_method not in ("gptq", "rtn"):
-            raise DllmqError(f"--weight-method must be gptq or rtn, got {self.weight_method!r}.")
-        for name in ("act_clip", "weight_clip"):
-            value = getattr(self, name)
+            low = abits <= 4
+            act_clip = (cls.low_bit_act_clip if low else 1.0) if act_clip is None else act_clip
+            weight_clip = (cls.low_bit_weight_clip if wbits <= 4 else 1.0) if weight_clip is None else weight_clip
+            group_size = -1 if group_size is None else group_size
+        elif abits != NOT_QUANTIZED or kv_bits != NOT_QUANTIZED:
+            raise DllmqError(f"{cls.name} is weight-only; use {_activation_methods()} to quantize activations.")
+        for flag, value in (("act-clip", act_clip), ("weight-clip", weight_clip)):
             if value is not None and not 0 < value <= 1:
-                raise DllmqError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}.")
-        if self.alpha is not None and not 0 <= self.alpha <= 1:
-            raise DllmqError(f"--alpha must be in [0, 1], got {self.alpha}.")
-        if self.group_size == 0 or self.group_size < -1:
-            raise DllmqError(f"Group size must be positive (or -1 for per-channel), got {self.group_size}.")
+                raise DllmqError(f"--{flag} must be in (0, 1], got {value}.")
+        group_size = 128 if group_size is None else group_size
+        if group_size == 0 or group_size < -1:
+            raise DllmqError(f"Group size must be positive (or -1 for per-channel), got {group_size}.")
+        self.weight = WeightSpec(wbits, group_size, bool(cls.weight_sym if sym is None else sym),
+                                 1.0 if weight_clip is None else weight_clip)
+        self.act = ActSpec(abits, bool(cls.act_sym if act_sym is None else act_sym),
+                           1.0 if act_clip is None else act_clip)
+        self.kv = KVSpec(kv_bits, kv_group_size, kv_clip)
+        self.calibration = CalibSpec(calib, nsamples, seqlen)
+        self.seed = seed
         if self.needs_calibration:
-            if self.nsamples <= 0:
-                raise DllmqError(f"--nsamples must be at least 1, got {self.nsamples}.")
-            if self.seqlen <= 0:
-                raise DllmqError(f"--seqlen must be at least 1, got {self.seqlen}.")
-        if not 0 < self.damp < 1:
-            raise DllmqError(f"GPTQ damping must be in (0, 1), got {self.damp}.")
+            if nsamples <= 0:
+                raise DllmqError(f"--nsamples must be at least 1, got {nsamples}.")
+            if seqlen <= 0:
+                raise DllmqError(f"--seqlen must be at least 1, got {seqlen}.")
 
     @property
     def weight_activation(self) -> bool:
-        """Activations are quantized too: the three transform methods, or RTN given --abits (the baseline)."""
-        return self.method in WEIGHT_ACTIVATION_METHODS or (self.method == "rtn" and self.abits < 16)
+        """Activations are quantized too: a weight-activation method, or RTN given --abits (the baseline)."""
+        return self.method_class.quantizes_activations(self.act)
 
     @property
     def needs_calibration(self) -> bool:
-        if self.method == "quarot":
-            return self.weight_method == "gptq"
-        return self.method != "rtn"
+        return self.method_class.needs_calibration(self.settings)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if not d["extra"]:
-            d.pop("extra")
-        return d
+    def make_method(self) -> Method:
+        return self.method_class(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form: the method, the shared settings by their SHARED names, then the method's own."""
+        w, a, kv, cal = self.weight, self.act, self.kv, self.calibration
+        shared = (w.bits, w.group_size, w.sym, w.clip, a.bits, a.sym, a.clip, kv.bits, kv.group_size, kv.clip,
+                  cal.source, cal.nsamples, cal.seqlen, self.seed)
+        return {"method": self.method, **dict(zip(SHARED, shared)), **self.settings.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        """A config from its flat form. Keys that are neither shared nor the method's are ignored, so the
+        configs of older dllmq versions (which listed every method's settings) still read."""
+        method = get_method(str(d.get("method", "rtn")))
+        known = set(SHARED) | set(method.Settings.names())
+        return cls(method.name, **{k: v for k, v in d.items() if k in known})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return "QuantConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+
+def settable_names(method: str) -> tuple[str, ...]:
+    """Every flat setting a config of `method` takes (the shared ones, then the method's own)."""
+    return SHARED + get_method(method).Settings.names()
+
+
+def _activation_methods() -> str:
+    wa = [m.name for m in methods() if m.kind == WEIGHT_ACTIVATION]
+    either = [m.name for m in methods() if m.kind == EITHER]
+    return ", ".join(wa) + (f" (or {', '.join(either)} as the untransformed baseline)" if either else "")
 
 
 # Preset names expand to weight settings; methods keep their own defaults for the rest.

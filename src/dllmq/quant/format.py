@@ -20,7 +20,7 @@ from __future__ import annotations
 from dllmq.errors import DllmqError
 from dllmq.models.modeling import TransformerLM
 from dllmq.quant.config import QuantConfig
-from dllmq.quant.pipeline import replace_linear
+from dllmq.quant.modules import replace_module
 from dllmq.quant.qlinear import QuantLinear
 
 LAYOUT = "gptq"
@@ -28,17 +28,17 @@ CHECKPOINT_FORMAT = "gptq_v2"
 
 
 def quantization_config(model: TransformerLM, config: QuantConfig) -> dict:
-    from dllmq import __version__
+    from dllmq import __version__  # the package's __init__ may still be importing this module
 
     return {
         # weight-activation models need dllmq to run (online transforms, activation quantizers);
         # their weights alone still read as GPTQ-layout tensors
         "quant_method": LAYOUT,
         "checkpoint_format": CHECKPOINT_FORMAT,
-        "bits": config.wbits,
-        "group_size": config.group_size,
-        "sym": config.sym,
-        "desc_act": config.act_order,
+        "bits": config.weight.bits,
+        "group_size": config.weight.group_size,
+        "sym": config.weight.sym,
+        "desc_act": bool(getattr(config.settings, "act_order", False)),  # GPTQ's (and QuaRot's) act-order
         "modules_in_block_to_quantize": [list(g.linears) for g in model.family.groups],
         "dllmq": {"version": __version__, **config.to_dict()},
     }
@@ -58,28 +58,19 @@ def read_quant_config(raw: dict) -> QuantConfig | None:
 
 
 def prepare_quantized(model: TransformerLM, raw: dict) -> None:
-    """Give a (meta) model the structure its saved quantization needs: QuantLinear modules, online
-    transforms (QuaRot's Hadamard before down, DuQuant's rotations), activation and K/V quantizers."""
-    from dllmq.quant.duquant import DuQuantTransform
-    from dllmq.quant.hadamard import HadamardTransform
-    from dllmq.quant.wa_common import attach_quantizers
-
+    """Give a (meta) model the structure its saved quantization needs: QuantLinear modules, then what
+    the method runs besides the weights (online transforms, activation and K/V quantizers), through the
+    same `build_runtime` that calibration ends with."""
     config = read_quant_config(raw)
     if config is None:
         return
-    down = model.family.group("down").linears[0]
+    method, spec = config.make_method(), config.weight
     for block in model.get_blocks():
         for name in model.family.block_linears:
             linear = block.get_submodule(name)
-            q = QuantLinear.empty(linear.in_features, linear.out_features, config.wbits, config.group_size,
-                                  bias=linear.bias is not None)
-            if config.method == "duquant":
-                q.input_transform = DuQuantTransform(linear.in_features, config.rotation_block)
-            elif config.method == "quarot" and name == down:
-                q.input_transform = HadamardTransform(linear.in_features)
-            replace_linear(block, name, q)
-        if config.weight_activation:
-            attach_quantizers(block, config, rotate_qk=config.method == "quarot")
+            replace_module(block, name, QuantLinear.empty(linear.in_features, linear.out_features, spec.bits,
+                                                          spec.group_size, bias=linear.bias is not None))
+        method.build_runtime(block)
 
 
 def describe_quantization(raw: dict) -> str | None:
@@ -87,11 +78,12 @@ def describe_quantization(raw: dict) -> str | None:
     config = read_quant_config(raw)
     if config is None:
         return None
-    group = "per-channel" if config.group_size == -1 else f"group {config.group_size}"
+    w, a, cal = config.weight, config.act, config.calibration
+    group = "per-channel" if w.group_size == -1 else f"group {w.group_size}"
     calib = "" if not config.needs_calibration else \
-        f", calibrated on {config.calib} ({config.nsamples} x {config.seqlen} tokens, seed {config.seed})"
+        f", calibrated on {cal.source} ({cal.nsamples} x {cal.seqlen} tokens, seed {config.seed})"
     acts = "" if not config.weight_activation else \
-        f", activations per token ({'symmetric' if config.act_sym else 'asymmetric'}, clip {config.act_clip})" + \
-        (f", KV {config.kv_bits}-bit" if config.kv_bits < 16 else "")
-    return f"quantized    {config.method.upper()} W{config.wbits}A{config.abits}, {group} weights " \
-           f"({'symmetric' if config.sym else 'asymmetric'}){acts}{calib}; weights stored in the GPTQ layout"
+        f", activations per token ({'symmetric' if a.sym else 'asymmetric'}, clip {a.clip})" + \
+        (f", KV {config.kv.bits}-bit" if config.kv.enabled else "")
+    return f"quantized    {config.method.upper()} W{w.bits}A{a.bits}, {group} weights " \
+           f"({'symmetric' if w.sym else 'asymmetric'}){acts}{calib}; weights stored in the GPTQ layout"

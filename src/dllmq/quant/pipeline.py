@@ -11,30 +11,19 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dllmq.models.modeling import Block, TransformerLM
-from dllmq.quant.config import QuantConfig
-from dllmq.quant.online import seen_input
+from dllmq.models.modeling import TransformerLM
+from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.methods.base import Method
+from dllmq.quant.modules import replace_module
 from dllmq.quant.qlinear import QuantLinear
+from dllmq.quant.specs import WeightSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class QuantizedWeight:
-    """A method's verdict on one linear: the weight on its quantization grid and the grid itself."""
-
-    weight: torch.Tensor        # [out, in], dequantized values (exactly representable by the codes)
-    scale: torch.Tensor         # [out, n_groups]
-    zero: torch.Tensor          # [out, n_groups]
-    g_idx: torch.Tensor | None  # [in] group of each input channel, None for the natural order
-    error: float                # relative error the method reports for this layer
-    error_kind: str             # "output" (on calibration inputs) or "weight"
 
 
 @dataclass
@@ -53,61 +42,6 @@ class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
 
 
-class BlockContext:
-    """What a method sees of one block: the block (on the device), its calibration inputs, and helpers
-    to run it over them with hooks on chosen linears."""
-
-    def __init__(self, block: Block, index: int, inputs: list[torch.Tensor] | None, rope, mask,
-                 device: torch.device, config: QuantConfig):
-        self.block, self.index, self.inputs = block, index, inputs
-        self.rope, self.mask, self.device, self.config = rope, mask, device, config
-        self.family = block.family
-
-    def linear(self, name: str) -> nn.Linear:
-        return self.block.get_submodule(name)
-
-    def run(self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None,
-            keep_outputs: bool = False) -> list[torch.Tensor] | None:
-        """Run the block over every calibration input; each hook receives its linear's input."""
-        handles = [self.linear(name).register_forward_hook(
-                       lambda m, args, out, fn=fn: fn(seen_input(m, args[0].detach())))
-                   for name, fn in (hooks or {}).items()]
-        outputs = []
-        try:
-            with torch.no_grad():
-                for x in self.inputs:
-                    y = self.block(x.to(self.device), self.rope, self.mask)
-                    if keep_outputs:
-                        outputs.append(y.to(x.device))
-        finally:
-            for h in handles:
-                h.remove()
-        return outputs if keep_outputs else None
-
-
-class Method:
-    """A quantization method: observe a block's calibration inputs, transform, quantize.
-
-    `propagate_quantized`: whether the next block is fed this block's quantized outputs (GPTQ's
-    reference does) or its full-precision ones (AWQ's reference does).
-    """
-
-    name = "base"
-    propagate_quantized = True
-
-    def __init__(self, config: QuantConfig):
-        self.config = config
-
-    def prepare_model(self, model: TransformerLM) -> None:
-        """Model-level work before calibration (QuaRot's rotation of the residual stream)."""
-
-    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        raise NotImplementedError
-
-    def finalize_block(self, block: Block) -> None:
-        """After the block's linears are quantized (weight-activation methods attach quantizers here)."""
-
-
 def capture_block_inputs(model: TransformerLM, calib_ids: torch.Tensor, device: torch.device, store: torch.device):
     """Block-0 inputs, one [1, L, H] tensor per calibration window, plus the shared rope tables and mask."""
     inputs = []
@@ -119,18 +53,11 @@ def capture_block_inputs(model: TransformerLM, calib_ids: torch.Tensor, device: 
     return inputs, rope, None if mask is None else mask.to(device)
 
 
-def replace_linear(block: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    setattr(parent, leaf, new)
-
-
-def to_quant_linear(linear: nn.Linear, result: QuantizedWeight, config: QuantConfig) -> QuantLinear:
+def to_quant_linear(linear: nn.Linear, result: QuantizedWeight, spec: WeightSpec) -> QuantLinear:
     original = linear.weight.data
     linear.weight.data = result.weight.to(original.dtype)
     try:
-        q = QuantLinear.from_float(linear, result.scale, result.zero, config.wbits, config.group_size,
-                                   g_idx=result.g_idx)
+        q = QuantLinear.from_float(linear, result.scale, result.zero, spec.bits, spec.group_size, g_idx=result.g_idx)
     finally:
         linear.weight.data = original
     q.input_transform = getattr(linear, "input_transform", None)  # online transforms travel along
@@ -168,10 +95,10 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
         results = method.quantize_block(ctx)
         for name in block.family.block_linears:  # execution order, so the report reads top to bottom
             if name in results:
-                replace_linear(block, name, to_quant_linear(ctx.linear(name), results[name], method.config))
+                replace_module(block, name, to_quant_linear(ctx.linear(name), results[name], method.config.weight))
                 report.layers.append(LayerReport(f"{model.family.blocks}.{i}.{name}", results[name].error,
                                                  results[name].error_kind))
-        method.finalize_block(block)
+        method.build_runtime(block)
         if inputs is not None:
             inputs = fp_outputs if fp_outputs is not None else ctx.run(keep_outputs=True)
         blocks[i] = block.to(home)

@@ -7,7 +7,7 @@ A YAML file (see default_study.yaml, the paper's grid, which is also what `dllmq
     methods:
       - fp                                   # full precision, once per model
       - {name: rtn, bits: [W4A16-g128, W3A16-g128]}
-      - {name: gptq, bits: [W4A16-g128], act_order: true, label: gptq-ao}   # any QuantConfig setting
+      - {name: gptq, bits: [W4A16-g128], act_order: true, label: gptq-ao}   # any setting of the method
       - {name: quarot, bits: [W4A4], weight_method: rtn}
     tasks: [mini_general, mini_math, mini_code]   # mini tasks, or lm-evaluation-harness tasks / groups
     limit: 100                               # items per task (null = all)
@@ -22,21 +22,19 @@ Every problem is reported as one DllmqError sentence that names the key, e.g.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dllmq.errors import DllmqError
-from dllmq.quant.config import METHODS as QUANT_METHODS
-from dllmq.quant.config import PRESETS, QuantConfig
+from dllmq.quant.config import PRESETS, QuantConfig, settable_names
+from dllmq.quant.registry import method_names
 
 DEFAULT_CONFIG_NAME = "default_study.yaml"
-METHOD_NAMES = ("fp", *QUANT_METHODS)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Settings a method entry may not override: the method is the entry's name, the seed comes from `seeds`.
 _RESERVED = ("method", "seed")
-_QUANT_FIELDS = tuple(f.name for f in fields(QuantConfig) if f.name not in _RESERVED)
 _TOP_KEYS = ("models", "methods", "tasks", "limit", "calibration", "seeds", "dtype", "eval")
 _CALIB_KEYS = ("calib", "nsamples", "seqlen")
 _EVAL_KEYS = ("chat", "batch_size", "allow_code_execution", "data_dir", "offline", "harness")
@@ -163,16 +161,18 @@ def _method(src: str, i: int, entry: Any, calibration: Calibration) -> MethodSpe
     if not isinstance(entry, dict) or "name" not in entry:
         raise _err(src, where, "must be a mapping with a name (e.g. {name: rtn, bits: [W4A16-g128]}) or the word fp")
     name = str(entry["name"]).lower()
-    if name not in METHOD_NAMES:
-        raise _err(src, f"{where}.name", f"is {entry['name']!r}, not a known method; use {', '.join(METHOD_NAMES)}")
+    known = ("fp", *method_names())
+    if name not in known:
+        raise _err(src, f"{where}.name", f"is {entry['name']!r}, not a known method; use {', '.join(known)}")
     label = entry.get("label", name)
     if not isinstance(label, str) or not label.strip():
         raise _err(src, f"{where}.label", "must be a non-empty name")
     overrides = {k: v for k, v in entry.items() if k not in ("name", "bits", "label")}
+    allowed = () if name == "fp" else tuple(k for k in settable_names(name) if k not in _RESERVED)
     for k in overrides:
-        if k not in _QUANT_FIELDS:
+        if k not in allowed and name != "fp":
             hint = "comes from the entry's name" if k == "method" else (
-                "comes from seeds" if k == "seed" else f"is not a QuantConfig setting (e.g. {', '.join(_QUANT_FIELDS[:8])}, ...)")
+                "comes from seeds" if k == "seed" else f"is not a setting of {name}; use {', '.join(allowed)}")
             raise _err(src, f"{where}.{k}", hint)
     if name == "fp":
         bits = entry.get("bits", ["FP"])

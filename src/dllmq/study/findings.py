@@ -15,8 +15,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from dllmq.study.grid import (AVG, MODERATE_AT, NEGLIGIBLE, ROTATION_METHODS, SEVERE, WEIGHT_ONLY_METHODS, Setting,
-                              classify, method_name, parse_bits)
+from dllmq.study.grid import (AVG, MODERATE_AT, NEGLIGIBLE, SEVERE, Setting, classify, method_name, parse_bits,
+                              rotation_methods, weight_only_methods)
 
 HOLDS, DOES_NOT_HOLD, MIXED, NOT_MEASURED = "holds", "does not hold", "mixed", "not measured"
 
@@ -126,8 +126,8 @@ def _list(values: Mapping[str, float]) -> str:
 def sweet_spot_w4(drops: ModelDrops, subject: str = "") -> Verdict:
     """1. 4-bit is the weight-only sweet spot: the best W4A16 weight-only method is not severe (drop
     <= 4) and the best W3A16 one loses more than 1 point more than it."""
-    w4 = at_bits(drops, W4A16, WEIGHT_ONLY_METHODS)
-    w3 = at_bits(drops, W3A16, WEIGHT_ONLY_METHODS)
+    w4 = at_bits(drops, W4A16, weight_only_methods())
+    w3 = at_bits(drops, W3A16, weight_only_methods())
     missing = [_bits_name(wa) for wa, v in ((W4A16, w4), (W3A16, w3)) if not v]
     if missing:
         return Verdict(subject, NOT_MEASURED, f"no weight-only {' or '.join(missing)} average measured.")
@@ -193,7 +193,7 @@ def rotation_beats_smoothing(drops: ModelDrops, subject: str = "") -> Verdict:
     """5. Rotation beats smoothing at W4A4: every rotation method measured (QuaRot, DuQuant) drops less
     than SmoothQuant on average, by MARGIN or more."""
     w4 = at_bits(drops, W4A4)
-    rot = {m: d for m, d in w4.items() if m in ROTATION_METHODS}
+    rot = {m: d for m, d in w4.items() if m in rotation_methods()}
     if "smoothquant" not in w4 or not rot:
         need = "SmoothQuant" if "smoothquant" not in w4 else "QuaRot or DuQuant"
         return Verdict(subject, NOT_MEASURED, f"no W4A4 average for {need}.")

@@ -18,18 +18,14 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from dllmq.quant.methods.base import EITHER, WEIGHT_ONLY
+from dllmq.quant.registry import methods
 from dllmq.study.store import CATEGORIES, TASK_CATEGORY, task_category
 
 NEGLIGIBLE, MODERATE, SEVERE = "negligible", "moderate", "severe"
 MODERATE_AT, SEVERE_ABOVE = 1.0, 4.0   # points: the paper's class edges
 AVG = "avg"                            # key of the overall average in drop tables
 
-# The paper's methods in its order; anything else sorts after them, alphabetically.
-METHOD_ORDER = ("rtn", "gptq", "awq", "smoothquant", "quarot", "duquant")
-METHOD_NAMES = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant",
-                "quarot": "QuaRot", "duquant": "DuQuant"}
-WEIGHT_ONLY_METHODS = ("rtn", "gptq", "awq")
-ROTATION_METHODS = ("quarot", "duquant")
 FP_LABELS = {"fp", "fp16", "bf16", "fp32", "float16", "bfloat16", "float32"}
 _BITS_RE = re.compile(r"^w(\d+)(?:a(\d+))?", re.IGNORECASE)
 
@@ -52,7 +48,25 @@ def parse_bits(label: str) -> tuple[int, int] | None:
 
 
 def method_name(method: str) -> str:
-    return METHOD_NAMES.get(method.lower(), method)
+    """A method's display name (the registry's; FP for full precision; a stored label as it is)."""
+    if method.lower() == "fp":
+        return "FP"
+    return next((m.display_name for m in methods() if m.name == method.lower()), method)
+
+
+def method_rank(method: str) -> int:
+    """The registry's order (the paper's for its methods); anything else sorts after them."""
+    names = [m.name for m in methods()]
+    return names.index(method) if method in names else len(names)
+
+
+def weight_only_methods() -> tuple[str, ...]:
+    """Methods whose weight-only results the findings compare (RTN included)."""
+    return tuple(m.name for m in methods() if m.kind in (WEIGHT_ONLY, EITHER))
+
+
+def rotation_methods() -> tuple[str, ...]:
+    return tuple(m.name for m in methods() if m.transform == "rotation")
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,7 @@ class Setting:
         if self.is_fp:
             return (0,)
         wa = self.wa
-        rank = METHOD_ORDER.index(self.method) if self.method in METHOD_ORDER else len(METHOD_ORDER)
+        rank = method_rank(self.method)
         if wa is None:
             return (3, self.bits, rank, self.method)
         group = 1 if wa[1] >= 16 else 2

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from dllmq.models.family import Family
 from dllmq.train import corpus
 
 # The fixed subset the shipped-weights test re-runs (first N items of each task).
@@ -147,7 +148,12 @@ Held-out items from `dllmq/evaluate/mini_data/`; settings in `dllmq/evaluate/min
 {extra}"""
 
 
-def extras_markdown(evals: dict, quant: dict | None, acts: dict | None) -> str:
+def residual_norm_paths(family: Family, n_layers: int) -> set[str]:
+    """The norms that read the residual stream: every block's attention norm and the final norm."""
+    return {f"{family.blocks}.{i}.{family.attn_norm}" for i in range(n_layers)} | {family.final_norm}
+
+
+def extras_markdown(evals: dict, quant: dict | None, acts: dict | None, residual: set[str] = frozenset()) -> str:
     parts = []
     if quant:
         n = next(iter(next(iter(quant.values())).values()))["n"]
@@ -161,7 +167,7 @@ def extras_markdown(evals: dict, quant: dict | None, acts: dict | None) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     if acts:
-        resid = {k: v for k, v in acts.items() if k.endswith(("attn_norm", "ln_f"))}
+        resid = {k: v for k, v in acts.items() if k in residual}
         worst = sorted(acts.items(), key=lambda kv: -kv[1]["ratio_to_median"])[:5]
         lines = ["", "## Activations (float32, 64 general contexts + 32 code prompts)", "",
                  "Residual stream entering each block (and the final norm): largest |x|, its channel, and its",
@@ -189,7 +195,8 @@ def export_model(run: Path, dest: Path, progress: bool = True, extra: str = "", 
     from dllmq.models.config import read_config_json
     from dllmq.models.registry import parse_config
 
-    summary["n_params"] = parse_config(read_config_json(tmp)).n_params
+    config = parse_config(read_config_json(tmp))
+    summary["n_params"] = config.n_params
     record = {"name": name, "full": evals, "subset": subset, "eval_seconds": round(time.time() - started, 1),
               "training": {k: v for k, v in summary.items() if k != "config"}}
     q = quant_check(tmp, limit=quant_limit if full_limit is None else full_limit) if quant else None
@@ -198,7 +205,7 @@ def export_model(run: Path, dest: Path, progress: bool = True, extra: str = "", 
         record["rtn"] = q
     if a:
         record["activations"] = a
-    extra = extras_markdown(evals, q, a) + extra
+    extra = extras_markdown(evals, q, a, residual_norm_paths(get_family(config.family), config.n_layers)) + extra
     (tmp / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
     (tmp / "README.md").write_text(model_card(name, summary, evals, extra))
     if dest.exists():
@@ -290,8 +297,9 @@ def activation_stats(directory: Path, n_items: int = 64) -> dict:
         return fn
 
     handles = []
+    residual = residual_norm_paths(model.family, len(model.get_blocks()))
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or name.endswith(("attn_norm", "ln_f")):
+        if isinstance(module, torch.nn.Linear) or name in residual:
             handles.append(module.register_forward_pre_hook(hook(name)))
     with torch.no_grad():
         for text in texts:

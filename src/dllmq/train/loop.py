@@ -292,9 +292,9 @@ def make_model(cfg: TrainConfig, tokenizer) -> TransformerLM:
             if param.dim() == 1:
                 param.fill_(1.0)
         # scaled init of residual outputs (GPT-2 style) for stable small-batch training
-        for name, param in model.named_parameters():
-            if name.endswith(("attn_out.weight", "ff_out.weight")) and ".blocks." in name:
-                param.mul_(1 / math.sqrt(2 * cfg.n_layers))
+        for block in model.get_blocks():
+            for name in model.family.residual_writers:
+                block.get_submodule(name).weight.mul_(1 / math.sqrt(2 * cfg.n_layers))
     return model.train()
 
 

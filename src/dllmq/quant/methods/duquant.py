@@ -17,15 +17,22 @@ quantized per token (asymmetric, clip 0.9 at 4 bits), the study's settings.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dllmq.models.modeling import Block
+from dllmq.errors import DllmqError
+from dllmq.models.family import Role
+from dllmq.quant.block import BlockContext, QuantizedWeight
 from dllmq.quant.hadamard import hadamard_matrix
+from dllmq.quant.methods.base import WEIGHT_ACTIVATION, Method
+from dllmq.quant.modules import replace_module
 from dllmq.quant.online import OnlineLinear
-from dllmq.quant.pipeline import BlockContext, Method, QuantizedWeight, replace_linear
-from dllmq.quant.wa_common import attach_quantizers, channel_absmax, group_inputs, round_weights, smoothing_scales
+from dllmq.quant.rounding import round_block
+from dllmq.quant.smoothing import ALPHA_HELP, channel_absmax, check_alpha, smoothing_scales
+from dllmq.quant.specs import MethodSettings, setting
+from dllmq.quant.tokens import sample_tokens
 
 MAX_TOKENS = 2048  # calibration tokens the greedy rotations look at
 
@@ -150,25 +157,39 @@ def _starts(sizes: list[int]) -> list[int]:
     return out
 
 
-def _sample_tokens(inputs: list[torch.Tensor], n: int) -> torch.Tensor:
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
-    return x[:: max(1, x.shape[0] // n)][:n]
+@dataclass(frozen=True)
+class DuQuantSettings(MethodSettings):
+    alpha: float = setting(0.6, ALPHA_HELP, flag="--alpha")
+    rotation_block: int = setting(128, "channels per block of the block-diagonal rotations")
+    rotation_steps: int = setting(256, "greedy steps per rotation block at most")
+
+    def check(self) -> None:
+        check_alpha(self.alpha)
+        if self.rotation_block < 1 or self.rotation_steps < 0:
+            raise DllmqError(f"DuQuant's rotation block must be at least 1 and its steps at least 0, got "
+                             f"{self.rotation_block} and {self.rotation_steps}.")
 
 
 class DuQuant(Method):
     name = "duquant"
+    display_name = "DuQuant"
+    kind = WEIGHT_ACTIVATION
+    transform = "rotation"
+    Settings = DuQuantSettings
     propagate_quantized = False
+    low_bit_act_clip = 0.9
+    low_bit_weight_clip = 0.8
 
     def transform_block(self, ctx: BlockContext) -> None:
         """Smooth + rotate + permute every group of the block (exact in full precision)."""
-        c = self.config
-        feats = group_inputs(ctx)
+        st = self.settings
+        feats = ctx.group_inputs()
         for group in ctx.family.groups:
-            inputs = feats[group.linears[0]]
+            inputs = feats[group.role]
             weights = [ctx.linear(n).weight for n in group.linears]
-            s = smoothing_scales(channel_absmax(inputs), weights, c.alpha)
-            transform = DuQuantTransform.fit(_sample_tokens(inputs, MAX_TOKENS).float(), s, c.rotation_block,
-                                             c.rotation_steps).to(weights[0].device)
+            s = smoothing_scales(channel_absmax(inputs), weights, st.alpha)
+            transform = DuQuantTransform.fit(sample_tokens(inputs, MAX_TOKENS).float(), s, st.rotation_block,
+                                             st.rotation_steps).to(weights[0].device)
             for name in group.linears:
                 lin = OnlineLinear.wrap(ctx.linear(name))
                 with torch.no_grad():
@@ -176,11 +197,11 @@ class DuQuant(Method):
                     lin.weight.data = transform.double().orthogonal(w).to(lin.weight.dtype)
                 transform.float()
                 lin.input_transform = transform
-                replace_linear(ctx.block, name, lin)
+                replace_module(ctx.block, name, lin)
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         self.transform_block(ctx)
-        return round_weights(ctx, self.config)
+        return round_block(ctx, self.config.weight)
 
-    def finalize_block(self, block: Block) -> None:
-        attach_quantizers(block, self.config)
+    def input_transform(self, role: Role, in_features: int) -> nn.Module | None:
+        return DuQuantTransform(in_features, self.settings.rotation_block)

@@ -8,30 +8,40 @@ quantized per token at run time (asymmetric), as in the study.
 """
 from __future__ import annotations
 
-from dllmq.models.modeling import Block
-from dllmq.quant.awq import AWQ, fold_scales
-from dllmq.quant.pipeline import BlockContext, Method, QuantizedWeight
-from dllmq.quant.wa_common import attach_quantizers, channel_absmax, group_inputs, round_weights, smoothing_scales
+from dataclasses import dataclass
+
+from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.methods.base import WEIGHT_ACTIVATION, Method
+from dllmq.quant.rounding import round_block
+from dllmq.quant.smoothing import ALPHA_HELP, can_fold, channel_absmax, check_alpha, fold_scales, smoothing_scales
+from dllmq.quant.specs import MethodSettings, setting
+
+@dataclass(frozen=True)
+class SmoothQuantSettings(MethodSettings):
+    alpha: float = setting(0.5, ALPHA_HELP, flag="--alpha")
+    smooth_pairs: bool = setting(False, "also smooth v -> attention out and up -> down where shapes allow")
+
+    def check(self) -> None:
+        check_alpha(self.alpha)
 
 
 class SmoothQuant(Method):
     name = "smoothquant"
+    display_name = "SmoothQuant"
+    kind = WEIGHT_ACTIVATION
+    transform = "smoothing"
+    Settings = SmoothQuantSettings
     propagate_quantized = False  # act scales come from the full-precision model, as in the reference
-    smooth_pairs = False
 
     def smooth(self, ctx: BlockContext) -> None:
-        feats = group_inputs(ctx)
+        feats = ctx.group_inputs()
         for group in ctx.family.groups:
-            from_norm = group.name in ("qkv", "gate_up")
-            if not (from_norm or (self.smooth_pairs and AWQ._scalable(ctx, group))):
+            if not (group.reads_norm or (self.settings.smooth_pairs and can_fold(ctx, group))):
                 continue
             weights = [ctx.linear(n).weight for n in group.linears]
-            s = smoothing_scales(channel_absmax(feats[group.linears[0]]), weights, self.config.alpha)
+            s = smoothing_scales(channel_absmax(feats[group.role]), weights, self.settings.alpha)
             fold_scales(ctx, group, s.to(weights[0].device))
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         self.smooth(ctx)
-        return round_weights(ctx, self.config)
-
-    def finalize_block(self, block: Block) -> None:
-        attach_quantizers(block, self.config)
+        return round_block(ctx, self.config.weight)

@@ -14,16 +14,22 @@ group 128, clip 0.95). The LM head stays in high precision.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from dllmq.models.modeling import Block, TransformerLM
-from dllmq.quant.gptq import GPTQ
+from dllmq.errors import DllmqError
+from dllmq.models.family import Role
+from dllmq.models.modeling import TransformerLM
+from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.gptq_solver import GPTQSettings, gptq_block
 from dllmq.quant.hadamard import HadamardTransform, hadamard_matrix, random_hadamard
+from dllmq.quant.methods.base import WEIGHT_ACTIVATION, Method
+from dllmq.quant.modules import replace_module
 from dllmq.quant.online import OnlineLinear
-from dllmq.quant.pipeline import BlockContext, Method, QuantizedWeight, replace_linear
-from dllmq.quant.rtn import RTN
-from dllmq.quant.wa_common import attach_quantizers
+from dllmq.quant.rounding import round_block
+from dllmq.quant.specs import setting
 
 
 def _set(param: nn.Parameter, value: torch.Tensor) -> None:
@@ -55,25 +61,26 @@ def rotate_model(model: TransformerLM, seed: int = 0) -> None:
         H_ffn = hadamard_matrix(c.intermediate_size).double() / c.intermediate_size ** 0.5
         emb = model.get_embedding()
         _set(emb.weight, emb.weight.detach().double() @ Q)
+        attn_in, mlp_in = fam.group(Role.ATTN_IN), fam.group(Role.MLP_IN)
+        [v] = attn_in.linears[2:]
+        [o] = fam.group(Role.ATTN_OUT).linears
+        [down] = fam.group(Role.MLP_OUT).linears
         for block in model.get_blocks():
             part = block.get_submodule
-            qkv, out, gate_up, down = fam.groups
-            fuse_norm(part(fam.attn_norm), [part(n) for n in qkv.linears])
-            fuse_norm(part(fam.ffn_norm), [part(n) for n in gate_up.linears])
-            for name in qkv.linears + gate_up.linears:  # readers of the residual
+            for group in (attn_in, mlp_in):
+                fuse_norm(part(group.source), [part(n) for n in group.linears])
+            for name in attn_in.linears + mlp_in.linears:  # readers of the residual
                 _set(part(name).weight, part(name).weight.detach().double() @ Q)
-            for name in out.linears + down.linears:      # writers to the residual
+            for name in fam.residual_writers:
                 lin = part(name)
                 _set(lin.weight, Q.T @ lin.weight.detach().double())
                 if lin.bias is not None:
                     _set(lin.bias, lin.bias.detach().double() @ Q)
-            v, o = part(qkv.linears[2]), part(out.linears[0])
-            _rotate_heads(v, o, H_head, c.head_dim)
-            down_name = down.linears[0]
-            lin = OnlineLinear.wrap(part(down_name))
+            _rotate_heads(part(v), part(o), H_head, c.head_dim)
+            lin = OnlineLinear.wrap(part(down))
             _set(lin.weight, lin.weight.detach().double() @ H_ffn)
             lin.input_transform = HadamardTransform(c.intermediate_size)
-            replace_linear(block, down_name, lin)
+            replace_module(block, down, lin)
         head = model.get_lm_head()
         fuse_norm(model.get_final_norm(), [head])
         _set(head.weight, head.weight.detach().double() @ Q)
@@ -89,19 +96,39 @@ def _rotate_heads(v: nn.Linear, o: nn.Linear, H: torch.Tensor, d: int) -> None:
     _set(o.weight, (wo.reshape(wo.shape[0], -1, d) @ H).reshape(wo.shape))
 
 
+@dataclass(frozen=True)
+class QuaRotSettings(GPTQSettings):
+    weight_method: str = setting("gptq", "how the rotated weights are quantized", flag="--weight-method",
+                                 choices=("gptq", "rtn"))
+
+    def check(self) -> None:
+        super().check()
+        if self.weight_method not in ("gptq", "rtn"):
+            raise DllmqError(f"--weight-method must be gptq or rtn, got {self.weight_method!r}.")
+
+
 class QuaRot(Method):
     name = "quarot"
+    display_name = "QuaRot"
+    kind = WEIGHT_ACTIVATION
+    transform = "rotation"
+    Settings = QuaRotSettings
+    weight_sym = True
+    act_sym = True
+    low_bit_act_clip = 0.9
+    rotate_qk = True
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.weights = GPTQ(config) if config.weight_method == "gptq" else RTN(config)
-        self.propagate_quantized = self.weights.propagate_quantized
+    @classmethod
+    def needs_calibration(cls, settings: QuaRotSettings) -> bool:
+        return settings.weight_method == "gptq"
 
     def prepare_model(self, model: TransformerLM) -> None:
         rotate_model(model, seed=self.config.seed)
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        return self.weights.quantize_block(ctx)
+        if self.settings.weight_method == "gptq":
+            return gptq_block(ctx, self.config.weight, self.settings)
+        return round_block(ctx, self.config.weight)
 
-    def finalize_block(self, block: Block) -> None:
-        attach_quantizers(block, self.config, rotate_qk=True)
+    def input_transform(self, role: Role, in_features: int) -> nn.Module | None:
+        return HadamardTransform(in_features) if role == Role.MLP_OUT else None

@@ -1,4 +1,5 @@
-"""GPTQ (Frantar et al., 2022), as the reference implementation runs it.
+"""GPTQ's solver (Frantar et al., 2022), as the reference implementation runs it. Shared math: the
+GPTQ method uses it, and QuaRot quantizes its rotated weights with it.
 
 Per linear: H = 2/N sum x x^T over the calibration tokens; dead inputs (H_ii = 0) get H_ii = 1 and a
 zero weight column; damping 0.01 x mean(diag H), raised and retried with a warning if the Cholesky
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
 from dllmq.errors import DllmqError
-from dllmq.quant.pipeline import BlockContext, Method, QuantizedWeight
+from dllmq.quant.block import BlockContext, QuantizedWeight
 from dllmq.quant.primitives import QuantSpec, compute_qparams, quantize_column
-from dllmq.quant.rtn import round_scales
+from dllmq.quant.rounding import round_scales
+from dllmq.quant.specs import MethodSettings, WeightSpec, setting
 
 log = logging.getLogger(__name__)
 
@@ -131,24 +134,37 @@ def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> 
     return math.sqrt(max(num.item(), 0.0) / max(den.item(), 1e-30))
 
 
-class GPTQ(Method):
-    name = "gptq"
-    propagate_quantized = True
+@dataclass(frozen=True)
+class GPTQSettings(MethodSettings):
+    damp: float = setting(0.01, "damping, a fraction of mean diag(H)", flag="--damp")
+    blocksize: int = setting(128, "columns per lazy error-update block")
+    act_order: bool = setting(False, "columns in order of decreasing Hessian diagonal", flag="--act-order")
+    static_groups: bool = setting(True, "with act-order: groups follow the permuted order instead of static "
+                                        "natural groups", flag="--dynamic-groups", invert=True)
 
-    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        c = self.config
-        results: dict[str, QuantizedWeight] = {}
-        for group in ctx.family.groups:  # true-sequential: each group sees the quantized ones before it
-            # the linears of a group read the same input, so they share one Hessian
-            first = group.linears[0]
-            hessian = HessianAccumulator(ctx.linear(first).in_features, ctx.device)
-            ctx.run({first: hessian.add})
-            H = hessian.H
-            for name in group.linears:
-                linear = ctx.linear(name)
-                Q, scale, zero, g_idx = gptq_quantize(linear.weight.float(), H, c.wbits, c.group_size, c.sym,
-                                                      c.damp, c.blocksize, c.act_order, c.static_groups)
-                err = relative_output_error(linear.weight.float(), Q, H)
-                results[name] = QuantizedWeight(Q.float(), scale, zero, g_idx, err, "output")
-                linear.weight.data = Q.to(linear.weight.dtype)  # later groups calibrate on quantized outputs
-        return results
+    def check(self) -> None:
+        if not 0 < self.damp < 1:
+            raise DllmqError(f"GPTQ damping must be in (0, 1), got {self.damp}.")
+        if self.blocksize < 1:
+            raise DllmqError(f"GPTQ's block size must be at least 1, got {self.blocksize}.")
+
+
+def gptq_block(ctx: BlockContext, spec: WeightSpec, settings: GPTQSettings) -> dict[str, QuantizedWeight]:
+    """GPTQ on every linear of a block, true-sequentially: each group is calibrated on the outputs of
+    the already-quantized groups before it."""
+    results: dict[str, QuantizedWeight] = {}
+    for group in ctx.family.groups:
+        # the linears of a group read the same input, so they share one Hessian
+        first = group.linears[0]
+        hessian = HessianAccumulator(ctx.linear(first).in_features, ctx.device)
+        ctx.run({first: hessian.add})
+        H = hessian.H
+        for name in group.linears:
+            linear = ctx.linear(name)
+            Q, scale, zero, g_idx = gptq_quantize(linear.weight.float(), H, spec.bits, spec.group_size, spec.sym,
+                                                  settings.damp, settings.blocksize, settings.act_order,
+                                                  settings.static_groups)
+            err = relative_output_error(linear.weight.float(), Q, H)
+            results[name] = QuantizedWeight(Q.float(), scale, zero, g_idx, err, "output")
+            linear.weight.data = Q.to(linear.weight.dtype)  # later groups calibrate on quantized outputs
+    return results

@@ -13,23 +13,29 @@ block is fed full-precision outputs, as in the reference.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllmq.models.modeling import RMSNorm
-from dllmq.quant.pipeline import BlockContext, Method, QuantizedWeight
+from dllmq.models.family import LinearGroup
+from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.methods.base import WEIGHT_ONLY, Method
 from dllmq.quant.primitives import QuantSpec, fake_quantize
-from dllmq.quant.rtn import rtn_weight
+from dllmq.quant.rounding import rtn_weight
+from dllmq.quant.smoothing import can_fold, fold_scales
+from dllmq.quant.specs import MethodSettings, WeightSpec, setting
+from dllmq.quant.tokens import flatten_tokens, sample_tokens
 
-_NO_CLIP = ("q_proj", "k_proj")
 
-
-def group_fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """RTN fake quantization of a weight matrix, group-wise along the input dim."""
-    return rtn_weight(w, bits, group_size, sym).weight.to(w.dtype)
+@dataclass(frozen=True)
+class AWQSettings(MethodSettings):
+    awq_grid: int = setting(20, "points of the scale (alpha) and clip searches")
+    awq_duo_scaling: bool = setting(False, "duo scaling: divide by mean|w|^(1-alpha) too", flag="--duo-scaling")
+    awq_clip: bool = setting(True, "skip the clipping search", flag="--no-clip", invert=True)
+    awq_max_shrink: float = setting(0.5, "the clip search shrinks max |w| down to this fraction")
+    awq_clip_tokens: int = setting(512, "calibration tokens the clip search looks at")
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -52,73 +58,49 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: f
 
 class AWQ(Method):
     name = "awq"
+    display_name = "AWQ"
+    kind = WEIGHT_ONLY
+    Settings = AWQSettings
     propagate_quantized = False
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        c = self.config
-        groups = [g for g in ctx.family.groups if self._scalable(ctx, g)]
-        feats = self._input_features(ctx)
+        st = self.settings
+        spec = replace(self.config.weight, clip=1.0)  # the clip search replaces a fixed clip ratio
+        feats = ctx.group_inputs()
         # search every group on the original block, then fold all scales (as the reference does)
-        chosen = [(group, self.search_scale(ctx, group, feats[group.linears[0]])) for group in groups]
-        for group, (scales, _) in chosen:
+        chosen = [(g, self.search_scale(ctx, g, feats[g.role])[0]) for g in ctx.family.groups if can_fold(ctx, g)]
+        for group, scales in chosen:
             fold_scales(ctx, group, scales)
-            for name in group.linears:
-                feats[name] = [x / scales.to(x.dtype) for x in feats[name]]
+            feats[group.role] = [x / scales.to(x.dtype) for x in feats[group.role]]
         results = {}
         for group in ctx.family.groups:
+            x = sample_tokens(feats[group.role], st.awq_clip_tokens).float()
             for name in group.linears:
                 linear = ctx.linear(name)
-                x = _token_sample(feats[name], c.awq_clip_tokens)
-                if c.awq_clip and not name.endswith(_NO_CLIP):
-                    clip_weight(linear, x, c.wbits, c.group_size, c.sym, c.awq_grid, c.awq_max_shrink)
-                q = rtn_weight(linear.weight, c.wbits, c.group_size, c.sym)
+                if st.awq_clip and group.clip_search(name):
+                    clip_weight(linear, x, spec, st.awq_grid, st.awq_max_shrink)
+                q = rtn_weight(linear.weight, spec)
                 q.error = _relative_output_error(linear.weight.float(), q.weight, x)
                 q.error_kind = "output"
                 results[name] = q
         return results
 
-    # -- steps ---------------------------------------------------------------------------------
-    @staticmethod
-    def _scalable(ctx: BlockContext, group) -> bool:
-        """A linear source can only carry 1/s when its outputs are exactly the group's inputs."""
-        source = ctx.block.get_submodule(group.source)
-        if isinstance(source, nn.Linear):
-            return source.out_features == ctx.linear(group.linears[0]).in_features
-        return True
-
-    @staticmethod
-    def _input_features(ctx: BlockContext) -> dict[str, list[torch.Tensor]]:
-        feats: dict[str, list[torch.Tensor]] = {name: [] for g in ctx.family.groups for name in g.linears}
-        firsts = {g.linears[0]: g for g in ctx.family.groups}
-        ctx.run({name: feats[name].append for name in firsts})
-        for g in ctx.family.groups:  # linears of a group share one input
-            for name in g.linears[1:]:
-                feats[name] = feats[g.linears[0]]
-        return feats
-
-    def _group_output(self, ctx: BlockContext, group) -> Callable[[torch.Tensor], torch.Tensor]:
-        if group.name == "qkv":
-            return lambda h: ctx.block.attention(h, ctx.rope, ctx.mask)
-        if group.name == "gate_up":
-            return ctx.block.feed_forward
-        return ctx.linear(group.linears[0])
-
-    def search_scale(self, ctx: BlockContext, group, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
+    def search_scale(self, ctx: BlockContext, group: LinearGroup,
+                     inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
         """Best s over the alpha grid; returns (s, the loss of every grid point)."""
-        c = self.config
+        st, spec = self.settings, replace(self.config.weight, clip=1.0)
         linears = [ctx.linear(n) for n in group.linears]
-        fn = self._group_output(ctx, group)
-        x_mean = torch.cat([x.reshape(-1, x.shape[-1]).abs().float() for x in inputs]).mean(0)
-        w_mean = weight_mean([l.weight for l in linears], c.group_size) if c.awq_duo_scaling else None
+        fn = ctx.scored_output(group)
+        x_mean = flatten_tokens(inputs).abs().float().mean(0)
+        w_mean = weight_mean([l.weight for l in linears], spec.group_size) if st.awq_duo_scaling else None
         originals = [l.weight.data.clone() for l in linears]
         with torch.no_grad():
             reference = [fn(x) for x in inputs]
             losses, best, best_scales = [], math.inf, None
-            for i in range(c.awq_grid):
-                s = candidate_scales(x_mean, w_mean, i / c.awq_grid)
+            for i in range(st.awq_grid):
+                s = candidate_scales(x_mean, w_mean, i / st.awq_grid)
                 for l, w in zip(linears, originals):
-                    scaled = w.float() * s
-                    l.weight.data = (group_fake_quant(scaled, c.wbits, c.group_size, c.sym) / s).to(w.dtype)
+                    l.weight.data = (rtn_weight(w.float() * s, spec).weight / s).to(w.dtype)
                 loss = sum(F.mse_loss(fn(x).float(), r.float(), reduction="sum").item()
                            for x, r in zip(inputs, reference)) / sum(r.numel() for r in reference)
                 losses.append(loss)
@@ -129,40 +111,18 @@ class AWQ(Method):
         return best_scales.to(originals[0].device), losses
 
 
-def fold_scales(ctx: BlockContext, group, s: torch.Tensor) -> None:
-    """source output / s, group weights * s: the full-precision function is unchanged."""
-    source = ctx.block.get_submodule(group.source)
-    with torch.no_grad():
-        if isinstance(source, RMSNorm):
-            source.weight.div_(s.to(source.weight.dtype))
-        else:
-            source.weight.div_(s.to(source.weight.dtype)[:, None])
-            if source.bias is not None:
-                source.bias.div_(s.to(source.bias.dtype))
-        for name in group.linears:
-            w = ctx.linear(name).weight
-            w.mul_(s.to(w.dtype)[None, :])
-
-
-def _token_sample(inputs: list[torch.Tensor], n_tokens: int) -> torch.Tensor:
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).float()
-    step = max(1, x.shape[0] // n_tokens)
-    return x[::step][:n_tokens]
-
-
-def clip_weight(linear: nn.Linear, x: torch.Tensor, bits: int, group_size: int, sym: bool, n_grid: int,
-                max_shrink: float) -> None:
+def clip_weight(linear: nn.Linear, x: torch.Tensor, spec: WeightSpec, n_grid: int, max_shrink: float) -> None:
     """Per (output row, group): the max |w| (shrunk by up to max_shrink) whose quantized partial
     outputs x_g . w_g best match the originals; then clamp the weight to it."""
     w = linear.weight.data.float()
     n_out, n_in = w.shape
-    g = n_in if group_size == -1 else group_size
+    g = n_in if spec.group_size == -1 else spec.group_size
     pad = (-n_in) % g
     xg = F.pad(x, (0, pad)).reshape(x.shape[0], -1, g)                      # [T, G, g]
     wg = F.pad(w, (0, pad)).reshape(n_out, -1, g)                           # [O, G, g]
     best_max = wg.abs().amax(dim=-1, keepdim=True)                          # [O, G, 1]
     org_max = best_max.clone()
-    spec = QuantSpec(bits=bits, symmetric=sym, granularity="channel")
+    row_spec = QuantSpec(bits=spec.bits, symmetric=spec.sym, granularity="channel")
     chunk = max(1, (1 << 26) // max(1, x.shape[0] * wg.shape[1] * g))
     for o in range(0, n_out, chunk):
         w_c, max_c = wg[o:o + chunk], org_max[o:o + chunk]
@@ -171,7 +131,7 @@ def clip_weight(linear: nn.Linear, x: torch.Tensor, bits: int, group_size: int, 
         for i in range(int(max_shrink * n_grid)):
             m = max_c * (1 - i / n_grid)
             clipped = torch.maximum(torch.minimum(w_c, m), -m)
-            q = fake_quantize(clipped.reshape(-1, g), spec).reshape(clipped.shape)
+            q = fake_quantize(clipped.reshape(-1, g), row_spec).reshape(clipped.shape)
             err = (torch.einsum("tgk,ogk->otg", xg, q) - ref).pow(2).mean(dim=1)
             better = err < min_err
             min_err[better] = err[better]

@@ -1,0 +1,1 @@
+"""One module per quantization method; dllmq.quant.registry lists them."""

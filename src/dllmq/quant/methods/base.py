@@ -1,0 +1,84 @@
+"""What a quantization method is: everything dllmq needs to know about one, in one class.
+
+A method module defines a `Method` subclass with its name, kind and settings, the calibration steps
+(prepare the model, quantize a block) and `build_runtime`, which gives a block what runs at inference
+besides the weights. The registry (dllmq.quant.registry) lists the classes; the config, the
+pipeline, the loader, the CLI and the study read everything about a method from there.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from dllmq.models.family import Role
+from dllmq.models.modeling import Block, TransformerLM
+from dllmq.quant.activations import attach_quantizers
+from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.specs import ActSpec, MethodSettings
+
+WEIGHT_ONLY = "weight-only"
+WEIGHT_ACTIVATION = "weight-activation"
+EITHER = "either"    # weight-only, or given activation bits the untransformed weight-activation baseline (RTN)
+KINDS = (WEIGHT_ONLY, WEIGHT_ACTIVATION, EITHER)
+
+
+class Method:
+    """A quantization method: observe a block's calibration inputs, transform, quantize.
+
+    Class attributes describe the method; an instance runs it with one QuantConfig (`self.config`,
+    its own settings in `self.settings`).
+    """
+
+    name: str = ""                    # the registry key: --method, study configs, saved models
+    display_name: str = ""            # tables and reports
+    kind: str = WEIGHT_ONLY
+    transform: str | None = None      # "smoothing" or "rotation": what the study's findings compare
+    Settings: type[MethodSettings] = MethodSettings
+    # Whether the next block is fed this block's quantized outputs (GPTQ's reference does) or its
+    # full-precision ones (AWQ's reference does).
+    propagate_quantized: bool = True
+    # The method's preferred shared settings, used where a config leaves them unset. Clip ratios apply
+    # at 4 bits or fewer (the references tune them there); at more bits clipping only adds error.
+    weight_sym: bool = False
+    act_sym: bool = False
+    low_bit_act_clip: float = 1.0
+    low_bit_weight_clip: float = 1.0
+    rotate_qk: bool = False           # the K/V quantizer rotates Q and K first (QuaRot)
+
+    def __init__(self, config):
+        self.config = config
+        self.settings = config.settings
+
+    # -- what the method is -----------------------------------------------------------------------
+    @classmethod
+    def needs_calibration(cls, settings: MethodSettings) -> bool:
+        return True
+
+    @classmethod
+    def quantizes_activations(cls, act: ActSpec) -> bool:
+        return cls.kind == WEIGHT_ACTIVATION or (cls.kind == EITHER and act.enabled)
+
+    # -- calibration ------------------------------------------------------------------------------
+    def prepare_model(self, model: TransformerLM) -> None:
+        """Model-level work before calibration (QuaRot's rotation of the residual stream)."""
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        raise NotImplementedError
+
+    # -- what runs at inference -------------------------------------------------------------------
+    def input_transform(self, role: Role, in_features: int) -> nn.Module | None:
+        """The online transform a linear of `role` runs on its input, as an empty module whose state a
+        saved model fills (None: no transform)."""
+        return None
+
+    def build_runtime(self, block: Block) -> None:
+        """Give a block whose linears are quantized what runs at inference besides the weights: each
+        linear's online input transform where it has none yet (after calibration the fitted one is
+        already there; when a saved model loads, an empty one that the checkpoint then fills), and the
+        activation and K/V quantizers. Called after calibration and when a saved model is loaded."""
+        for group in block.family.groups:
+            for name in group.linears:
+                linear = block.get_submodule(name)
+                if getattr(linear, "input_transform", None) is None:
+                    linear.input_transform = self.input_transform(group.role, linear.in_features)
+        if self.config.weight_activation:
+            attach_quantizers(block, self.config.act, self.config.kv, rotate_qk=self.rotate_qk)

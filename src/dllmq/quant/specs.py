@@ -1,0 +1,101 @@
+"""The settings every method shares (weight, activation, K/V and calibration specs) and the base of
+each method's own settings.
+
+A method's settings are a frozen dataclass whose fields are declared with `setting(...)`: the
+default, one line of help and, for the ones the command line exposes, the flag. The CLI builds its
+method flags from these declarations, the study config validates its overrides against them, and a
+saved model records them, all under the field names used here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from dllmq.errors import DllmqError
+from dllmq.quant.primitives import QuantSpec
+
+NOT_QUANTIZED = 16  # activation / K/V bits meaning "left in full precision"
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How block weights are rounded: bits, inputs per scale (-1 = per output channel), symmetry, clip."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    clip: float = 1.0
+
+    def quant_spec(self) -> QuantSpec:
+        if self.group_size == -1:
+            return QuantSpec(bits=self.bits, symmetric=self.sym, granularity="channel", clip_ratio=self.clip)
+        return QuantSpec(bits=self.bits, symmetric=self.sym, granularity="group", group_size=self.group_size,
+                         clip_ratio=self.clip)
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """Per-token activation quantization at every block linear's input (bits 16 = off)."""
+
+    bits: int = NOT_QUANTIZED
+    sym: bool = False
+    clip: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < NOT_QUANTIZED
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """K and V quantized per head in groups where attention reads them (bits 16 = off)."""
+
+    bits: int = NOT_QUANTIZED
+    group_size: int = 128
+    clip: float = 0.95
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < NOT_QUANTIZED
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """The calibration text: a source name or file, and how many windows of how many tokens."""
+
+    source: str = "wiki"
+    nsamples: int = 128
+    seqlen: int = 2048
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, invert: bool = False,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A method setting: its default, one line of help and, when the CLI exposes it, its flag. A
+    boolean flag sets True, or False with `invert` (e.g. --no-clip for clip=True)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "invert": invert, "choices": choices})
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """A method's own settings (none here). Subclasses add `setting(...)` fields and may check them."""
+
+    def check(self) -> None:
+        """Raise DllmqError for a value the method cannot use."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls, method: str, values: dict[str, Any]) -> "MethodSettings":
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            own = f"its settings are {', '.join(cls.names())}" if cls.names() else "it has no settings of its own"
+            raise DllmqError(f"{method} does not take {', '.join(unknown)}; {own}.")
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
