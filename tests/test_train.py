@@ -189,3 +189,16 @@ def test_general_items_come_from_articles_never_trained_on():
         snippet = context[-80:]
         assert len(snippet) > 40 and snippet not in train_text
         assert len(item["choices"]) == 4 and 0 <= item["label"] < 4
+
+
+def test_residual_norms_come_from_the_family():
+    from dllmq.models.registry import get_family
+    from dllmq.train.export import extras_markdown, residual_norm_paths
+
+    paths = residual_norm_paths(get_family("llada"), 2)
+    assert paths == {"model.transformer.blocks.0.attn_norm", "model.transformer.blocks.1.attn_norm",
+                     "model.transformer.ln_f"}
+    stat = {"max": 1.0, "channel": 0, "ratio_to_median": 2.0}
+    acts = {"model.transformer.ln_f": stat, "model.transformer.blocks.0.ff_out": {**stat, "ratio_to_median": 9.0}}
+    text = extras_markdown({"mini_math": {}}, None, acts, paths)
+    assert "| model.transformer.ln_f |" in text and "| model.transformer.blocks.0.ff_out |" not in text

@@ -193,7 +193,7 @@ def export_model(run: Path, dest: Path, progress: bool = True, extra: str = "", 
     subset = evaluate_dir(tmp, limit=1)
     summary = run_summary(run)
     from dllmq.models.config import read_config_json
-    from dllmq.models.registry import parse_config
+    from dllmq.models.registry import get_family, parse_config
 
     config = parse_config(read_config_json(tmp))
     summary["n_params"] = config.n_params
