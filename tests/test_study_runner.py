@@ -161,7 +161,7 @@ def test_config_expands_task_groups_and_overrides():
     assert c.tasks == ("mini_general", "mini_math", "mini_code", "gsm8k")
     [spec] = [m for m in c.methods if m.name == "gptq"]
     qc = spec.quant_config("W4A16-g128", c.calibration, seed=1)
-    assert qc.act_order and qc.nsamples == 3 and qc.seqlen == 32 and qc.seed == 1   # override beats calibration
+    assert qc.settings.act_order and qc.calibration.nsamples == 3 and qc.calibration.seqlen == 32 and qc.seed == 1  # override beats calibration
     cells = plan_cells(c)
     assert [(x.method, x.seed) for x in cells] == [("fp", 0), ("gptq-ao", 0), ("fp", 1), ("gptq-ao", 1)]
 
