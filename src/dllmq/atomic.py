@@ -158,7 +158,7 @@ def clean_leftovers(target: str | os.PathLike) -> list[Path]:
     pattern = _leftover_name(target.name)
     try:
         entries = [Path(e.path) for e in os.scandir(target.parent) if e.name.startswith(f".{target.name}.")]
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # no folder yet, or one we cannot list: nothing of ours to clean
         return []
     asides, found = [], []
     for entry in entries:
