@@ -207,18 +207,12 @@ def _renameat2(src: str | os.PathLike, dst: str | os.PathLike, flags: int) -> bo
 def _rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Rename `src` to `dst`; FileExistsError if `dst` exists (never replaced)."""
     try:
-        if _renameat2(src, dst, _RENAME_NOREPLACE):
-            return
-    except OSError as err:
-        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(errno.EEXIST, "File exists", os.fspath(dst)) from None
-        raise
-    if os.path.lexists(dst):  # no renameat2: check, then rename (onto a non-empty directory it fails anyway)
-        raise FileExistsError(errno.EEXIST, "File exists", os.fspath(dst))
-    try:
-        os.rename(src, dst)
-    except OSError as err:
-        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+        if not _renameat2(src, dst, _RENAME_NOREPLACE):
+            if os.path.lexists(dst):  # no renameat2: check, then rename (onto a non-empty directory it fails anyway)
+                raise FileExistsError(errno.EEXIST, "File exists", os.fspath(dst))
+            os.rename(src, dst)
+    except OSError as err:  # EEXIST already is a FileExistsError
+        if err.errno == errno.ENOTEMPTY:
             raise FileExistsError(errno.EEXIST, "File exists", os.fspath(dst)) from None
         raise
 
