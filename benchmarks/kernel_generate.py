@@ -155,9 +155,9 @@ def main() -> None:
         q, b = results["w4a16"]["quant_weight_bytes"], 2 * results["w4a16"]["block_linear_params"]
         print(f"W4A16 block linears in memory: {q / 2**20:.1f} MiB = {q / b:.3f}x their bf16 size")
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"args": vars(args), "results": results, "at_rest": rest}, indent=2))
-        os.replace(tmp, args.json)
+        from dllmq.atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps({"args": vars(args), "results": results, "at_rest": rest}, indent=2))
 
 
 if __name__ == "__main__":

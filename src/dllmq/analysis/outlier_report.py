@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dllmq.atomic import atomic_directory
 from dllmq.errors import DllmqError
 
 JSON_NAME = "outliers.json"
@@ -243,14 +242,10 @@ class OutlierReport:
 
 def write_outlier_report(report: OutlierReport, out_dir: str | os.PathLike, plots: bool = True,
                          overwrite: bool = False) -> list[Path]:
-    """Write outliers.json (+ PNG plots) to `out_dir` atomically: everything goes to a temporary
-    directory beside it, which is renamed into place at the end. Returns the written files."""
+    """Write outliers.json (+ PNG plots) to `out_dir` atomically: everything goes to a staging
+    directory beside it, which then takes its place in one step. Returns the written files."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite, what="--out") as tmp:
         names: list[str] = []
         if plots:
             from dllmq.analysis.plots import plot_all
@@ -259,16 +254,6 @@ def write_outlier_report(report: OutlierReport, out_dir: str | os.PathLike, plot
         with open(tmp / JSON_NAME, "w", encoding="utf-8") as f:
             json.dump(report.to_dict(), f, indent=1)
             f.write("\n")
-        if out.exists():  # --overwrite: move the old one aside first so a failure never loses both
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [out / JSON_NAME] + [out / n for n in names]
 
 

@@ -33,17 +33,16 @@ import contextlib
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from dllmq.atomic import write_json_atomic, write_jsonl_atomic
 from dllmq.errors import DllmqError
 from dllmq.evaluate import presets as P
 
@@ -192,63 +191,6 @@ def _quantization_config(model_ref: Any, model: Any) -> dict | None:
                 return None
     raw = getattr(getattr(model, "config", None), "raw", None)
     return raw.get("quantization_config") if isinstance(raw, dict) else None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return _jsonable(obj.item())
-    except ImportError:
-        pass
-    return str(obj)
-
-
-def _default_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def _atomic_text(path: Path) -> Iterator:
-    """A text file opened at a temp path beside `path`, renamed over it only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON to a temp file beside `path` and rename it over `path` (never half-written)."""
-    path = Path(path)
-    with _atomic_text(path) as f:
-        json.dump(_jsonable(data), f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    return path
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
-    path = Path(path)
-    with _atomic_text(path) as f:
-        for row in rows:
-            f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
-    return path
 
 
 # ----------------------------------------------------------------------------- the run

@@ -5,18 +5,16 @@ safetensors through a memory map, tokenizers come from `AutoTokenizer` on the di
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
+from dllmq.atomic import atomic_directory
 from dllmq.errors import DllmqError
 from dllmq.models.config import ModelConfig, read_config_json
 from dllmq.models.family import Family
@@ -168,24 +166,6 @@ def load_model(name_or_path: str | os.PathLike = "dllmq-tiny", *, dtype: str | t
     return LoadedModel(model, load_tokenizer(directory), model.family)
 
 
-@contextlib.contextmanager
-def atomic_directory(out: Path, overwrite: bool = False):
-    """Yield a temporary directory beside `out`; on success it replaces `out`, on failure it vanishes."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DllmqError(f"{out} already exists; choose another output path or pass --overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def state_dict_for_saving(model: TransformerLM) -> dict[str, torch.Tensor]:
     state = dict(model.state_dict())
     if model.config.tie_embeddings:  # tied checkpoints store the embedding once, as HF does
@@ -203,9 +183,11 @@ def config_for_saving(config: ModelConfig, dtype: torch.dtype, extra: dict | Non
 def save_model(model: TransformerLM, tokenizer, out: str | os.PathLike, *, max_shard_bytes: int | None = None,
                overwrite: bool = False, extra_config: dict | None = None) -> Path:
     """Write config.json (official field names, plus `extra_config` entries such as a
-    quantization_config), safetensors (sharded past max_shard_bytes) and the tokenizer."""
+    quantization_config), safetensors (sharded past max_shard_bytes) and the tokenizer, all beside
+    `out`, then rename the directory to `out`. An existing `out` is refused, or with `overwrite`
+    swapped for the new one in one step: a crash never leaves less than the old or the new model."""
     out = Path(out)
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         dtype = next(model.parameters()).dtype
         config = config_for_saving(model.config, dtype, extra_config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

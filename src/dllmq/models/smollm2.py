@@ -20,11 +20,10 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from dllmq.atomic import atomic_directory, make_shareable
 from dllmq.errors import DllmqError
 
 log = logging.getLogger(__name__)
@@ -119,15 +118,6 @@ def _clean_tokenizer_config(path: Path, max_length: int) -> None:
     path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
-def _make_shareable(directory: Path) -> None:
-    """mkdtemp creates 0700: give the cache the permissions of a normally created directory."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
 def _convert(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF with transformers and write config, safetensors and tokenizer into `out`."""
     import torch
@@ -167,25 +157,17 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     target = cache_root(cache_dir) / CHECKPOINT_NAME
     if _is_current(target, record):
         return target
+    started = False
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_NAME}.tmp-", dir=target.parent))
+        with atomic_directory(target, overwrite=True) as tmp:  # an outdated conversion is replaced in one step
+            started = True
+            log.info("converting %s into %s (once)", gguf, target)
+            _convert(gguf, tmp)
+            (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+            make_shareable(tmp, recursive=True)
     except OSError as err:
+        if started:
+            raise
         raise DllmqError(f"Cannot write the SmolLM2 checkpoint under {target.parent} ({err.strerror}); "
                          "set DLLMQ_CACHE to a writable directory.") from None
-    try:
-        log.info("converting %s into %s (once)", gguf, target)
-        _convert(gguf, tmp)
-        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        _make_shareable(tmp)
-        if target.exists() and not _is_current(target, record):  # an outdated conversion
-            shutil.rmtree(target)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not _is_current(target, record):  # not another process finishing first
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from dllmq.study.store import pid_alive
+from dllmq.atomic import install_directory, newest_mtime, pid_alive, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +59,13 @@ class QuantCache:
         staging.mkdir()
         try:
             out = save_quantized(model, tokenizer, staging / key)
-            tmp_meta = out / f".{META_FILE}.tmp"
-            tmp_meta.write_text(json.dumps({"quant_key": key, "created": time.time(), **meta}, indent=2,
-                                           sort_keys=True))
-            os.replace(tmp_meta, out / META_FILE)
-            os.chmod(out, _default_dir_mode())  # save_quantized's temp dir is private (0700); the cache need not be
-            try:
-                os.rename(out, final)
-            except OSError:
-                if self.lookup(key) is None:
-                    raise
-                log.info("quantized model %s was cached by another runner meanwhile; keeping theirs", key[:12])
+            write_text_atomic(out / META_FILE, json.dumps({"quant_key": key, "created": time.time(), **meta},
+                                                          indent=2, sort_keys=True))
+            if not install_directory(out, final, replace=False):
+                if self.lookup(key) is not None:
+                    log.info("quantized model %s was cached by another runner meanwhile; keeping theirs", key[:12])
+                else:  # something incomplete that lookups ignore: ours takes its place
+                    install_directory(out, final, replace=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return final
@@ -88,26 +84,9 @@ class QuantCache:
             if m["host"] == host:
                 dead = not pid_alive(int(m["pid"]))
             else:
-                dead = time.time() - _newest_mtime(entry) > FOREIGN_STAGING_MAX_AGE
+                dead = time.time() - newest_mtime(entry) > FOREIGN_STAGING_MAX_AGE
             if dead:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
                 log.info("removed %s, left by a runner that stopped", entry)
         return removed
-
-
-def _default_dir_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
-
-
-def _newest_mtime(folder: Path) -> float:
-    newest = folder.stat().st_mtime
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            try:
-                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
-            except OSError:
-                pass
-    return newest

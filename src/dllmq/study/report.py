@@ -16,12 +16,12 @@ import os
 import shutil
 import sqlite3
 import statistics
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dllmq.atomic import atomic_directory, refuse_existing
 from dllmq.errors import DllmqError
 from dllmq.study.findings import DOES_NOT_HOLD, HOLDS, MIXED, NOT_MEASURED, Finding, evaluate_findings, signed
 from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Cell, Measurement, ModelTable, build_tables,
@@ -390,8 +390,8 @@ def build_report(rows_or_db: str | os.PathLike | Iterable[Mapping], out_dir: str
     report.md, report.html, the plots (and a copy of the outlier files under outliers/) there, atomically:
     an existing `out_dir` is refused unless `overwrite`."""
     out = None if out_dir is None else Path(out_dir)
-    if out is not None and out.exists() and not overwrite:
-        raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
+    if out is not None:
+        refuse_existing(out, overwrite, "--out")
     outliers = None if outliers_dir is None else find_outliers(outliers_dir)
     tables, findings, facts = analyze(rows_or_db)
 
@@ -421,12 +421,8 @@ def build_report(rows_or_db: str | os.PathLike | Iterable[Mapping], out_dir: str
 
 
 def write_report(report: Report, out: Path, outliers: OutlierFiles | None = None, overwrite: bool = False) -> None:
-    """Write the report directory atomically: fill a temporary directory beside `out`, then rename it."""
-    if out.exists() and not overwrite:
-        raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    """Write the report directory atomically: fill a staging directory beside `out`, then put it in place."""
+    with atomic_directory(out, overwrite=overwrite, what="--out") as tmp:
         (tmp / MARKDOWN_NAME).write_text(report.markdown, encoding="utf-8")
         (tmp / HTML_NAME).write_text(report.html, encoding="utf-8")
         for name, png in report.images.items():
@@ -436,16 +432,6 @@ def write_report(report: Report, out: Path, outliers: OutlierFiles | None = None
             sub.mkdir()
             for p in outliers.pngs + ([outliers.json] if outliers.json else []):
                 shutil.copyfile(p, sub / p.name)
-        if out.exists():  # --overwrite: move the old one aside first so a failure never loses both
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def terminal_report(rows_or_db: str | os.PathLike | Iterable[Mapping],

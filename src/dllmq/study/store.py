@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from dllmq.atomic import pid_alive
+
 log = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -111,21 +113,6 @@ CLAIMED, DONE, BUSY, FAILED = "claimed", "done", "busy", "failed"
 def new_owner() -> str:
     """A runner id: host, process and a random part (two runners in one process differ)."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def pid_alive(pid: int) -> bool:
-    """True while process `pid` exists on this host and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    try:  # a killed child not yet reaped by its parent is still signalable; it is dead all the same
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def owner_dead(owner: str | None) -> bool:

@@ -16,8 +16,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from dllmq.atomic import atomic_directory
 from dllmq.models.family import Family
 from dllmq.train import corpus
+from dllmq.train.config import TrainConfig, llada_tiny_config
 
 # The fixed subset the shipped-weights test re-runs (first N items of each task).
 SUBSET = {"mini_general": 32, "mini_math": 32, "mini_code": 16}
@@ -81,8 +83,6 @@ The weights are a derivative of this data; the Wikipedia part is CC BY-SA 3.0 (s
 
 def train_command(cfg: dict, out: str) -> str:
     """The `python -m dllmq.train` command line that reproduces a run (its non-default settings)."""
-    from dllmq.train.loop import TrainConfig
-
     defaults = asdict(TrainConfig())
     flags = [f"--stage {cfg['stage']}", f"--out {out}"]
     if cfg.get("init"):
@@ -182,35 +182,31 @@ def extras_markdown(evals: dict, quant: dict | None, acts: dict | None, residual
 
 def export_model(run: Path, dest: Path, progress: bool = True, extra: str = "", quant: bool = False,
                  activations: bool = False, full_limit: int | None = None, quant_limit: int | None = 200) -> dict:
-    """Copy run/final to dest (atomically), evaluate it, write eval.json and README.md."""
+    """Copy run/final beside dest, evaluate it, write eval.json and README.md, then put it at dest in
+    one step (an existing dest is replaced only by the complete new one)."""
     name = dest.name
-    tmp = dest.with_name(f".{name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(run / "final", tmp)
-    started = time.time()
-    evals = evaluate_dir(tmp, progress=progress, full_limit=full_limit)
-    subset = evaluate_dir(tmp, limit=1)
-    summary = run_summary(run)
-    from dllmq.models.config import read_config_json
-    from dllmq.models.registry import get_family, parse_config
+    with atomic_directory(dest, overwrite=True) as tmp:
+        shutil.copytree(run / "final", tmp, dirs_exist_ok=True)
+        started = time.time()
+        evals = evaluate_dir(tmp, progress=progress, full_limit=full_limit)
+        subset = evaluate_dir(tmp, limit=1)
+        summary = run_summary(run)
+        from dllmq.models.config import read_config_json
+        from dllmq.models.registry import get_family, parse_config
 
-    config = parse_config(read_config_json(tmp))
-    summary["n_params"] = config.n_params
-    record = {"name": name, "full": evals, "subset": subset, "eval_seconds": round(time.time() - started, 1),
-              "training": {k: v for k, v in summary.items() if k != "config"}}
-    q = quant_check(tmp, limit=quant_limit if full_limit is None else full_limit) if quant else None
-    a = activation_stats(tmp) if activations else None
-    if q:
-        record["rtn"] = q
-    if a:
-        record["activations"] = a
-    extra = extras_markdown(evals, q, a, residual_norm_paths(get_family(config.family), config.n_layers)) + extra
-    (tmp / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
-    (tmp / "README.md").write_text(model_card(name, summary, evals, extra))
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+        config = parse_config(read_config_json(tmp))
+        summary["n_params"] = config.n_params
+        record = {"name": name, "full": evals, "subset": subset, "eval_seconds": round(time.time() - started, 1),
+                  "training": {k: v for k, v in summary.items() if k != "config"}}
+        q = quant_check(tmp, limit=quant_limit if full_limit is None else full_limit) if quant else None
+        a = activation_stats(tmp) if activations else None
+        if q:
+            record["rtn"] = q
+        if a:
+            record["activations"] = a
+        extra = extras_markdown(evals, q, a, residual_norm_paths(get_family(config.family), config.n_layers)) + extra
+        (tmp / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(name, summary, evals, extra))
     return record
 
 
@@ -244,7 +240,6 @@ def model_from_checkpoint(run: Path):
 
     from dllmq.models.loading import load_tokenizer
     from dllmq.models.registry import build_model, parse_config
-    from dllmq.train.loop import TrainConfig, llada_tiny_config
 
     cfg = TrainConfig(**json.loads((run / "train_config.json").read_text()))
     tokenizer = load_tokenizer(run / "tokenizer" if (run / "tokenizer").is_dir() else Path(cfg.init))

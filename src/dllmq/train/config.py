@@ -1,0 +1,81 @@
+"""The settings of a training run and the LLaDA config.json of the model it trains.
+
+Read by the training loop and by the export (which reproduces a run's command line and rebuilds a
+model from a checkpoint), so neither imports the other for them.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from dllmq.errors import DllmqError
+from dllmq.models.config import real_config
+
+# Settings that change how a run executes, not what it computes: a run may resume with others.
+RUNTIME_SETTINGS = ("threads", "log_every", "checkpoint_every")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "base"                 # base | instruct
+    out: str = "runs/base"
+    steps: int = 1000                   # the schedule's length (a run is done at this step)
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    # model (base stage; instruct inherits the base model's shape)
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_hidden_size: int = 704
+    vocab_size: int = 4096
+    max_sequence_length: int = 1024
+    # data mixture of pre-training rows (weights)
+    # (per pick; a wiki/python pick is ~128 tokens, math ~50, code ~85: tokens ~ 35/7/28/30 %)
+    mix: dict = field(default_factory=lambda: {"wiki": 0.22, "python": 0.05, "math": 0.45, "code": 0.28})
+    init: str = ""                      # instruct: directory of the base model (config.json + weights)
+    pretrain_every: int = 4             # instruct: every n-th step is a pre-training step (0: never)
+    # instruct: kinds of SFT pairs (weights): text continuation, math, code
+    sft_mix: dict = field(default_factory=lambda: {"general": 0.3, "math": 0.35, "code": 0.35})
+    checkpoint_every: int = 50
+    log_every: int = 10
+    bf16_autocast: bool = True
+    threads: int = 0                    # 0: torch default
+    # corpus size limits (0 = everything; small values are for tests)
+    max_wiki_docs: int = 0
+    max_python_docs: int = 0
+    tokenizer_items: int = 4000         # generated math/code items added to the tokenizer's training text
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("base", "instruct"):
+            raise DllmqError(f"Unknown stage {self.stage!r}; use base or instruct.")
+        if self.steps <= 0 or self.batch_size <= 0 or self.seq_len <= 0:
+            raise DllmqError("steps, batch size and sequence length must be positive.")
+        for name, mix, known in (("mix", self.mix, {"wiki", "python", "math", "code"}),
+                                 ("sft_mix", self.sft_mix, {"general", "math", "code"})):
+            if not mix or set(mix) - known or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+                raise DllmqError(f"--{name.replace('_', '-')} must map some of {', '.join(sorted(known))} "
+                                 f"to non-negative weights, got {mix}.")
+        if self.d_model % 64 or self.d_model // 64 != self.n_heads:
+            raise DllmqError(f"d_model {self.d_model} with {self.n_heads} heads: dllmq-tiny uses head dim 64 "
+                             "(n_heads = d_model / 64).")
+
+
+def llada_tiny_config(cfg: TrainConfig, tokenizer) -> dict:
+    """The official LLaDA config.json fields, scaled down to the tiny model."""
+    raw = copy.deepcopy(real_config("llada-8b"))
+    vocab = -(-max(cfg.vocab_size, len(tokenizer)) // 64) * 64
+    raw.update(
+        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
+        mlp_hidden_size=cfg.mlp_hidden_size, mlp_ratio=round(cfg.mlp_hidden_size / cfg.d_model, 2),
+        vocab_size=vocab, embedding_size=vocab, max_sequence_length=cfg.max_sequence_length,
+        rope_theta=10000.0, init_device="cpu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id,
+    )
+    return raw
