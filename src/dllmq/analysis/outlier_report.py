@@ -2,16 +2,12 @@
 summary and the atomic writer of the report directory. Definitions: see dllmq.analysis.outliers."""
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dllmq.atomic import atomic_directory
 from dllmq.errors import DllmqError
 
 JSON_NAME = "outliers.json"
@@ -239,23 +235,6 @@ class OutlierReport:
 
 
 # --- output ----------------------------------------------------------------------------------------
-
-def write_outlier_report(report: OutlierReport, out_dir: str | os.PathLike, plots: bool = True,
-                         overwrite: bool = False) -> list[Path]:
-    """Write outliers.json (+ PNG plots) to `out_dir` atomically: everything goes to a staging
-    directory beside it, which then takes its place in one step. Returns the written files."""
-    out = Path(out_dir)
-    with atomic_directory(out, overwrite=overwrite, what="--out") as tmp:
-        names: list[str] = []
-        if plots:
-            from dllmq.analysis.plots import plot_all
-            names = [p.name for p in plot_all(report, tmp)]
-        report.plots = names
-        with open(tmp / JSON_NAME, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=1)
-            f.write("\n")
-    return [out / JSON_NAME] + [out / n for n in names]
-
 
 def format_summary(report: OutlierReport, worst: int = 5) -> str:
     """A few lines for the terminal: worst layers, where massive outliers sit, token fractions by mask ratio."""

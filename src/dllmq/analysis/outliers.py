@@ -47,8 +47,8 @@ from dllmq.analysis.outlier_report import (
     RatioProfile,
     Surface,
     format_summary,
-    write_outlier_report,
 )
+from dllmq.analysis.write import write_outlier_report
 from dllmq.errors import DllmqError
 from dllmq.models.family import Family
 from dllmq.quant.online import seen_input

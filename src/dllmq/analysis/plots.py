@@ -8,10 +8,8 @@ File names are stable so reports can be compared side by side:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from dllmq.analysis.outlier_report import OutlierReport, Surface
+from dllmq.analysis.outlier_report import OutlierReport, Surface
 
 DEPTH_NAME = "max_abs_by_depth.png"
 MASSIVE_NAME = "massive_tokens_vs_mask_ratio.png"
