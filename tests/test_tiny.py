@@ -69,7 +69,7 @@ def test_shipped_weights_give_the_recorded_accuracies(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_recorded_accuracies_leave_room_to_measure_damage(name):
-    """Quantization damage is measurable only above chance: code is (the issue's 30 % target); general and
+    """Quantization damage is measurable only above chance: code is (the 30 % target set for these models); general and
     math are recorded but did not reach their targets at this size (see the model card)."""
     full = json.loads((_shipped(name) / "eval.json").read_text())["full"]
     assert full["mini_code"]["acc"] >= 0.3

@@ -1,6 +1,6 @@
 """The study's evaluation settings as named presets: shots, lengths and mc_num per task, per family.
 
-The nine benchmarks of "Quantization Meets dLLMs" (REFERENCE.md, "How the official code evaluates"):
+The nine benchmarks of "Quantization Meets dLLMs" (as the study's scripts and the official LLaDA / Dream evaluation scripts run them):
 
     task            harness task       shots  scoring                         headline metric
     mmlu            mmlu (group)       5      likelihood, mc_num 1            acc

@@ -6,7 +6,7 @@ models, study configs and keyword arguments use.
 Shared settings go by their flat names (SHARED below) into the weight / activation / K/V /
 calibration specs; every other keyword is one of the method's own settings (its `Settings` class,
 see dllmq.quant.methods). What a config leaves unset takes the method's preference (QuaRot is
-symmetric, DuQuant clips at 4 bits, ...) and then the study's defaults (REFERENCE.md): group 128 for
+symmetric, DuQuant clips at 4 bits, ...) and then the study's defaults: group 128 for
 weight-only, per-channel weights for weight-activation, 128 calibration windows of 2048 tokens.
 """
 from __future__ import annotations
