@@ -24,7 +24,7 @@ from dllmq.study import store
 from dllmq.study.cache import QuantCache
 from dllmq.study.cells import model_identity, plan_cells
 from dllmq.study.config import load_config, parse_config
-from dllmq.study.runner import main as study_main
+from dllmq.cli.study import main as study_main
 from dllmq.study.runner import run_study
 
 TWO_TASKS = ["mini_math", "mini_code"]   # the quick ones (mini_general costs ~1 s per cell here)
@@ -552,12 +552,12 @@ def test_cli_dry_run_lists_cells_and_their_state(tmp_path, capsys):
 def test_add_parser_wires_the_subcommand():
     import argparse
 
-    from dllmq.study import runner
+    from dllmq.cli import study
 
     parser = argparse.ArgumentParser()
-    runner.add_parser(parser.add_subparsers(dest="command"))
+    study.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["study", "--dry-run", "--db", "x.db"])
-    assert args.func is runner.run and args.dry_run and args.db == "x.db" and args.cache == "runs/study-cache"
+    assert args.func is study.run and args.dry_run and args.db == "x.db" and args.cache == "runs/study-cache"
     assert args.config is None
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+DEFAULT_DB = "runs/study.db"   # where `dllmq study` writes and `dllmq report` reads unless told otherwise
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     cell_key   TEXT PRIMARY KEY,

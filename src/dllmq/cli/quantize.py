@@ -1,0 +1,86 @@
+"""`dllmq quantize`: quantize MODEL block by block and save a directory every command accepts as MODEL.
+
+Self-contained on purpose: its flags map one to one onto QuantConfig, so they can be generated from the
+quantization method registry."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dllmq.cli.common import add_calib_device_arg, add_model_args, load
+from dllmq.errors import DllmqError
+from dllmq.models.describe import human_bytes
+from dllmq.quant import QuantConfig, format_report, preset_settings, quantize, save_quantized
+from dllmq.quant.api import directory_bytes, theoretical_bytes
+
+EPILOG = """\
+presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-channel), W8A8, W4A4 (weight-activation, per-channel weights, per-token activations)
+examples:
+  dllmq quantize MODEL --method gptq --wbits 4 --group-size 128 --calib wikitext2 --nsamples 128 --seqlen 2048 --out q/
+  dllmq quantize MODEL --method awq --wbits 3 --calib pile --out q3/
+  dllmq quantize MODEL --preset W4A16-g128 --method rtn --out r/
+  dllmq quantize MODEL --method smoothquant --wbits 8 --abits 8 --alpha 0.5 --out sq/
+  dllmq quantize MODEL --method quarot --wbits 4 --abits 4 --kv-bits 4 --weight-method gptq --out qr/
+  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="RTN / GPTQ / AWQ / SmoothQuant / QuaRot / DuQuant, block by block, saved to --out",
+                       description="Quantize MODEL's block linears and save a model directory that every dllmq "
+                                   "command accepts as MODEL. Calibration runs one block at a time, so the "
+                                   "device only ever holds one block plus the calibration activations.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--method", default="rtn",
+                   help="weight-only: rtn, gptq, awq; weight-activation: smoothquant, quarot, duquant (default rtn)")
+    p.add_argument("--preset", default=None, help="named bit config; explicit --wbits / --group-size win")
+    p.add_argument("--wbits", type=int, default=None, help="weight bits, 2..8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None, help="inputs per scale, -1 = per channel (default 128)")
+    p.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric; QuaRot symmetric)")
+    p.add_argument("--abits", type=int, default=None,
+                   help="activation bits for smoothquant / quarot / duquant (per-token dynamic; 16 = off)")
+    p.add_argument("--kv-bits", type=int, default=None, help="K/V cache bits (per head, group 128; default 16 = off)")
+    p.add_argument("--alpha", type=float, default=None, help="smoothing strength (SmoothQuant 0.5, DuQuant 0.6)")
+    p.add_argument("--act-clip", type=float, default=None, help="activation clip ratio (default: the method's)")
+    p.add_argument("--weight-clip", type=float, default=None, help="weight clip ratio (default: the method's)")
+    p.add_argument("--weight-method", default="gptq", choices=["gptq", "rtn"],
+                   help="QuaRot: how the rotated weights are quantized (default gptq)")
+    p.add_argument("--calib", default="wiki",
+                   help="calibration text: wiki (offline, shipped; default), wikitext2, pile, or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--dynamic-groups", action="store_true",
+                   help="GPTQ act-order: groups follow the permuted order instead of static natural groups")
+    p.add_argument("--duo-scaling", action="store_true", help="AWQ: divide by mean|w|^(1-alpha) too")
+    p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clipping search")
+    add_calib_device_arg(p)
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU between blocks (less device memory)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # refuse before hours of calibration, not after
+        raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
+    settings = preset_settings(args.preset)
+    flags = dict(wbits=args.wbits, group_size=args.group_size, abits=args.abits, kv_bits=args.kv_bits,
+                 alpha=args.alpha, act_clip=args.act_clip, weight_clip=args.weight_clip,
+                 sym=True if args.sym else None)
+    settings.update({k: v for k, v in flags.items() if v is not None})  # explicit flags beat the preset
+    config = QuantConfig(method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                         seed=args.seed, damp=args.damp, act_order=args.act_order,
+                         static_groups=not args.dynamic_groups, awq_duo_scaling=args.duo_scaling,
+                         awq_clip=not args.no_clip, weight_method=args.weight_method, **settings)
+    model, tokenizer, family = load(args)
+    report = quantize(model, tokenizer, config, device=args.calib_device or args.device,
+                      offload_activations=args.offload_activations, progress=True)
+    save_quantized(model, tokenizer, out, overwrite=args.overwrite)
+    print(format_report(report))
+    on_disk, target = directory_bytes(out), theoretical_bytes(model)
+    print(f"saved {out}: {human_bytes(on_disk)} of safetensors (packed target {human_bytes(target)}, "
+          f"{100 * (on_disk / target - 1):+.1f}%)")
