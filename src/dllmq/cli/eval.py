@@ -8,7 +8,7 @@ from pathlib import Path
 from dllmq.cli.common import add_backend_arg, add_model_args, load
 from dllmq.evaluate import evaluate_mini
 from dllmq.evaluate.mini import ALIASES, TASKS
-from dllmq.evaluate.runner import run_eval, write_json_atomic
+from dllmq.evaluate.runner import EvalOptions, run_eval, write_json_atomic
 
 EPILOG = """\
 examples:
@@ -87,16 +87,15 @@ def _eval_mini(args, names) -> None:
 
 def _eval_harness(args) -> dict:
     """run_eval from the parsed flags; prints a table; returns the report."""
-    overrides = {k: getattr(args, k, None) for k in OVERRIDE_FLAGS}
+    overrides = {k: getattr(args, k) for k in OVERRIDE_FLAGS}
     limit = args.limit
     if limit is not None and float(limit).is_integer() and limit >= 1:
         limit = int(limit)
-    report = run_eval(args.model, args.tasks, limit=limit, out=args.out, allow_code_execution=args.allow_code_execution,
-                      data_dir=args.data_dir, overrides=overrides, dtype=getattr(args, "dtype", "auto"),
-                      device=getattr(args, "device", "cpu"), seed=getattr(args, "seed", 0),
-                      offline=True if getattr(args, "offline", False) else None,
-                      include_path=getattr(args, "include_path", None), log_samples=getattr(args, "log_samples", False),
-                      sandbox_workers=getattr(args, "sandbox_workers", None))
+    options = EvalOptions(limit=limit, out=args.out, allow_code_execution=args.allow_code_execution,
+                          data_dir=args.data_dir, overrides=overrides, dtype=args.dtype, device=args.device,
+                          seed=args.seed, offline=True if args.offline else None, include_path=args.include_path,
+                          log_samples=args.log_samples, sandbox_workers=args.sandbox_workers)
+    report = run_eval(args.model, args.tasks, options)
     print(format_table(report))
     if args.out:
         print(f"results written to {args.out}")

@@ -13,15 +13,17 @@ from dllmq.models.describe import human_bytes
 from dllmq.quant import QuantConfig, format_report, preset_settings, quantize, save_quantized
 from dllmq.quant.api import directory_bytes, theoretical_bytes
 
-EPILOG = """\
-presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-channel), W8A8, W4A4 (weight-activation, per-channel weights, per-token activations)
-examples:
-  dllmq quantize MODEL --method gptq --wbits 4 --group-size 128 --calib wikitext2 --nsamples 128 --seqlen 2048 --out q/
-  dllmq quantize MODEL --method awq --wbits 3 --calib pile --out q3/
-  dllmq quantize MODEL --preset W4A16-g128 --method rtn --out r/
-  dllmq quantize MODEL --method smoothquant --wbits 8 --abits 8 --alpha 0.5 --out sq/
-  dllmq quantize MODEL --method quarot --wbits 4 --abits 4 --kv-bits 4 --weight-method gptq --out qr/
-  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/"""
+EPILOG = ("presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-channel), "
+          "W8A8, W4A4 (weight-activation, per-channel weights, per-token activations)\n"
+          "examples:\n"
+          "  dllmq quantize MODEL --method gptq --wbits 4 --group-size 128 --calib wikitext2 "
+          "--nsamples 128 --seqlen 2048 --out q/\n"
+          "  dllmq quantize MODEL --method awq --wbits 3 --calib pile --out q3/\n"
+          "  dllmq quantize MODEL --preset W4A16-g128 --method rtn --out r/\n"
+          "  dllmq quantize MODEL --method smoothquant --wbits 8 --abits 8 --alpha 0.5 --out sq/\n"
+          "  dllmq quantize MODEL --method quarot --wbits 4 --abits 4 --kv-bits 4 "
+          "--weight-method gptq --out qr/\n"
+          "  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/")
 
 
 def add_parser(sub) -> None:

@@ -37,7 +37,7 @@ from dllmq.errors import DllmqError
 from dllmq.study import store
 from dllmq.study.cache import QuantCache
 from dllmq.study.cells import Cell, model_is_readable, plan_cells
-from dllmq.study.config import StudyConfig, load_config
+from dllmq.study.config import StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,14 @@ def _evaluate_task(model, tokenizer, task: str, cell: Cell, config: StudyConfig,
                           chat=config.eval.chat, batch_size=config.eval.batch_size)[task]
         return {"metric": MINI_METRIC[task], "value": float(r["acc"]), "stderr": _finite(r["stderr"]), "n": r["n"],
                 "category": store.task_category(task)}
-    from dllmq.evaluate.runner import run_eval
+    from dllmq.evaluate.runner import EvalOptions, run_eval
 
     ev = config.eval
     overrides = {"chat": ev.chat, **ev.harness}  # eval.chat applies to harness tasks too, unless harness sets it
-    report = run_eval((model, tokenizer), [task], limit=cell.limit, allow_code_execution=ev.allow_code_execution,
-                      data_dir=ev.data_dir, overrides=overrides, seed=cell.seed,
-                      offline=True if ev.offline else None, progress=progress, model_name=cell.model)
+    options = EvalOptions(limit=cell.limit, allow_code_execution=ev.allow_code_execution, data_dir=ev.data_dir,
+                          overrides=overrides, seed=cell.seed, offline=True if ev.offline else None,
+                          progress=progress, model_name=cell.model)
+    report = run_eval((model, tokenizer), [task], options)
     t = report["tasks"][task]
     if _finite(t["value"]) is None:
         raise DllmqError(f"Task {task} reported no value for its metric {t['metric'] or '(none)'}; "
