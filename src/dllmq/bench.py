@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dllmq.diffusion import generate as run_generate
 from dllmq.errors import DllmqError
+from dllmq.models.describe import human_bytes
+from dllmq.quant.backend import backend_report, weight_bytes
+from dllmq.quant.kernels import scratch_bytes
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +103,6 @@ def bench_model(model: torch.nn.Module, tokenizer, *, name: str = "", seq_len: i
                 steps: int = 16, block_length: int | None = None, batch: int = 1, repeats: int = 3,
                 seed: int = 0, generate: bool = True) -> BenchResult:
     """Time ``model`` as it is now (its backend is whatever set_backend last chose)."""
-    from dllmq.diffusion import generate as run_generate
-    from dllmq.quant.backend import backend_report, weight_bytes
-    from dllmq.quant.kernels import scratch_bytes
-
     if seq_len <= 0 or batch <= 0 or repeats <= 0:
         raise DllmqError("--seq-len, --batch and --repeats must be positive.")
     if seq_len > model.config.max_seq_len:
@@ -140,8 +140,6 @@ def bench_model(model: torch.nn.Module, tokenizer, *, name: str = "", seq_len: i
 
 
 def format_result(r: BenchResult) -> str:
-    from dllmq.models.describe import human_bytes
-
     lines = [f"{r.model}  backend {r.backend}  {r.dtype}  {r.threads} threads  batch {r.batch}",
              f"  kernels      {r.kernel_summary}",
              f"  forward      {r.forward_ms:.1f} ms median ({r.forward_min_ms:.1f} min) at {r.seq_len} tokens"]

@@ -1,16 +1,17 @@
 """The `dllmq` command. Thin: parse flags, call the layers, print. Errors are one sentence and exit code 2.
 
-One module per subcommand, each with `add_parser(sub)` (which sets `func`) and `run(args)`; the model
-and runtime flags they share are in common.py."""
+One module per subcommand (commands.py lists them), each with `add_parser(sub)`, which sets `func`,
+and `run(args)`; the model and runtime flags they share are in common.py. `main` imports only the
+module of the command it runs, so `dllmq --help` loads no model code."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from dllmq import __version__
-from dllmq.cli import bench, eval, generate, inspect, outliers, ppl, quantize, report, study
-from dllmq.cli.common import DEFAULT_MODEL
+from dllmq.cli.commands import COMMANDS
 from dllmq.errors import DllmqError
 
 EPILOG = """\
@@ -31,26 +32,35 @@ examples:
   dllmq generate q/ --prompt "Hello"          # a saved quantized model is a MODEL everywhere
 """
 
-# In the order `dllmq --help` lists them.
-SUBCOMMANDS = (inspect, generate, ppl, quantize, eval, bench, outliers, study, report)
-
-__all__ = ["DEFAULT_MODEL", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `dllmq`. With `command`, only that subcommand's module is imported and its flags
+    added; the other subcommands are listed (for --help and argparse's choices) but take no flags."""
     parser = argparse.ArgumentParser(
         prog="dllmq", description="Quantize diffusion LLMs (LLaDA, Dream) and measure what each choice costs.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--version", action="version", version=f"dllmq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in SUBCOMMANDS:
-        command.add_parser(sub)
+    for name, (module, summary) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
+def _command_of(argv: list[str]) -> str:
+    """The subcommand named in argv: its first word that is not an option ("" if none; the global
+    options take no values)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

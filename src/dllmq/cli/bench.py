@@ -8,6 +8,7 @@ from dataclasses import asdict
 import torch
 
 from dllmq.bench import bench_model, format_result
+from dllmq.cli.commands import help_of
 from dllmq.cli.common import add_backend_arg, add_model_args, load
 from dllmq.quant.backend import set_backend
 
@@ -21,7 +22,7 @@ examples:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="speed and memory: forward latency, generation tokens/s, weights in memory",
+        "bench", help=help_of("bench"),
         description="Time MODEL (a built-in name, checkpoint or quantized directory): forward latency at "
                     "--seq-len, diffusion generation of --gen-length tokens in --steps steps after a random "
                     "prompt, weights in memory and peak RSS. --backend picks how quantized layers compute "

@@ -5,6 +5,7 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
+from dllmq.cli.commands import help_of
 from dllmq.cli.common import add_backend_arg, add_model_args, load
 from dllmq.evaluate import evaluate_mini
 from dllmq.evaluate.mini import ALIASES, TASKS
@@ -23,7 +24,7 @@ OVERRIDE_FLAGS = ("mc_num", "batch_size", "gen_batch_size", "gen_length", "steps
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="the study's benchmarks (lm-evaluation-harness) and the offline mini tasks",
+    p = sub.add_parser("eval", help=help_of("eval"),
                        description="Evaluate MODEL (full precision or a dllmq-quantized directory) the way LLaDA "
                                    "and Dream are evaluated: Monte Carlo likelihood for multiple choice, diffusion "
                                    "generation for math and code. Model-written code only runs with "

@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 
+from dllmq.cli.commands import help_of
 from dllmq.cli.common import add_backend_arg, add_model_args, load
 from dllmq.diffusion import generate_text
 from dllmq.errors import DllmqError
@@ -13,7 +14,7 @@ from dllmq.evaluate.mini import is_chat_model
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="diffusion generation (LLaDA blocks / Dream algorithms) or causal decoding",
+    p = sub.add_parser("generate", help=help_of("generate"),
                        description="Generate an answer to a prompt. LLaDA-family models use semi-autoregressive "
                                    "block generation with low-confidence remasking; Dream-family models use Dream's "
                                    "diffusion_generate algorithms; Llama models decode autoregressively.")

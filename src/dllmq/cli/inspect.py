@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dllmq.cli.commands import help_of
 from dllmq.cli.common import add_model_args
 from dllmq.models.config import REAL_CONFIGS, read_config_json, real_config
 from dllmq.models.describe import describe, format_description
@@ -15,7 +16,7 @@ from dllmq.quant.format import describe_quantization
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="family, shapes, parameter count and memory at bf16 / W8 / W4 / W3",
+    p = sub.add_parser("inspect", help=help_of("inspect"),
                        description="Describe a model from its config.json alone (no weights are read). "
                                    "Also accepts llada-8b, dream-7b and smollm2-135m: the real configs shipped with dllmq.")
     add_model_args(p, with_runtime=False)

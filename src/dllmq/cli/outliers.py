@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from dllmq.analysis.outliers import OutlierThresholds, format_summary, profile_outliers, write_outlier_report
+from dllmq.cli.commands import help_of
 from dllmq.cli.common import add_model_args, load
 from dllmq.errors import DllmqError
 
@@ -28,7 +29,7 @@ examples:
 
 def add_parser(sub) -> None:
     """Add the `outliers` subcommand to an argparse subparsers object."""
-    p = sub.add_parser("outliers", help="activation outlier profile (normal / massive outliers vs mask ratio) + plots",
+    p = sub.add_parser("outliers", help=help_of("outliers"),
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, model_help="built-in name, checkpoint or quantized directory, or Hub id",
                    seed_help="seed for the windows and the masked positions (default: 0)")

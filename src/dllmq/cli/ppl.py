@@ -1,6 +1,7 @@
 """`dllmq ppl`: perplexity of MODEL on a text (an ELBO bound for diffusion models, exact for causal ones)."""
 from __future__ import annotations
 
+from dllmq.cli.commands import help_of
 from dllmq.cli.common import add_backend_arg, add_model_args, load
 from dllmq.data import CORPORA, load_corpus, tokenize_text
 from dllmq.diffusion import perplexity
@@ -8,7 +9,7 @@ from dllmq.errors import DllmqError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("ppl", help="perplexity: Monte Carlo ELBO bound for diffusion models, exact for causal ones",
+    p = sub.add_parser("ppl", help=help_of("ppl"),
                        description="Perplexity of MODEL on a text file. For a masked diffusion model this is "
                                    "exp(Monte Carlo ELBO bound on the per-token NLL), an upper bound on the true "
                                    "perplexity, comparable across quantizations of the same model; for a causal "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dllmq.cli.commands import help_of
 from dllmq.cli.common import add_calib_device_arg, add_model_args, load
 from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
@@ -27,7 +28,7 @@ EPILOG = ("presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-chan
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="RTN / GPTQ / AWQ / SmoothQuant / QuaRot / DuQuant, block by block, saved to --out",
+    p = sub.add_parser("quantize", help=help_of("quantize"),
                        description="Quantize MODEL's block linears and save a model directory that every dllmq "
                                    "command accepts as MODEL. Calibration runs one block at a time, so the "
                                    "device only ever holds one block plus the calibration activations.",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from dllmq.cli.commands import help_of
 from dllmq.errors import DllmqError
 from dllmq.study.report import CHECKBOX, HTML_NAME, MARKDOWN_NAME, OUTLIERS_SUBDIR, build_report, terminal_report
 from dllmq.study.store import DEFAULT_DB
@@ -27,7 +28,7 @@ examples:
 
 def add_parser(sub) -> None:
     """Add the `report` subcommand to an argparse subparsers object."""
-    p = sub.add_parser("report", help="degradation tables, plots and the paper's findings from a study database",
+    p = sub.add_parser("report", help=help_of("report"),
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", default=DEFAULT_DB,
                    help=f"the study's SQLite database, as `dllmq study --db` wrote it (default {DEFAULT_DB})")

@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from dllmq.cli.commands import help_of
 from dllmq.cli.common import add_calib_device_arg, add_device_arg
 from dllmq.errors import DllmqError
 from dllmq.study.config import load_config
@@ -60,7 +61,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> None:
     """Add the `study` subcommand to an argparse subparsers object."""
-    p = sub.add_parser("study", help="run a models x methods x bits x tasks grid into a results database (resumable)",
+    p = sub.add_parser("study", help=help_of("study"),
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=run)

@@ -63,6 +63,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from dllmq.errors import DllmqError
 
 log = logging.getLogger(__name__)
@@ -480,7 +482,6 @@ def run_programs(codes: Sequence[str], *, allow_code_execution: bool = False, li
         except Exception as err:  # a sandbox failure is a failed sample, never a crashed evaluation
             return SandboxResult("error", None, "", "", 0.0, detail=f"{type(err).__name__}: {err}")
 
-    from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(tqdm(pool.map(one, codes), total=len(codes), desc=desc, disable=not progress))

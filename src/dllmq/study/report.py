@@ -25,6 +25,8 @@ from dllmq.errors import DllmqError
 from dllmq.study.findings import DOES_NOT_HOLD, HOLDS, MIXED, NOT_MEASURED, Finding, evaluate_findings, signed
 from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Cell, Measurement, ModelTable, build_tables,
                               normalize, task_sort_key)
+from dllmq.study.plots import degradation_png, plot_name
+from dllmq.study.store import read_results
 
 MARKDOWN_NAME, HTML_NAME, OUTLIERS_SUBDIR = "report.md", "report.html", "outliers"
 OUTLIERS_JSON = "outliers.json"
@@ -73,8 +75,6 @@ class Report:
 
 def load_rows(db: str | os.PathLike) -> list[dict]:
     """The result rows of a study database, or a one-sentence DllmqError when it is not one."""
-    from dllmq.study.store import read_results
-
     path = Path(db)
     if not path.is_file():  # connect() would silently create an empty database here
         raise DllmqError(f"No study database at {path}; pass the --db file the study runner wrote.")
@@ -393,7 +393,6 @@ def build_report(rows_or_db: str | os.PathLike | Iterable[Mapping], out_dir: str
     outliers = None if outliers_dir is None else find_outliers(outliers_dir)
     tables, findings, facts = analyze(rows_or_db)
 
-    from dllmq.study.plots import degradation_png, plot_name
     pngs: dict[str, bytes] = {}          # model -> PNG
     names: dict[str, str] = {}           # model -> file name
     taken: set[str] = {MARKDOWN_NAME, HTML_NAME}

@@ -33,7 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
+from dllmq import quant
+from dllmq.api import load_model
 from dllmq.errors import DllmqError
+from dllmq.evaluate import MINI_TASKS, evaluate_mini
+from dllmq.evaluate.runner import EvalOptions, run_eval
 from dllmq.study import store
 from dllmq.study.cache import QuantCache
 from dllmq.study.cells import Cell, model_is_readable, plan_cells
@@ -119,17 +126,11 @@ def _finite(x) -> float | None:
 
 def _evaluate_task(model, tokenizer, task: str, cell: Cell, config: StudyConfig, progress: bool) -> dict:
     """{metric, value, stderr, n, category} of one task on a loaded model."""
-    from dllmq.evaluate.mini import TASKS
-
-    if task in TASKS:
-        from dllmq.evaluate import evaluate_mini
-
+    if task in MINI_TASKS:
         r = evaluate_mini(model, tokenizer, [task], limit=cell.limit, seed=cell.seed, progress=progress,
                           chat=config.eval.chat, batch_size=config.eval.batch_size)[task]
         return {"metric": MINI_METRIC[task], "value": float(r["acc"]), "stderr": _finite(r["stderr"]), "n": r["n"],
                 "category": store.task_category(task)}
-    from dllmq.evaluate.runner import EvalOptions, run_eval
-
     ev = config.eval
     overrides = {"chat": ev.chat, **ev.harness}  # eval.chat applies to harness tasks too, unless harness sets it
     options = EvalOptions(limit=cell.limit, allow_code_execution=ev.allow_code_execution, data_dir=ev.data_dir,
@@ -149,9 +150,6 @@ def _prepare_model(cell: Cell, cache: QuantCache | None, device: str, calib_devi
                    outcome: CellOutcome):
     """(model, tokenizer, quant_seconds): the full-precision model, or the quantized one from the cache,
     or freshly quantized (and then cached)."""
-    from dllmq import quant
-    from dllmq.api import load_model
-
     if cell.is_fp:
         model, tokenizer, _ = load_model(cell.model, dtype=cell.dtype, device=device, seed=0)
         return model, tokenizer, None
@@ -194,7 +192,6 @@ def _compute_cell(cell: Cell, config: StudyConfig, cache: QuantCache | None, dev
         del model
         gc.collect()
         if device.startswith("cuda"):
-            import torch
             torch.cuda.empty_cache()
 
 
@@ -237,7 +234,6 @@ def _check_models(config: StudyConfig) -> None:
 
 
 def _eta(durations: list[float], remaining: int) -> str:
-    from tqdm.auto import tqdm
     if not durations or remaining <= 0:
         return "ETA ?" if remaining > 0 else ""
     return f"ETA {tqdm.format_interval(sum(durations) / len(durations) * remaining)}"
@@ -250,8 +246,6 @@ def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: st
     """Run every cell of `config` not yet done in `db`; see the module docstring. cache=None: no cache.
     retry_failed: cells that failed in an earlier run are run again (never twice in one run).
     log_lines: one line on stderr per computed cell (for logs, where a progress bar cannot draw)."""
-    from tqdm.auto import tqdm
-
     if stale_after <= 0:
         raise DllmqError(f"stale_after must be a positive number of seconds, got {stale_after}.")
     heartbeat_every = min(heartbeat_every, stale_after / 4)  # a live claim must never look stale
