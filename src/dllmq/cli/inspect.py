@@ -10,7 +10,7 @@ from dllmq.models.config import REAL_CONFIGS, read_config_json, real_config
 from dllmq.models.describe import describe, format_description
 from dllmq.models.loading import resolve_model_dir
 from dllmq.models.random_models import RANDOM_MODELS, random_config
-from dllmq.models.registry import get_family, parse_config
+from dllmq.models.registry import get_family, parse_model_config
 from dllmq.quant.backend import plan_kernels
 from dllmq.quant.format import describe_quantization
 
@@ -32,7 +32,7 @@ def run(args) -> None:
         raw = real_config(name)
     else:
         raw = read_config_json(resolve_model_dir(name))
-    config = parse_config(raw)
+    config = parse_model_config(raw)
     family = get_family(config.family)
     quantized = describe_quantization(raw)
     if args.json:

@@ -412,11 +412,11 @@ def backend_report(model: nn.Module) -> BackendReport:
 def plan_kernels(raw_config: dict, device: str = "cpu") -> BackendReport:
     """The kernel each quantized layer of a saved model would run on ``device``, from its
     config.json alone (for `dllmq inspect`; no weights are read)."""
-    from dllmq.models.registry import build_model, parse_config
+    from dllmq.models.registry import build_model, parse_model_config
     from dllmq.quant.format import prepare_quantized
 
     with torch.device("meta"):
-        model = build_model(parse_config(raw_config))
+        model = build_model(parse_model_config(raw_config))
         prepare_quantized(model, raw_config)
     report = BackendReport("kernel")
     for path, module in model.named_modules():

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from dllmq.errors import DllmqError
 from dllmq.study.findings import DOES_NOT_HOLD, HOLDS, MIXED, NOT_MEASURED, Finding, evaluate_findings, signed
-from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Cell, Measurement, ModelTable, build_tables,
-                              normalize, task_sort_key)
+from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Measurement, ModelTable, TableCell,
+                              build_tables, normalize, task_sort_key)
 from dllmq.study.plots import degradation_png, plot_name
 from dllmq.study.store import read_results
 
@@ -173,7 +173,7 @@ def _header_lines(f: RunFacts) -> list[str]:
 
 # --- Markdown ----------------------------------------------------------------------------------------------
 
-def _md_cell(cell: Cell) -> str:
+def _md_cell(cell: TableCell) -> str:
     if cell.value is None:
         return NA
     if cell.drop is None:
@@ -285,7 +285,7 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _html_cell(cell: Cell, label: str, column: str, is_fp: bool) -> str:
+def _html_cell(cell: TableCell, label: str, column: str, is_fp: bool) -> str:
     if cell.value is None:
         return f'<td class="na" title="{_e(label)} · {_e(column)}: not measured">{NA}</td>'
     parts = [f"{label} · {column}: {cell.value:.2f}"]

@@ -43,7 +43,7 @@ from dllmq.evaluate import MINI_TASKS, evaluate_mini
 from dllmq.evaluate.runner import EvalOptions, run_eval
 from dllmq.study import store
 from dllmq.study.cache import QuantCache
-from dllmq.study.cells import Cell, model_is_readable, plan_cells
+from dllmq.study.cells import StudyCell, model_is_readable, plan_cells
 from dllmq.study.config import StudyConfig
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,12 @@ MINI_METRIC = {"mini_general": "acc", "mini_math": "exact_match", "mini_code": "
 
 # hook(event, cell, task): called at "claimed", "model_ready", "task_done" (task set), "finished".
 # Tests raise from it to simulate a crash at a chosen point.
-Hook = Callable[[str, Cell, "str | None"], None]
+Hook = Callable[[str, StudyCell, "str | None"], None]
 
 
 @dataclass
 class CellOutcome:
-    cell: Cell
+    cell: StudyCell
     # done | failed | skipped (done before) | busy (another runner has it) | lost (taken over while we ran)
     # | not-retried (failed in an earlier run and retry_failed is off, or failed in another runner of this run)
     status: str
@@ -71,7 +71,7 @@ class CellOutcome:
 @dataclass
 class StudySummary:
     db: Path
-    cells: list[Cell]
+    cells: list[StudyCell]
     outcomes: list[CellOutcome] = field(default_factory=list)
 
     def count(self, status: str) -> int:
@@ -124,7 +124,7 @@ def _finite(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def _evaluate_task(model, tokenizer, task: str, cell: Cell, config: StudyConfig, progress: bool) -> dict:
+def _evaluate_task(model, tokenizer, task: str, cell: StudyCell, config: StudyConfig, progress: bool) -> dict:
     """{metric, value, stderr, n, category} of one task on a loaded model."""
     if task in MINI_TASKS:
         r = evaluate_mini(model, tokenizer, [task], limit=cell.limit, seed=cell.seed, progress=progress,
@@ -146,8 +146,8 @@ def _evaluate_task(model, tokenizer, task: str, cell: Cell, config: StudyConfig,
             "n": t["n_samples"], "category": category}
 
 
-def _prepare_model(cell: Cell, cache: QuantCache | None, device: str, calib_device: str | None, progress: bool,
-                   outcome: CellOutcome):
+def _prepare_model(cell: StudyCell, cache: QuantCache | None, device: str, calib_device: str | None,
+                   progress: bool, outcome: CellOutcome):
     """(model, tokenizer, quant_seconds): the full-precision model, or the quantized one from the cache,
     or freshly quantized (and then cached)."""
     if cell.is_fp:
@@ -173,8 +173,9 @@ def _prepare_model(cell: Cell, cache: QuantCache | None, device: str, calib_devi
     return model, tokenizer, seconds
 
 
-def _compute_cell(cell: Cell, config: StudyConfig, cache: QuantCache | None, device: str, calib_device: str | None,
-                  progress: bool, hook: Hook | None, outcome: CellOutcome) -> list[dict]:
+def _compute_cell(cell: StudyCell, config: StudyConfig, cache: QuantCache | None, device: str,
+                  calib_device: str | None, progress: bool, hook: Hook | None,
+                  outcome: CellOutcome) -> list[dict]:
     model, tokenizer, quant_seconds = _prepare_model(cell, cache, device, calib_device, progress, outcome)
     try:
         if hook:
@@ -195,7 +196,7 @@ def _compute_cell(cell: Cell, config: StudyConfig, cache: QuantCache | None, dev
             torch.cuda.empty_cache()
 
 
-def _run_claimed(conn: sqlite3.Connection, db: Path, cell: Cell, owner: str, config: StudyConfig,
+def _run_claimed(conn: sqlite3.Connection, db: Path, cell: StudyCell, owner: str, config: StudyConfig,
                  cache: QuantCache | None, device: str, calib_device: str | None, heartbeat_every: float,
                  progress: bool, hook: Hook | None) -> CellOutcome:
     outcome = CellOutcome(cell, "done")
@@ -310,7 +311,7 @@ def _points(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def format_table(db: str | os.PathLike, cells: list[Cell]) -> str:
+def format_table(db: str | os.PathLike, cells: list[StudyCell]) -> str:
     """Model, method, bits (and seed when several) and each task's points, for the grid's cells."""
     conn = store.connect(db)
     try:

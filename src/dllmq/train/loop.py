@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from dllmq.errors import DllmqError
 from dllmq.models.config import real_config
 from dllmq.models.modeling import TransformerLM, init_weights
-from dllmq.models.registry import build_model, parse_config
+from dllmq.models.registry import build_model, parse_model_config
 from dllmq.train import corpus
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def make_model(cfg: TrainConfig, tokenizer) -> TransformerLM:
             raise DllmqError("The instruct stage needs --init DIR, the base model directory (with config.json).")
         return load_checkpoint(Path(cfg.init), torch.float32).train()
     raw = llada_tiny_config(cfg, tokenizer)
-    model = build_model(parse_config(raw))
+    model = build_model(parse_model_config(raw))
     init_weights(model, seed=cfg.seed)
     with torch.no_grad():  # norms start at one (init_weights jitters them for tests)
         for name, param in model.named_parameters():
