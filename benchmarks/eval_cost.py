@@ -125,9 +125,9 @@ def forward_flops(params: float, layers: int, d_model: int, tokens: int, rows: i
 
 def project(tflops: float) -> None:
     from dllmq.models.config import real_config
-    from dllmq.models.registry import parse_config
+    from dllmq.models.registry import parse_model_config
 
-    c = parse_config(real_config("llada-8b"))
+    c = parse_model_config(real_config("llada-8b"))
     h, f, layers, vocab = c.hidden_size, c.intermediate_size, c.n_layers, c.vocab_size
     per_block = 4 * h * h + 3 * h * f  # q, k, v, out (MHA) + gate, up, down
     params = layers * per_block + vocab * h  # + LM head (the embedding lookup costs no FLOPs)

@@ -29,9 +29,9 @@ if mode == "mmap":
 else:
     from safetensors.torch import load_file
     from dllmq.models.config import read_config_json
-    from dllmq.models.registry import build_model, parse_config
+    from dllmq.models.registry import build_model, parse_model_config
     with torch.device("meta"):
-        model = build_model(parse_config(read_config_json(path)))
+        model = build_model(parse_model_config(read_config_json(path)))
     model.load_state_dict(load_file(str(path / "model.safetensors")), assign=True)
 with torch.inference_mode():
     model(torch.zeros(1, 16, dtype=torch.long))

@@ -11,13 +11,13 @@ sustained throughput, plus the column loop's kernel launches.
 import argparse
 
 from dllmq.models.config import real_config
-from dllmq.models.registry import parse_config
+from dllmq.models.registry import parse_model_config
 
 GiB = 2 ** 30
 
 
 def project(name: str, nsamples: int, seqlen: int, tflops: float, launch_us: float) -> None:
-    c = parse_config(real_config(name))
+    c = parse_model_config(real_config(name))
     h, f, d = c.hidden_size, c.intermediate_size, c.head_dim
     q_out, kv_out = c.n_heads * d, c.n_kv_heads * d
     block_params = h * q_out + 2 * h * kv_out + q_out * h + 3 * h * f + (q_out + 2 * kv_out if c.qkv_bias else 0)

@@ -131,3 +131,21 @@ def test_eval_mini_tasks_on_a_builtin_model(capsys, tmp_path):
     data = json.loads(out.read_text())
     assert set(data["tasks"]) == {"mini_general", "mini_math"}
     assert all(r["n"] == 2 and 0 <= r["acc"] <= 1 for r in data["tasks"].values())
+
+
+def test_import_dllmq_and_help_load_no_torch():
+    """`import dllmq` and `dllmq --help` stay light; the top-level names still resolve on first use, and the
+    help that loads no subcommand module lists the same commands as the full parser."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    code = ("import sys, contextlib, io, dllmq\nfrom dllmq.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "print([m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", (proc.stdout, proc.stderr)
+    import dllmq
+    from dllmq.api import load_model
+    from dllmq.cli import build_parser
+    from dllmq.models.loading import save_model
+    assert dllmq.load_model is load_model and dllmq.save_model is save_model
+    assert build_parser().format_help() == build_parser("").format_help()

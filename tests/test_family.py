@@ -9,7 +9,7 @@ from torch import nn
 from dllmq.models.config import real_config
 from dllmq.models.family import ROLE_ORDER, SCORE_LINEAR, Family, LinearGroup, Role
 from dllmq.models.modeling import RMSNorm
-from dllmq.models.registry import FAMILIES, build_model, parse_config
+from dllmq.models.registry import FAMILIES, build_model, parse_model_config
 
 REAL = {"llada": "llada-8b", "dream": "dream-7b", "llama": "smollm2-135m"}
 
@@ -17,7 +17,7 @@ REAL = {"llada": "llada-8b", "dream": "dream-7b", "llama": "smollm2-135m"}
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_path_resolves_on_the_real_architecture(name):
     with torch.device("meta"):
-        model = build_model(parse_config(real_config(REAL[name])))
+        model = build_model(parse_model_config(real_config(REAL[name])))
     family = model.family
     assert family is FAMILIES[name].FAMILY
     for path in family.model_paths():

@@ -18,7 +18,7 @@ from dllmq.diffusion import generate_text, greedy_matches, loglikelihood, mc_log
 from dllmq.errors import DllmqError  # noqa: E402
 from dllmq.evaluate import harness  # noqa: E402
 from dllmq.evaluate import presets as P  # noqa: E402
-from dllmq.evaluate.runner import run_eval  # noqa: E402
+from dllmq.evaluate.runner import EvalOptions, run_eval  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 TASKS = DATA / "tasks"
@@ -191,9 +191,10 @@ def test_harness_cli_runs_with_dllmq_model(tmp_path, monkeypatch):
 
 def test_run_eval_writes_results_with_provenance(tmp_path, llada):
     out = tmp_path / "res" / "results.json"
-    report = run_eval(llada[:2], "dllmq_tiny_mc,dllmq_tiny_hub", include_path=TASKS, include_defaults=False,
-                      data_dir=DATA / "hub", offline=True, out=out, log_samples=True, model_name="random-llada",
-                      overrides={"mc_num": 4, "gen_length": 16}, progress=False, limit=2)
+    report = run_eval(llada[:2], "dllmq_tiny_mc,dllmq_tiny_hub",
+                      EvalOptions(include_path=TASKS, include_defaults=False, data_dir=DATA / "hub", offline=True,
+                                  out=out, log_samples=True, model_name="random-llada",
+                                  overrides={"mc_num": 4, "gen_length": 16}, progress=False, limit=2))
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report, default=str))
     t = saved["tasks"]["dllmq_tiny_mc"]
@@ -215,33 +216,34 @@ def test_run_eval_on_a_quantized_directory_records_its_quantization_config(tmp_p
     model, tok, _ = dllmq.load_model("random-llada", seed=3)
     quantize(model, tok, QuantConfig(method="rtn", wbits=4, group_size=32, nsamples=2, seqlen=32), progress=False)
     path = save_quantized(model, tok, tmp_path / "q")
-    report = run_eval(str(path), "dllmq_tiny_mc", include_path=TASKS, include_defaults=False, limit=1,
-                      overrides={"mc_num": 2}, progress=False)
+    options = EvalOptions(include_path=TASKS, include_defaults=False, limit=1, overrides={"mc_num": 2}, progress=False)
+    report = run_eval(str(path), "dllmq_tiny_mc", options)
     qc = report["model"]["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and "dllmq" in qc
     assert report["model"]["path"] == str(path)
-    in_memory = run_eval((model, tok), "dllmq_tiny_mc", include_path=TASKS, include_defaults=False, limit=1,
-                         overrides={"mc_num": 2}, progress=False)
+    in_memory = run_eval((model, tok), "dllmq_tiny_mc", options)
     assert in_memory["model"]["quantization_config"] == qc
     assert in_memory["tasks"]["dllmq_tiny_mc"]["metrics"] == report["tasks"]["dllmq_tiny_mc"]["metrics"]
 
 
 def test_missing_dataset_offline_is_one_clear_error():
     with pytest.raises(DllmqError) as err:
-        run_eval("random-llada", "dllmq_tiny_hub", include_path=TASKS, include_defaults=False, offline=True)
+        run_eval("random-llada", "dllmq_tiny_hub",
+                 EvalOptions(include_path=TASKS, include_defaults=False, offline=True))
     msg = str(err.value)
     assert "dllmq-test/tiny_qa" in msg and "--data-dir" in msg and "dllmq_tiny_hub" in msg
 
 
 def test_code_tasks_need_the_opt_in():
     with pytest.raises(DllmqError, match="allow-code-execution"):
-        run_eval("random-llada", "code", include_defaults=False)
+        run_eval("random-llada", "code", EvalOptions(include_defaults=False))
 
 
 def test_humaneval_runs_offline_through_the_sandbox(tmp_path, llada):
-    report = run_eval(llada[:2], "humaneval", allow_code_execution=True, include_defaults=False, offline=True,
-                      limit=2, overrides={"gen_length": 16}, out=tmp_path / "he.json", log_samples=True,
-                      progress=False)
+    report = run_eval(llada[:2], "humaneval",
+                      EvalOptions(allow_code_execution=True, include_defaults=False, offline=True, limit=2,
+                                  overrides={"gen_length": 16}, out=tmp_path / "he.json", log_samples=True,
+                                  progress=False))
     t = report["tasks"]["humaneval"]
     assert t["metric"] == "pass@1,sandbox" and t["value"] == 0.0 and t["n_samples"] == 2 and t["n_total"] == 164
     assert report["provenance"]["sandbox"]["guard"] is True
@@ -297,8 +299,9 @@ def test_sandboxed_humaneval_scores_correct_and_wrong_completions():
 
 
 def test_mbpp_from_data_dir_through_the_sandbox(llada):
-    report = run_eval(llada[:2], "mbpp", allow_code_execution=True, include_defaults=False, data_dir=DATA / "hub",
-                      offline=True, overrides={"gen_length": 16}, progress=False)
+    report = run_eval(llada[:2], "mbpp", EvalOptions(allow_code_execution=True, include_defaults=False,
+                                                     data_dir=DATA / "hub", offline=True, overrides={"gen_length": 16},
+                                                     progress=False))
     t = report["tasks"]["mbpp"]
     assert t["n_samples"] == 1 and t["value"] == 0.0 and t["num_fewshot"] == 3
 
@@ -306,8 +309,9 @@ def test_mbpp_from_data_dir_through_the_sandbox(llada):
 def test_paper_tasks_run_on_local_data_with_their_presets(llada):
     """The harness's own arc_easy and gsm8k tasks, their data from --data-dir (tests/data/hub holds
     a few made-up rows in the Hub datasets' schema), with the presets' shots and headline metrics."""
-    report = run_eval(llada[:2], "arc_easy,gsm8k", data_dir=DATA / "hub", offline=True,
-                      overrides={"mc_num": 2, "gen_length": 16}, progress=False)
+    report = run_eval(llada[:2], "arc_easy,gsm8k",
+                      EvalOptions(data_dir=DATA / "hub", offline=True, overrides={"mc_num": 2, "gen_length": 16},
+                                  progress=False))
     arc, gsm = report["tasks"]["arc_easy"], report["tasks"]["gsm8k"]
     assert arc["metric"] == "acc,none" and arc["n_samples"] == 2 and arc["num_fewshot"] == 0
     assert gsm["metric"] == "exact_match,flexible-extract" and gsm["n_samples"] == 2 and gsm["num_fewshot"] == 4

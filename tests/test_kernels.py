@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dllmq
-from dllmq.bench import add_parser
+from dllmq.cli.bench import add_parser
 from dllmq.diffusion import llada_generate
 from dllmq.errors import DllmqError
 from dllmq.models.random_models import random_model

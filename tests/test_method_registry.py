@@ -24,7 +24,7 @@ from dllmq.quant.registry import get_method, method_names, methods, unregister
 from dllmq.quant.rounding import round_block
 from dllmq.quant.specs import MethodSettings, setting
 from dllmq.study import store
-from dllmq.study.config import parse_config
+from dllmq.study.config import parse_study_config
 from dllmq.study.grid import method_name, rotation_methods, weight_only_methods
 from dllmq.study.runner import run_study
 
@@ -122,7 +122,7 @@ def test_toy_method_on_the_command_line_and_in_a_study(tmp_path, capsys, flip_me
     assert main(["quantize", "random-llada", "--method", "gptq", "--flip-seed", "5", "--out", str(tmp_path / "x")]) == 2
     assert "--flip-seed is a setting of fliprtn, not of gptq" in capsys.readouterr().err
 
-    config = parse_config({"models": ["random-llada"], "tasks": ["mini_math"], "limit": 2,
+    config = parse_study_config({"models": ["random-llada"], "tasks": ["mini_math"], "limit": 2,
                            "methods": ["fp", {"name": "fliprtn", "bits": ["W4A16-g128"], "flip_seed": 2}]})
     run_study(config, tmp_path / "study.db", tmp_path / "cache", progress=False)
     rows = {r["method"]: r for r in store.read_results(tmp_path / "study.db")}
@@ -133,8 +133,8 @@ def test_toy_method_on_the_command_line_and_in_a_study(tmp_path, capsys, flip_me
 def test_study_config_checks_a_methods_own_settings(flip_method):
     base = {"models": ["random-llada"], "tasks": ["mini_math"]}
     with pytest.raises(DllmqError, match=r"methods\[0\].damp is not a setting of fliprtn"):
-        parse_config({**base, "methods": [{"name": "fliprtn", "bits": ["W4A16-g128"], "damp": 0.1}]})
-    config = parse_config({**base, "methods": [{"name": "gptq", "bits": ["W4A16-g128"], "act_order": True}]})
+        parse_study_config({**base, "methods": [{"name": "fliprtn", "bits": ["W4A16-g128"], "damp": 0.1}]})
+    config = parse_study_config({**base, "methods": [{"name": "gptq", "bits": ["W4A16-g128"], "act_order": True}]})
     assert config.methods[0].quant_config("W4A16-g128", config.calibration, 0).settings.act_order is True
 
 

@@ -64,9 +64,9 @@ def test_helpers():
 
 def test_evaluate_mini_contract_on_a_random_model():
     from dllmq.evaluate.mini import score_general
-    from dllmq.models import load_model
+    from dllmq.models import load_plain_model
 
-    model, tok, _ = load_model("random-llada")
+    model, tok, _ = load_plain_model("random-llada")
     out = evaluate_mini(model, tok, tasks="mini_math,mini_code", limit=2, progress=False, batch_size=2)
     assert list(out) == ["mini_math", "mini_code"]
     for task, r in out.items():

@@ -11,7 +11,7 @@ from dllmq.models.config import real_config
 from dllmq.models.modeling import apply_rope, rope_tables
 from dllmq.models.qwen2_layout import make_model_class, qwen2_layout_family
 from dllmq.models.random_models import random_config, random_model
-from dllmq.models.registry import parse_config
+from dllmq.models.registry import parse_model_config
 
 
 def _ids(model, length=12, batch=2, seed=0):
@@ -75,8 +75,8 @@ def test_official_key_names(tmp_path):
 
 
 def test_real_configs_parse_to_known_sizes():
-    llada = parse_config(real_config("llada-8b"))
-    dream = parse_config(real_config("dream-7b"))
+    llada = parse_model_config(real_config("llada-8b"))
+    dream = parse_model_config(real_config("dream-7b"))
     assert (llada.hidden_size, llada.n_layers, llada.n_heads, llada.intermediate_size) == (4096, 32, 32, 12288)
     assert llada.mask_token_id == 126336 and llada.eos_token_id == 126081
     assert abs(llada.n_params / 1e9 - 8.02) < 0.01           # LLaDA-8B: 8.02B parameters
@@ -86,8 +86,8 @@ def test_real_configs_parse_to_known_sizes():
 
 
 def test_random_configs_keep_real_structure():
-    llada = parse_config(random_config("random-llada"))
-    dream = parse_config(random_config("random-dream"))
+    llada = parse_model_config(random_config("random-llada"))
+    dream = parse_model_config(random_config("random-dream"))
     assert llada.n_heads == llada.n_kv_heads and not llada.qkv_bias
     assert dream.n_heads // dream.n_kv_heads == 7 and dream.qkv_bias   # Dream-7B: 28 heads over 4 KV heads
     assert dream.intermediate_size % 148 == 0                           # Paley size class of 18944

@@ -11,7 +11,7 @@ import torch
 
 import dllmq
 from dllmq.analysis.outliers import OutlierThresholds, profile_outliers, write_outlier_report
-from dllmq.analysis.outliers_cli import add_parser
+from dllmq.cli.outliers import add_parser
 from dllmq.errors import DllmqError
 from dllmq.models.random_models import random_model
 from dllmq.quant.online import seen_input

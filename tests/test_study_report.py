@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from dllmq.cli.report import add_parser, run
 from dllmq.errors import DllmqError
 from dllmq.study import findings as F
 from dllmq.study.grid import (AVG, MODERATE, NEGLIGIBLE, SEVERE, Setting, build_tables, classify, normalize,
                               parse_bits)
-from dllmq.study.report import MARKERS, add_parser, build_report, run, terminal_report
+from dllmq.study.report import MARKERS, build_report, terminal_report
 from dllmq.study.store import connect, task_category
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

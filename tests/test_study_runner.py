@@ -23,8 +23,8 @@ from dllmq.errors import DllmqError
 from dllmq.study import store
 from dllmq.study.cache import QuantCache
 from dllmq.study.cells import model_identity, plan_cells
-from dllmq.study.config import load_config, parse_config
-from dllmq.study.runner import main as study_main
+from dllmq.study.config import load_config, parse_study_config
+from dllmq.cli.study import main as study_main
 from dllmq.study.runner import run_study
 
 TWO_TASKS = ["mini_math", "mini_code"]   # the quick ones (mini_general costs ~1 s per cell here)
@@ -149,14 +149,14 @@ def test_config_errors_name_the_key(change, fragment):
     data = grid(["fp", {"name": "rtn", "bits": ["W4A16-g128"]}])
     change(data)
     with pytest.raises(DllmqError) as info:
-        parse_config(data, "s.yaml")
+        parse_study_config(data, "s.yaml")
     message = str(info.value)
     assert message.startswith("Study config s.yaml") and fragment in message, message
     assert "\n" not in message and message.endswith(".")
 
 
 def test_config_expands_task_groups_and_overrides():
-    c = parse_config(grid(["fp", {"name": "gptq", "bits": ["W4A16-g128"], "act_order": True, "nsamples": 3,
+    c = parse_study_config(grid(["fp", {"name": "gptq", "bits": ["W4A16-g128"], "act_order": True, "nsamples": 3,
                                   "label": "gptq-ao"}], tasks=["mini", "gsm8k"], seeds=[0, 1]))
     assert c.tasks == ("mini_general", "mini_math", "mini_code", "gsm8k")
     [spec] = [m for m in c.methods if m.name == "gptq"]
@@ -191,7 +191,7 @@ def test_cell_keys_are_stable_and_follow_every_setting(tmp_path):
     base = grid(["fp", {"name": "rtn", "bits": ["W4A16-g128"]}, {"name": "gptq", "bits": ["W4A16-g128"]}])
 
     def keys(data, device="cpu"):
-        return {(c.method, c.bits): (c.cell_key, c.quant_key) for c in plan_cells(parse_config(data), device)}
+        return {(c.method, c.bits): (c.cell_key, c.quant_key) for c in plan_cells(parse_study_config(data), device)}
 
     k0 = keys(base)
     assert k0 == keys(json.loads(json.dumps(base)))                                  # stable
@@ -231,7 +231,7 @@ def test_full_run_fills_the_db_and_the_cache_reproduces_it(tmp_path, count_quant
     from dllmq.api import load_model
     from dllmq.evaluate import evaluate_mini
 
-    config = parse_config(grid(["fp", {"name": "rtn", "bits": ["W4A16-g128"]}, {"name": "gptq", "bits": ["W4A16-g128"]}],
+    config = parse_study_config(grid(["fp", {"name": "rtn", "bits": ["W4A16-g128"]}, {"name": "gptq", "bits": ["W4A16-g128"]}],
                                tasks=["mini"]))
     db, cache = tmp_path / "runs.db", tmp_path / "cache"
     summary = run_study(config, db, cache, progress=False, log_lines=True)
@@ -266,7 +266,7 @@ def test_full_run_fills_the_db_and_the_cache_reproduces_it(tmp_path, count_quant
     assert sorted(p.name for p in cache.iterdir()) == sorted(c.quant_key for c in cells[1:])
     # (other tasks: other cells, same quantized models)
     # (mini_general: the likelihood task, whose numbers move with every logit)
-    fewer = parse_config(grid(["fp", {"name": "rtn", "bits": ["W4A16-g128"]}, {"name": "gptq", "bits": ["W4A16-g128"]}],
+    fewer = parse_study_config(grid(["fp", {"name": "rtn", "bits": ["W4A16-g128"]}, {"name": "gptq", "bits": ["W4A16-g128"]}],
                               tasks=["mini_general"]))
     summary2 = run_study(fewer, tmp_path / "again.db", cache, progress=False)
     assert count_quantize == ["rtn", "gptq"] and [o.cached for o in summary2.outcomes] == [False, True, True]
@@ -281,7 +281,7 @@ def test_full_run_fills_the_db_and_the_cache_reproduces_it(tmp_path, count_quant
 
 
 def test_resume_after_a_crash_between_cells(tmp_path, count_quantize):
-    config = parse_config(grid(RTN3))
+    config = parse_study_config(grid(RTN3))
     db = tmp_path / "runs.db"
     crash = Recorder("finished", after=2)
     with pytest.raises(Crash):
@@ -305,7 +305,7 @@ def test_resume_after_a_crash_between_cells(tmp_path, count_quantize):
 
 
 def test_resume_after_a_crash_inside_a_cell(tmp_path, count_quantize):
-    config = parse_config(grid(["fp", {"name": "gptq", "bits": ["W4A16-g128"]}, {"name": "rtn", "bits": ["W8A8"]}]))
+    config = parse_study_config(grid(["fp", {"name": "gptq", "bits": ["W4A16-g128"]}, {"name": "rtn", "bits": ["W8A8"]}]))
     db, cache = tmp_path / "runs.db", tmp_path / "cache"
     crash = Recorder("task_done", after=3)      # fp's two tasks, then the first task of the gptq cell
     with pytest.raises(Crash):
@@ -323,7 +323,7 @@ def test_resume_after_a_crash_inside_a_cell(tmp_path, count_quantize):
 
 
 def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
-    config = parse_config(grid(["fp", {"name": "rtn", "bits": ["W4A16-g128", "W8A8"]}], tasks=ONE_TASK))
+    config = parse_study_config(grid(["fp", {"name": "rtn", "bits": ["W4A16-g128", "W8A8"]}], tasks=ONE_TASK))
     cells = plan_cells(config)
     db = tmp_path / "runs.db"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -403,7 +403,7 @@ def test_claim_race_has_one_winner(tmp_path):
 
 
 def test_heartbeat_thread_keeps_the_claim_fresh(tmp_path):
-    config = parse_config(grid(["fp"], tasks=ONE_TASK))
+    config = parse_study_config(grid(["fp"], tasks=ONE_TASK))
     db = tmp_path / "db"
     seen = []
 
@@ -439,7 +439,7 @@ def test_failed_cell_is_recorded_the_run_goes_on_and_exit_code_is_1(tmp_path, ca
 
 
 def test_two_concurrent_runners_compute_each_cell_once(tmp_path, count_quantize):
-    config = parse_config(grid(RTN3 + [{"name": "gptq", "bits": ["W4A16-g128"]}], tasks=ONE_TASK))
+    config = parse_study_config(grid(RTN3 + [{"name": "gptq", "bits": ["W4A16-g128"]}], tasks=ONE_TASK))
     db, cache = tmp_path / "runs.db", tmp_path / "cache"
     rec = Recorder()
     errors: list[BaseException] = []
@@ -503,7 +503,7 @@ def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tmp_path):
     assert done and "running" in status.values()
     assert sorted(rows) == sorted((k, t) for k in done for t in tasks)        # only complete cells have rows
 
-    config = parse_config(spec)
+    config = parse_study_config(spec)
     rec = Recorder()
     summary = run_study(config, db, cache, progress=False, hook=rec)       # the dead runner's claim is stale at once
     assert sorted(rec.claimed()) == sorted(c.cell_key for c in summary.cells if c.cell_key not in done)
@@ -537,7 +537,7 @@ def test_cli_dry_run_lists_cells_and_their_state(tmp_path, capsys):
     assert study_main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("random-llada") == 2 and "2 todo" in out and not db.exists()   # a dry run creates nothing
-    config = parse_config(spec)
+    config = parse_study_config(spec)
     with pytest.raises(Crash):
         run_study(config, db, None, progress=False, hook=Recorder("finished", after=1))
     assert study_main(argv) == 0
@@ -552,18 +552,18 @@ def test_cli_dry_run_lists_cells_and_their_state(tmp_path, capsys):
 def test_add_parser_wires_the_subcommand():
     import argparse
 
-    from dllmq.study import runner
+    from dllmq.cli import study
 
     parser = argparse.ArgumentParser()
-    runner.add_parser(parser.add_subparsers(dest="command"))
+    study.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["study", "--dry-run", "--db", "x.db"])
-    assert args.func is runner.run and args.dry_run and args.db == "x.db" and args.cache == "runs/study-cache"
+    assert args.func is study.run and args.dry_run and args.db == "x.db" and args.cache == "runs/study-cache"
     assert args.config is None
 
 
 def test_harness_tasks_run_through_lm_eval(tmp_path):
     """A harness task (HumanEval ships with its package, so this is offline) lands in the same rows."""
-    config = parse_config(grid(["fp"], tasks=["humaneval", "mini_math"], limit=2,
+    config = parse_study_config(grid(["fp"], tasks=["humaneval", "mini_math"], limit=2,
                                eval={"allow_code_execution": True,
                                      "harness": {"gen_length": 8, "steps": 8, "block_length": 8}}))
     summary = run_study(config, tmp_path / "db", None, progress=False)

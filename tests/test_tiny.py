@@ -27,11 +27,11 @@ def test_shipped_checkpoint_is_an_official_llada_layout(name):
     from safetensors import safe_open
 
     from dllmq.models.config import read_config_json
-    from dllmq.models.registry import parse_config
+    from dllmq.models.registry import parse_model_config
 
     path = _shipped(name)
     raw = read_config_json(path)
-    config = parse_config(raw)
+    config = parse_model_config(raw)
     assert raw["model_type"] == "llada" and config.family == "llada" and raw["torch_dtype"] == "bfloat16"
     assert config.head_dim == 64 and not config.tie_embeddings
     with safe_open(str(path / "model.safetensors"), "pt") as f:
@@ -51,13 +51,13 @@ def test_both_models_together_stay_small():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_weights_give_the_recorded_accuracies(name):
-    from dllmq.models import load_model
+    from dllmq.models import load_plain_model
     from dllmq.train.export import SUBSET
     from dllmq.evaluate.mini import evaluate_mini
 
     path = _shipped(name)
     recorded = json.loads((path / "eval.json").read_text())["subset"]
-    model, tokenizer, _ = load_model(path, dtype="float32")
+    model, tokenizer, _ = load_plain_model(path, dtype="float32")
     assert tokenizer.mask_token_id == model.config.mask_token_id
     for task, n in SUBSET.items():
         got = evaluate_mini(model, tokenizer, tasks=[task], limit=n, progress=False, return_samples=True)[task]

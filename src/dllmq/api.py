@@ -6,7 +6,7 @@ import os
 import torch
 
 from dllmq.models.loading import LoadedModel
-from dllmq.models.loading import load_model as _load_plain
+from dllmq.models.loading import load_plain_model
 
 
 def load_model(name_or_path: str | os.PathLike = "dllmq-tiny", *, dtype: str | torch.dtype = "auto",
@@ -17,6 +17,6 @@ def load_model(name_or_path: str | os.PathLike = "dllmq-tiny", *, dtype: str | t
     integer matmuls where a kernel fits; see dllmq.quant.backend)."""
     from dllmq.quant.backend import set_backend
     from dllmq.quant.format import prepare_quantized
-    loaded = _load_plain(name_or_path, dtype=dtype, device=device, seed=seed, prepare=prepare_quantized)
+    loaded = load_plain_model(name_or_path, dtype=dtype, device=device, seed=seed, prepare=prepare_quantized)
     set_backend(loaded.model, backend)
     return loaded

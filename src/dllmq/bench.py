@@ -1,34 +1,30 @@
-"""`dllmq bench`: how fast a model (full precision or quantized) runs and how much memory it holds.
+"""Speed and memory (the library of `dllmq bench`): how fast a model (full precision or quantized) runs and how much memory it holds.
 
 One diffusion step runs the whole sequence through the model, so the forward latency at the
 sequence length is the unit cost; generation time adds the sampler. Measured: forward latency
 (median of repeats), generation tokens/s and time per step for the same random prompt and step
 count, the bytes of weights held in memory, and the process's peak resident memory. With
-``--backend both`` the kernel and fake backends run on the same loaded model, in one process.
+``--backend both`` the CLI (dllmq.cli.bench) runs the kernel and fake backends on the same loaded model,
+in one process.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
+from dllmq.diffusion import generate as run_generate
 from dllmq.errors import DllmqError
+from dllmq.models.describe import human_bytes
+from dllmq.quant.backend import backend_report, weight_bytes
+from dllmq.quant.kernels import scratch_bytes
 
 log = logging.getLogger(__name__)
-
-EXAMPLES = """\
-examples:
-  dllmq bench random-llada --seq-len 128 --gen-length 64 --steps 4
-  dllmq bench q/ --backend both                    # kernel vs fake on one quantized model
-  dllmq bench q/ --dtype bfloat16 --seq-len 512 --gen-length 256 --steps 16 --json
-"""
 
 
 @dataclass
@@ -107,10 +103,6 @@ def bench_model(model: torch.nn.Module, tokenizer, *, name: str = "", seq_len: i
                 steps: int = 16, block_length: int | None = None, batch: int = 1, repeats: int = 3,
                 seed: int = 0, generate: bool = True) -> BenchResult:
     """Time ``model`` as it is now (its backend is whatever set_backend last chose)."""
-    from dllmq.diffusion import generate as run_generate
-    from dllmq.quant.backend import backend_report, weight_bytes
-    from dllmq.quant.kernels import scratch_bytes
-
     if seq_len <= 0 or batch <= 0 or repeats <= 0:
         raise DllmqError("--seq-len, --batch and --repeats must be positive.")
     if seq_len > model.config.max_seq_len:
@@ -148,8 +140,6 @@ def bench_model(model: torch.nn.Module, tokenizer, *, name: str = "", seq_len: i
 
 
 def format_result(r: BenchResult) -> str:
-    from dllmq.models.describe import human_bytes
-
     lines = [f"{r.model}  backend {r.backend}  {r.dtype}  {r.threads} threads  batch {r.batch}",
              f"  kernels      {r.kernel_summary}",
              f"  forward      {r.forward_ms:.1f} ms median ({r.forward_min_ms:.1f} min) at {r.seq_len} tokens"]
@@ -161,65 +151,3 @@ def format_result(r: BenchResult) -> str:
                  + f", kernel scratch {human_bytes(r.scratch_bytes)}, peak RSS {human_bytes(r.peak_rss_bytes)}"
                  + (f", private RSS now {human_bytes(r.anon_rss_bytes)}" if r.anon_rss_bytes else ""))
     return "\n".join(lines)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "bench", help="speed and memory: forward latency, generation tokens/s, weights in memory",
-        description="Time MODEL (a built-in name, checkpoint or quantized directory): forward latency at "
-                    "--seq-len, diffusion generation of --gen-length tokens in --steps steps after a random "
-                    "prompt, weights in memory and peak RSS. --backend picks how quantized layers compute "
-                    "(kernel: real integer matmuls; fake: quantize-dequantize; both: one after the other).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default="dllmq-tiny", metavar="MODEL",
-                   help="built-in name, checkpoint directory or quantized directory (default: dllmq-tiny)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random prompt (default: 0)")
-    p.add_argument("--backend", default="kernel", choices=["kernel", "fake", "both"],
-                   help="how quantized layers compute (default: kernel)")
-    p.add_argument("--seq-len", type=int, default=512, help="total tokens per step: prompt + generation (default 512)")
-    p.add_argument("--gen-length", type=int, default=256, help="tokens to generate (default 256)")
-    p.add_argument("--steps", type=int, default=16, help="diffusion steps (default 16)")
-    p.add_argument("--block-length", type=int, default=None, help="LLaDA block length (default: gen-length)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed forward passes (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-generate", action="store_true", help="forward latency only")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.set_defaults(func=run)
-
-
-def run(args) -> None:
-    from dllmq.api import load_model
-    from dllmq.quant.backend import set_backend
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    backends = ["kernel", "fake"] if args.backend == "both" else [args.backend]
-    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-                                     backend=backends[0])
-    results = []
-    for i, backend in enumerate(backends):
-        if i:
-            set_backend(model, backend)
-        results.append(bench_model(model, tokenizer, name=str(args.model), seq_len=args.seq_len,
-                                   gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-                                   batch=args.batch, repeats=args.repeats, seed=args.seed,
-                                   generate=not args.no_generate))
-        if not results[-1].kernels:  # full precision: the backend changes nothing
-            results[-1].backend = "full precision"
-            break
-        results[-1].backend = backend
-    if args.json:
-        print(json.dumps([asdict(r) for r in results], indent=2))
-        return
-    for r in results:
-        print(format_result(r))
-    if len(results) == 2 and results[0].kernels:
-        k, f = results
-        speed = f.forward_ms / k.forward_ms if k.forward_ms else float("nan")
-        line = f"kernel vs fake: forward {speed:.2f}x faster"
-        if k.generate_s:
-            line += f", generation {f.generate_s / k.generate_s:.2f}x faster"
-        print(line)

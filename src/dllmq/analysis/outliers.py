@@ -49,6 +49,7 @@ from dllmq.analysis.outlier_report import (
     format_summary,
 )
 from dllmq.analysis.write import write_outlier_report
+from dllmq.data import calibration_set, mask_windows
 from dllmq.errors import DllmqError
 from dllmq.models.family import Family
 from dllmq.quant.online import seen_input
@@ -229,14 +230,12 @@ def _windows(tokenizer, calib: str, nsamples: int, seqlen: int, seed: int,
     if tokenizer is None:
         raise DllmqError("Profiling calibration text needs the model's tokenizer, and this model has none; "
                          "pass input_ids instead.")
-    from dllmq.data import calibration_set
     return calibration_set(tokenizer, calib, nsamples, seqlen, seed)
 
 
 def _masked(windows: torch.Tensor, ratio: float, mask_id: int | None, seed: int) -> torch.Tensor:
     if ratio == 0.0:
         return windows
-    from dllmq.data import mask_windows
     return mask_windows(windows, ratio, mask_id, seed)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from dllmq.analysis.outlier_report import OutlierReport, Surface
 
 DEPTH_NAME = "max_abs_by_depth.png"
@@ -29,8 +31,6 @@ def surface_name(block: int, name: str) -> str:
 def plot_surface(surfaces: list[Surface], path: Path) -> Path:
     """One layer's |x| over (token, channel) as 3D surfaces, one per mask ratio, like the paper's figures."""
     plt = _pyplot()
-    import numpy as np
-
     fig = plt.figure(figsize=(5.5 * len(surfaces), 4.5))
     zmax = max(float(s.matrix.max()) for s in surfaces) or 1.0
     for i, s in enumerate(surfaces):

@@ -47,7 +47,9 @@ max_length, progress.
 """
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -55,8 +57,13 @@ from typing import Any
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm.auto import tqdm
 
+from dllmq.api import load_model
+from dllmq.diffusion import (decode_generation, default_sampler, encode_prompts, format_prompt, generate,
+                             greedy_matches, loglikelihood)
+from dllmq.diffusion.text import pad_token_id
 from dllmq.errors import DllmqError
 
 log = logging.getLogger(__name__)
@@ -102,8 +109,6 @@ class DllmqLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DllmqLM:
-        from lm_eval.utils import simple_parse_args_string
-
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
@@ -153,8 +158,6 @@ class DllmqLM(TemplateLM):
             device = "cpu"
         self.seed = int(seed)
         if model is None:
-            from dllmq.api import load_model
-
             model, tokenizer, _family = load_model(pretrained, dtype=dtype, device=device, seed=self.seed)
             self.model_path = str(pretrained)
         else:
@@ -240,8 +243,6 @@ class DllmqLM(TemplateLM):
 
     # ------------------------------------------------------------------ loglikelihood
     def _wrap_chat(self, context: str) -> str:
-        from dllmq.diffusion import format_prompt
-
         return format_prompt(self.tokenizer, context, chat=True)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -290,8 +291,6 @@ class DllmqLM(TemplateLM):
 
     def score(self, ctx_ids: Sequence[int], cont_ids: Sequence[int], *, greedy: bool = True) -> tuple[float, bool]:
         """(log p(continuation | context), greedy flag) from token ids: what loglikelihood returns."""
-        from dllmq.diffusion import greedy_matches, loglikelihood
-
         ctx_ids, cont_ids = self._fit(ctx_ids, cont_ids)
         mc_num = 1 if len(cont_ids) == 1 else self.mc_num
         batch = min(self.batch_size, mc_num)
@@ -305,8 +304,6 @@ class DllmqLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Sum over disjoint windows of log p(window | preceding text) (Monte Carlo for diffusion)."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
         out = []
         for (string,) in tqdm([req.args for req in requests], desc="dllmq loglikelihood_rolling",
                               disable=disable_tqdm or not self.progress):
@@ -324,8 +321,6 @@ class DllmqLM(TemplateLM):
     # ------------------------------------------------------------------ generation
     def generation_settings(self, max_gen_toks: int | None = None) -> dict:
         """The sampler settings for one request: gen_length / steps / block_length resolved."""
-        from dllmq.diffusion import default_sampler
-
         gen_length = self.gen_length or int(max_gen_toks or 256)
         name = self.sampler or default_sampler(self.model)
         if name == "causal":
@@ -343,9 +338,6 @@ class DllmqLM(TemplateLM):
         return settings
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from dllmq.diffusion import decode_generation, encode_prompts, format_prompt, generate
-        from dllmq.diffusion.text import pad_token_id
-
         items = []
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
@@ -423,11 +415,7 @@ if __name__ != "__main__":  # run as a script, main() imports the module and reg
 
 def main(argv: list[str] | None = None) -> int:
     """lm_eval's own command line with the `dllmq` model registered."""
-    import sys
-
-    from lm_eval.__main__ import cli_evaluate
-
-    import importlib
+    from lm_eval.__main__ import cli_evaluate  # lm_eval's own CLI module: only for this entry point
 
     importlib.import_module("dllmq.evaluate.harness")  # registers "dllmq" under its importable name
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 
+import datasets
+
 from dllmq.errors import DllmqError
 from dllmq.evaluate.metrics import HUMANEVAL_STOP, MBPP_STOP, humaneval_program, mbpp_program
 from dllmq.evaluate.sandbox import SandboxLimits, SandboxResult, require_opt_in, run_programs
@@ -93,8 +95,6 @@ def _pass_at_1(doc, results):
 
 
 def _humaneval_dataset(**_):
-    import datasets
-
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(humaneval_problems())})
 
 

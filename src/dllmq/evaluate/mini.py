@@ -29,7 +29,10 @@ from importlib import resources
 import torch
 from tqdm.auto import tqdm
 
+from dllmq.diffusion import generate_text, mc_loglikelihood
 from dllmq.errors import DllmqError
+from dllmq.evaluate.sandbox import run_programs, with_limits
+from dllmq.quant.qlinear import keep_dequantized_weights
 
 TASKS = ("mini_general", "mini_math", "mini_code")
 ALIASES = {"mini": TASKS}
@@ -87,8 +90,6 @@ def _summary(correct: list[bool], task: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progress: bool = True) -> list[bool]:
-    from dllmq.diffusion import mc_loglikelihood
-
     out = []
     for item in tqdm(items, desc="mini_general", disable=not progress):
         prompt = tokenizer(item["context"], add_special_tokens=True)["input_ids"]
@@ -107,8 +108,6 @@ def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progres
 
 def _generate(model, tokenizer, prompts: list[str], chat: bool, settings: dict, seed: int,
               batch_size: int, desc: str, progress: bool) -> list[str]:
-    from dllmq.diffusion import generate_text
-
     outputs: list[str] = []
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress):
@@ -159,8 +158,6 @@ def program_with_tests(program: str, tests: Sequence[str]) -> str:
 
 def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
                progress: bool = True, timeout: float = 5.0) -> tuple[list[bool], list[str]]:
-    from dllmq.evaluate.sandbox import run_programs, with_limits
-
     if chat:
         prompts = [CODE_INSTRUCTION + item["prompt"] for item in items]
     else:
@@ -190,8 +187,6 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
     """
     if tokenizer is None:
         raise DllmqError("The mini benchmark needs the model's tokenizer; load a checkpoint that ships one.")
-    from dllmq.quant.qlinear import keep_dequantized_weights
-
     chat = is_chat_model(model) if chat is None else chat
     was_training = model.training
     model.eval()

@@ -60,7 +60,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from dllmq.errors import DllmqError
 
@@ -131,119 +134,10 @@ class SandboxResult:
 
 
 # ----------------------------------------------------------------------------- the launcher
-# Runs inside the sandboxed interpreter before the program: namespaces, privileges, limits,
-# guard, then the program; writes the marker after the program returns. Python 3.8+ syntax.
-_LAUNCHER = r'''
-import json, os, sys
-def _main():
-    cfg = json.loads(sys.argv[1])
-    sys.argv = ["program.py"]
-    sys.dont_write_bytecode = True
-    fd = cfg["fd"]
-    nonce = cfg.pop("nonce")
-    net = "none"
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, 9, 0, 0, 0)    # PR_SET_PDEATHSIG = SIGKILL
-        libc.prctl(38, 1, 0, 0, 0)   # PR_SET_NO_NEW_PRIVS
-        if cfg["netns"]:
-            if os.geteuid() == 0 and libc.unshare(0x40000000) == 0:          # CLONE_NEWNET
-                net = "netns"
-            elif os.geteuid() != 0:
-                uid, gid = os.getuid(), os.getgid()
-                if libc.unshare(0x10000000 | 0x40000000) == 0:               # CLONE_NEWUSER | CLONE_NEWNET
-                    for name, text in (("setgroups", "deny"), ("gid_map", "%d %d 1" % (gid, gid)),
-                                       ("uid_map", "%d %d 1" % (uid, uid))):
-                        with open("/proc/self/" + name, "w") as f:
-                            f.write(text)
-                    net = "userns+netns"
-    except Exception as err:
-        sys.stderr.write("sandbox: namespace setup failed: %r\n" % (err,))
-    import resource
-    dropped = False
-    if cfg["uid"] is not None:
-        os.setgroups([])
-        os.setgid(cfg["gid"])
-        os.setuid(cfg["uid"])
-        dropped = True
-    for name, value in cfg["rlimits"]:
-        soft = hard = value
-        if name == "RLIMIT_CPU":
-            hard = value + 1
-        resource.setrlimit(getattr(resource, name), (soft, hard))
-    os.write(fd, ("ISOLATION " + json.dumps({"network": net, "uid_dropped": dropped,
-                                              "guard": bool(cfg["guard"])}) + "\n").encode())
-    if cfg["guard"]:
-        _install_guard(os.getcwd())
-    with open("program.py", "rb") as f:
-        code = compile(f.read(), "program.py", "exec")
-    namespace = {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__}
-    exec(code, namespace)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.write(fd, (nonce + "\n").encode())
-
-def _install_guard(root):
-    import os, sys
-    root = os.path.realpath(root)
-    realpath, fsdecode, getpid = os.path.realpath, os.fsdecode, os.getpid
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    busy = [False]
-    denied = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
-              "os.system", "os.kill", "os.killpg", "os.startfile", "pty.", "ctypes.dlopen", "ctypes.dlsym",
-              "ctypes.call_function", "resource.setrlimit", "resource.prlimit", "winreg.", "_winapi.")
-    path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,), "os.chown": (0,),
-                   "os.truncate": (0,), "os.utime": (0,), "os.rename": (0, 1), "os.link": (1,),
-                   "os.symlink": (1,), "shutil.rmtree": (0,), "shutil.copyfile": (1,), "shutil.move": (1,),
-                   "os.chflags": (0,), "os.lchflags": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
-                   "os.setxattr": (0,), "os.removexattr": (0,)}
-
-    def inside(path):
-        if isinstance(path, int):
-            return True
-        try:
-            p = realpath(fsdecode(path))
-        except Exception:
-            return False
-        return p == root or p.startswith(root + os.sep) or p == "/dev/null"
-
-    def other_proc(path):
-        if isinstance(path, int):
-            return False
-        try:
-            p = fsdecode(path)
-        except Exception:
-            return True
-        if not p.startswith("/proc/"):
-            return False
-        part = p[6:].split("/", 1)[0]
-        return part.isdigit() and int(part) != getpid()
-
-    def hook(event, args):
-        if busy[0]:
-            return
-        busy[0] = True
-        try:
-            if event == "open":
-                path, mode, flags = (tuple(args) + (None, None, None))[:3]
-                writing = bool(mode and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
-                if writing and not inside(path):
-                    raise PermissionError("dllmq sandbox: writing outside the working directory is not allowed: %r" % (path,))
-                if other_proc(path):
-                    raise PermissionError("dllmq sandbox: reading other processes is not allowed")
-            elif event in path_events:
-                for i in path_events[event]:
-                    if i < len(args) and args[i] is not None and not inside(args[i]):
-                        raise PermissionError("dllmq sandbox: %s outside the working directory is not allowed" % event)
-            elif event.startswith(denied):
-                raise PermissionError("dllmq sandbox: %s is not allowed" % event)
-        finally:
-            busy[0] = False
-    sys.addaudithook(hook)
-
-_main()
-'''
+# _sandbox_launcher.py runs inside the sandboxed interpreter before the program: namespaces,
+# privileges, limits, guard, then the program; writes the marker after the program returns. Its text
+# is passed with -c, read here once.
+_LAUNCHER = resources.files(__package__).joinpath("_sandbox_launcher.py").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- environment probes
@@ -588,7 +482,6 @@ def run_programs(codes: Sequence[str], *, allow_code_execution: bool = False, li
         except Exception as err:  # a sandbox failure is a failed sample, never a crashed evaluation
             return SandboxResult("error", None, "", "", 0.0, detail=f"{type(err).__name__}: {err}")
 
-    from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(tqdm(pool.map(one, codes), total=len(codes), desc=desc, disable=not progress))

@@ -20,7 +20,7 @@ from dllmq.models.config import ModelConfig, read_config_json
 from dllmq.models.family import Family
 from dllmq.models.modeling import TransformerLM
 from dllmq.models.random_models import RANDOM_MODELS, random_model
-from dllmq.models.registry import build_model, parse_config
+from dllmq.models.registry import build_model, parse_model_config
 from dllmq.models.safetensors_io import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32, device:
     linears for quantized ones). Parameters take `dtype`; buffers (packed codes, scales) keep theirs.
     """
     raw = read_config_json(directory)
-    config = parse_config(raw)
+    config = parse_model_config(raw)
     with torch.device("meta"):
         model = build_model(config)
         if prepare is not None:
@@ -147,10 +147,11 @@ def load_tokenizer(directory: Path):
         return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), **extra)
 
 
-def load_model(name_or_path: str | os.PathLike = "dllmq-tiny", *, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu", seed: int = 0,
-               prepare: Callable[[TransformerLM, dict], None] | None = None) -> LoadedModel:
-    """The model (eval mode), its tokenizer and its family description.
+def load_plain_model(name_or_path: str | os.PathLike = "dllmq-tiny", *, dtype: str | torch.dtype = "auto",
+                     device: str | torch.device = "cpu", seed: int = 0,
+                     prepare: Callable[[TransformerLM, dict], None] | None = None) -> LoadedModel:
+    """The model (eval mode), its tokenizer and its family description, as the checkpoint stores it:
+    quantized layers are only rebuilt through `prepare` (dllmq.load_model passes it; use that one).
 
     `name_or_path`: a built-in name (the shipped trained dllmq-tiny / dllmq-tiny-instruct, or the
     random random-llada / random-dream / random-llama), a checkpoint

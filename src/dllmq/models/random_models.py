@@ -8,7 +8,7 @@ import torch
 
 from dllmq.models.config import real_config
 from dllmq.models.modeling import TransformerLM, init_weights
-from dllmq.models.registry import build_model, parse_config
+from dllmq.models.registry import build_model, parse_model_config
 from dllmq.models.tiny_tokenizer import DREAM_TOKENS, LLAMA_TOKENS, LLADA_TOKENS, byte_level_tokenizer
 
 # Per family: the real config it scales down, the shape overrides, its special tokens.
@@ -43,7 +43,7 @@ def random_config(name: str, **overrides) -> dict:
 def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """(model, tokenizer) for a built-in random model; the same seed gives the same weights."""
     raw = random_config(name, **overrides)
-    config = parse_config(raw)
+    config = parse_model_config(raw)
     model: TransformerLM = build_model(config)
     init_weights(model, seed=seed)
     model.tie_weights()

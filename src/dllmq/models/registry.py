@@ -27,7 +27,8 @@ def family_for_model_type(model_type: str | None) -> ModuleType:
     raise DllmqError(f"config.json has model_type {model_type!r}, which dllmq cannot load; supported: {known}.")
 
 
-def parse_config(raw: dict) -> ModelConfig:
+def parse_model_config(raw: dict) -> ModelConfig:
+    """The ModelConfig of a config.json dict, parsed by the family its model_type names."""
     return family_for_model_type(raw.get("model_type")).parse_config(raw)
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from dllmq.errors import DllmqError
-from dllmq.models.registry import build_model, parse_config
+from dllmq.models.registry import build_model, parse_model_config
 from dllmq.quant import kernels as K
 from dllmq.quant.activations import ActQuantizer
 from dllmq.quant.format import prepare_quantized
@@ -411,7 +411,7 @@ def plan_kernels(raw_config: dict, device: str = "cpu") -> BackendReport:
     """The kernel each quantized layer of a saved model would run on ``device``, from its
     config.json alone (for `dllmq inspect`; no weights are read)."""
     with torch.device("meta"):
-        model = build_model(parse_config(raw_config))
+        model = build_model(parse_model_config(raw_config))
         prepare_quantized(model, raw_config)
     report = BackendReport("kernel")
     for path, module in model.named_modules():

@@ -1,6 +1,6 @@
 """`python -m dllmq.study`: the `dllmq study` command on its own."""
 import sys
 
-from dllmq.study.runner import main
+from dllmq.cli.study import main
 
 sys.exit(main())

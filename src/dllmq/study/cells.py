@@ -104,7 +104,7 @@ def task_data_identity(task: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class Cell:
+class StudyCell:
     model: str
     method: str          # the DB label (the method entry's label, usually its name)
     method_name: str     # fp | rtn | gptq | ...
@@ -156,14 +156,15 @@ def cell_key(model_ident: str, method: str, bits: str, settings: dict, qkey: str
                            "eval": eval_key, "dtype": dtype})
 
 
-def plan_cells(config: StudyConfig, device: str = "cpu", model_identities: dict[str, str] | None = None) -> list[Cell]:
+def plan_cells(config: StudyConfig, device: str = "cpu",
+               model_identities: dict[str, str] | None = None) -> list[StudyCell]:
     """Every cell of the grid, in run order: per model, per seed, the methods in config order.
 
     model_identities: precomputed model_identity values (the dry run passes placeholders for models
     it cannot read); by default each model's identity is read now (DllmqError if it cannot be)."""
     dtype = _resolved_dtype(config.dtype, device)
     eval_key = config.eval.key_dict()
-    cells: list[Cell] = []
+    cells: list[StudyCell] = []
     for model in config.models:
         ident = (model_identities or {}).get(model) or model_identity(model)
         for seed in config.seeds:
@@ -175,7 +176,7 @@ def plan_cells(config: StudyConfig, device: str = "cpu", model_identities: dict[
                     label = "FP" if qc is None else bits_label(preset)
                     key = cell_key(ident, spec.label, label, settings, qkey, config.tasks, config.limit, seed,
                                    eval_key, dtype)
-                    cells.append(Cell(model=model, method=spec.label, method_name=spec.name, preset=preset,
+                    cells.append(StudyCell(model=model, method=spec.label, method_name=spec.name, preset=preset,
                                       seed=seed, settings=settings, tasks=config.tasks, limit=config.limit,
                                       dtype=dtype, eval_key=eval_key, quant_key=qkey, cell_key=key))
     return cells
@@ -192,5 +193,5 @@ def model_is_readable(name: str) -> str | None:
     return None
 
 
-__all__ = ["Cell", "KEY_SCHEMA", "canonical_hash", "cell_key", "model_identity", "model_is_readable", "plan_cells",
+__all__ = ["KEY_SCHEMA", "StudyCell", "canonical_hash", "cell_key", "model_identity", "model_is_readable", "plan_cells",
            "quant_key"]

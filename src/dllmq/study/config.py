@@ -198,7 +198,7 @@ def _method(src: str, i: int, entry: Any, calibration: Calibration) -> MethodSpe
     return spec
 
 
-def parse_config(data: Any, source: str = "<config>") -> StudyConfig:
+def parse_study_config(data: Any, source: str = "<config>") -> StudyConfig:
     """A validated StudyConfig from the parsed YAML mapping; DllmqError names the first bad key."""
     src = source
     if not isinstance(data, dict):
@@ -294,7 +294,7 @@ def load_config(path: str | Path | None = None) -> StudyConfig:
         problem = getattr(err, "problem", None) or "invalid syntax"
         raise DllmqError(f"Study config {source} is not valid YAML{where} ({problem}); fix the file and run again.") \
             from None
-    return parse_config(data, source)
+    return parse_study_config(data, source)
 
 
 def default_config() -> StudyConfig:

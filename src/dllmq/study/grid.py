@@ -106,7 +106,7 @@ class Setting:
 
 
 @dataclass(frozen=True)
-class Cell:
+class TableCell:
     """One number of a table, in points, with its drop versus FP when FP has it."""
 
     value: float | None                 # points; None = not measured
@@ -121,15 +121,15 @@ class Cell:
         return None if self.drop is None else classify(self.drop)
 
 
-MISSING = Cell(None, tasks=0)
+MISSING = TableCell(None, tasks=0)
 
 
 @dataclass
 class Row:
     setting: Setting
-    tasks: dict[str, Cell]
-    categories: dict[str, Cell]
-    overall: Cell
+    tasks: dict[str, TableCell]
+    categories: dict[str, TableCell]
+    overall: TableCell
 
 
 @dataclass
@@ -228,7 +228,7 @@ def task_sort_key(task: str, category: str) -> tuple:
     return (cat, known.index(task) if task in known else len(known), task)
 
 
-def _mean_cell(cells: list[Cell], baseline: list[Cell] | None) -> Cell:
+def _mean_cell(cells: list[TableCell], baseline: list[TableCell] | None) -> TableCell:
     """The mean of `cells` (all measured) and, when the baseline cells are all measured, its drop."""
     if not cells or any(c.value is None for c in cells):
         return MISSING
@@ -241,7 +241,7 @@ def _mean_cell(cells: list[Cell], baseline: list[Cell] | None) -> Cell:
         base = sum(b.value for b in baseline) / k
         drop = base - value
         drop_se = _diff_stderr(_mean_stderr([b.stderr for b in baseline]), stderr)
-    return Cell(value, stderr, n, drop, drop_se, tasks=sum(c.tasks for c in cells))
+    return TableCell(value, stderr, n, drop, drop_se, tasks=sum(c.tasks for c in cells))
 
 
 def _mean_stderr(errs: list[float | None]) -> float | None:
@@ -293,7 +293,7 @@ def _model_table(model: str, ms: list[Measurement]) -> ModelTable:
     for s in settings:
         base_cells = None if fp is None or s in fp_settings[:1] else fp
         task_cells = {t: _task_cell(grid[s].get(t), None if base_cells is None else base_cells.get(t)) for t in tasks}
-        cat_cells: dict[str, Cell] = {}
+        cat_cells: dict[str, TableCell] = {}
         for c in categories:
             ts = [t for t in avg_tasks if category_of[t] == c]
             cells = [task_cells[t] for t in ts]
@@ -304,7 +304,7 @@ def _model_table(model: str, ms: list[Measurement]) -> ModelTable:
     return ModelTable(model, tasks, category_of, categories, rows, fp is not None, notes)
 
 
-def _task_cell(m: Measurement | None, base: Measurement | None) -> Cell:
+def _task_cell(m: Measurement | None, base: Measurement | None) -> TableCell:
     if m is None:
         return MISSING
     value = 100.0 * m.value
@@ -313,10 +313,10 @@ def _task_cell(m: Measurement | None, base: Measurement | None) -> Cell:
     if base is not None:
         drop = 100.0 * base.value - value
         drop_se = _diff_stderr(None if base.stderr is None else 100.0 * base.stderr, se)
-    return Cell(value, se, m.n, drop, drop_se)
+    return TableCell(value, se, m.n, drop, drop_se)
 
 
-def _overall(cats: list[Cell]) -> Cell:
+def _overall(cats: list[TableCell]) -> TableCell:
     """Mean of the category averages (and of their drops): each category weighs the same."""
     if not cats or any(c.value is None for c in cats):
         return MISSING
@@ -325,4 +325,5 @@ def _overall(cats: list[Cell]) -> Cell:
     drop = None if any(c.drop is None for c in cats) else sum(c.drop for c in cats) / k
     drop_se = None if drop is None else _mean_stderr([c.drop_stderr for c in cats])
     n = sum(c.n for c in cats) if all(c.n is not None for c in cats) else None
-    return Cell(value, _mean_stderr([c.stderr for c in cats]), n, drop, drop_se, tasks=sum(c.tasks for c in cats))
+    return TableCell(value, _mean_stderr([c.stderr for c in cats]), n, drop, drop_se,
+                     tasks=sum(c.tasks for c in cats))

@@ -4,12 +4,11 @@ findings checked against this run, and optionally the activation-outlier plots o
     dllmq report --db runs.db --out report/    # report.md + report.html (one self-contained file) + PNGs
     dllmq report --db runs.db                  # Markdown tables to the terminal
 
-`build_report` is the Python API; `add_parser` / `run` are the `report` subcommand (wired into dllmq.cli).
+`build_report` is the Python API; the `report` subcommand is dllmq.cli.report.
 The tables and classes come from `grid`, the checklist from `findings`, the figures from `plots`.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import os
@@ -24,12 +23,13 @@ from pathlib import Path
 from dllmq.atomic import atomic_directory, refuse_existing
 from dllmq.errors import DllmqError
 from dllmq.study.findings import DOES_NOT_HOLD, HOLDS, MIXED, NOT_MEASURED, Finding, evaluate_findings, signed
-from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Cell, Measurement, ModelTable, build_tables,
-                              normalize, task_sort_key)
+from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Measurement, ModelTable, TableCell,
+                              build_tables, normalize, task_sort_key)
+from dllmq.study.plots import degradation_png, plot_name
+from dllmq.study.store import read_results
 
 MARKDOWN_NAME, HTML_NAME, OUTLIERS_SUBDIR = "report.md", "report.html", "outliers"
 OUTLIERS_JSON = "outliers.json"
-DEFAULT_DB = "runs/study.db"   # the study runner's default (not imported: the runner pulls in torch)
 
 # Terminal-safe markers: one per class, after the change vs FP.
 MARKERS = {NEGLIGIBLE: "·", MODERATE: "!", SEVERE: "!!"}
@@ -75,8 +75,6 @@ class Report:
 
 def load_rows(db: str | os.PathLike) -> list[dict]:
     """The result rows of a study database, or a one-sentence DllmqError when it is not one."""
-    from dllmq.study.store import read_results
-
     path = Path(db)
     if not path.is_file():  # connect() would silently create an empty database here
         raise DllmqError(f"No study database at {path}; pass the --db file the study runner wrote.")
@@ -175,7 +173,7 @@ def _header_lines(f: RunFacts) -> list[str]:
 
 # --- Markdown ----------------------------------------------------------------------------------------------
 
-def _md_cell(cell: Cell) -> str:
+def _md_cell(cell: TableCell) -> str:
     if cell.value is None:
         return NA
     if cell.drop is None:
@@ -287,7 +285,7 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _html_cell(cell: Cell, label: str, column: str, is_fp: bool) -> str:
+def _html_cell(cell: TableCell, label: str, column: str, is_fp: bool) -> str:
     if cell.value is None:
         return f'<td class="na" title="{_e(label)} · {_e(column)}: not measured">{NA}</td>'
     parts = [f"{label} · {column}: {cell.value:.2f}"]
@@ -395,7 +393,6 @@ def build_report(rows_or_db: str | os.PathLike | Iterable[Mapping], out_dir: str
     outliers = None if outliers_dir is None else find_outliers(outliers_dir)
     tables, findings, facts = analyze(rows_or_db)
 
-    from dllmq.study.plots import degradation_png, plot_name
     pngs: dict[str, bytes] = {}          # model -> PNG
     names: dict[str, str] = {}           # model -> file name
     taken: set[str] = {MARKDOWN_NAME, HTML_NAME}
@@ -440,54 +437,3 @@ def terminal_report(rows_or_db: str | os.PathLike | Iterable[Mapping],
     outliers = None if outliers_dir is None else find_outliers(outliers_dir)
     tables, findings, facts = analyze(rows_or_db)
     return render_markdown(tables, findings, facts, outliers=outliers)
-
-
-# --- CLI -----------------------------------------------------------------------------------------------
-
-DESCRIPTION = """\
-Report a study database the way "Quantization Meets dLLMs" does: per model, FP and every method x bit
-width on each task, each category average (general / math / code) and overall, with the change vs FP in
-points classified negligible (< 1), moderate (1-4) or severe (> 4); degradation plots; and the paper's
-findings checked against this run's numbers (holds / does not hold / not measured). With --out, writes
-report.md, report.html (a single self-contained file: inline CSS, images embedded) and the PNG plots;
-without it, prints the Markdown tables to the terminal."""
-
-EPILOG = """\
-examples:
-  dllmq report                                       # runs/study.db (dllmq study's default) to the terminal
-  dllmq report --db runs.db                          # Markdown to the terminal
-  dllmq report --db runs.db --out report/            # report.md + report.html + PNGs
-  dllmq report --db runs.db --out report/ --overwrite
-  dllmq report --db runs.db --out report/ --outliers llada_outliers/   # + the `dllmq outliers` plots
-"""
-
-
-def add_parser(sub) -> None:
-    """Add the `report` subcommand to an argparse subparsers object."""
-    p = sub.add_parser("report", help="degradation tables, plots and the paper's findings from a study database",
-                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--db", default=DEFAULT_DB,
-                   help=f"the study's SQLite database, as `dllmq study --db` wrote it (default {DEFAULT_DB})")
-    p.add_argument("--out", default=None,
-                   help="directory for report.md, report.html and PNGs (written atomically); "
-                        "without it the Markdown goes to the terminal")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--outliers", default=None, metavar="DIR",
-                   help="a `dllmq outliers --out` directory: its PNG plots are embedded in an "
-                        "'Activation outliers' section and outliers.json is linked")
-    p.add_argument("--no-plots", action="store_true", help="skip the degradation plots (no matplotlib needed)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> None:
-    if args.out is None:
-        if args.overwrite:
-            raise DllmqError("--overwrite only applies with --out; pass --out DIR or drop --overwrite.")
-        print(terminal_report(args.db, args.outliers), end="")
-        return
-    report = build_report(args.db, args.out, args.outliers, overwrite=args.overwrite, plots=not args.no_plots)
-    for f in report.findings:
-        print(f"{CHECKBOX[f.status]} {f.number}. {f.line()}")
-    files = [MARKDOWN_NAME, HTML_NAME] + sorted(report.images)
-    extra = f" and {OUTLIERS_SUBDIR}/" if args.outliers else ""
-    print(f"wrote {args.out}: {', '.join(files)}{extra}")

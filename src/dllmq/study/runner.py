@@ -17,11 +17,10 @@ Killed at any moment, a run loses no finished cell, and a rerun repeats none: th
 goes stale (at once on this host), leaving no rows, and its half-saved model is only ever in a staging
 folder that lookups ignore.
 
-Heavy imports (torch, the models, lm_eval) happen inside functions, so `add_parser` is cheap to import.
+The `dllmq study` command is dllmq.cli.study.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import math
@@ -34,26 +33,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
+from dllmq import quant
+from dllmq.api import load_model
 from dllmq.errors import DllmqError
+from dllmq.evaluate import MINI_TASKS, evaluate_mini
+from dllmq.evaluate.runner import EvalOptions, run_eval
 from dllmq.study import store
 from dllmq.study.cache import QuantCache
-from dllmq.study.cells import Cell, model_is_readable, plan_cells
-from dllmq.study.config import StudyConfig, load_config
+from dllmq.study.cells import StudyCell, model_is_readable, plan_cells
+from dllmq.study.config import StudyConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DB = "runs/study.db"
+DEFAULT_DB = store.DEFAULT_DB
 DEFAULT_CACHE = "runs/study-cache"
 MINI_METRIC = {"mini_general": "acc", "mini_math": "exact_match", "mini_code": "pass@1"}
 
 # hook(event, cell, task): called at "claimed", "model_ready", "task_done" (task set), "finished".
 # Tests raise from it to simulate a crash at a chosen point.
-Hook = Callable[[str, Cell, "str | None"], None]
+Hook = Callable[[str, StudyCell, "str | None"], None]
 
 
 @dataclass
 class CellOutcome:
-    cell: Cell
+    cell: StudyCell
     # done | failed | skipped (done before) | busy (another runner has it) | lost (taken over while we ran)
     # | not-retried (failed in an earlier run and retry_failed is off, or failed in another runner of this run)
     status: str
@@ -65,7 +71,7 @@ class CellOutcome:
 @dataclass
 class StudySummary:
     db: Path
-    cells: list[Cell]
+    cells: list[StudyCell]
     outcomes: list[CellOutcome] = field(default_factory=list)
 
     def count(self, status: str) -> int:
@@ -118,24 +124,19 @@ def _finite(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def _evaluate_task(model, tokenizer, task: str, cell: Cell, config: StudyConfig, progress: bool) -> dict:
+def _evaluate_task(model, tokenizer, task: str, cell: StudyCell, config: StudyConfig, progress: bool) -> dict:
     """{metric, value, stderr, n, category} of one task on a loaded model."""
-    from dllmq.evaluate.mini import TASKS
-
-    if task in TASKS:
-        from dllmq.evaluate import evaluate_mini
-
+    if task in MINI_TASKS:
         r = evaluate_mini(model, tokenizer, [task], limit=cell.limit, seed=cell.seed, progress=progress,
                           chat=config.eval.chat, batch_size=config.eval.batch_size)[task]
         return {"metric": MINI_METRIC[task], "value": float(r["acc"]), "stderr": _finite(r["stderr"]), "n": r["n"],
                 "category": store.task_category(task)}
-    from dllmq.evaluate.runner import run_eval
-
     ev = config.eval
     overrides = {"chat": ev.chat, **ev.harness}  # eval.chat applies to harness tasks too, unless harness sets it
-    report = run_eval((model, tokenizer), [task], limit=cell.limit, allow_code_execution=ev.allow_code_execution,
-                      data_dir=ev.data_dir, overrides=overrides, seed=cell.seed,
-                      offline=True if ev.offline else None, progress=progress, model_name=cell.model)
+    options = EvalOptions(limit=cell.limit, allow_code_execution=ev.allow_code_execution, data_dir=ev.data_dir,
+                          overrides=overrides, seed=cell.seed, offline=True if ev.offline else None,
+                          progress=progress, model_name=cell.model)
+    report = run_eval((model, tokenizer), [task], options)
     t = report["tasks"][task]
     if _finite(t["value"]) is None:
         raise DllmqError(f"Task {task} reported no value for its metric {t['metric'] or '(none)'}; "
@@ -145,13 +146,10 @@ def _evaluate_task(model, tokenizer, task: str, cell: Cell, config: StudyConfig,
             "n": t["n_samples"], "category": category}
 
 
-def _prepare_model(cell: Cell, cache: QuantCache | None, device: str, calib_device: str | None, progress: bool,
-                   outcome: CellOutcome):
+def _prepare_model(cell: StudyCell, cache: QuantCache | None, device: str, calib_device: str | None,
+                   progress: bool, outcome: CellOutcome):
     """(model, tokenizer, quant_seconds): the full-precision model, or the quantized one from the cache,
     or freshly quantized (and then cached)."""
-    from dllmq import quant
-    from dllmq.api import load_model
-
     if cell.is_fp:
         model, tokenizer, _ = load_model(cell.model, dtype=cell.dtype, device=device, seed=0)
         return model, tokenizer, None
@@ -175,8 +173,9 @@ def _prepare_model(cell: Cell, cache: QuantCache | None, device: str, calib_devi
     return model, tokenizer, seconds
 
 
-def _compute_cell(cell: Cell, config: StudyConfig, cache: QuantCache | None, device: str, calib_device: str | None,
-                  progress: bool, hook: Hook | None, outcome: CellOutcome) -> list[dict]:
+def _compute_cell(cell: StudyCell, config: StudyConfig, cache: QuantCache | None, device: str,
+                  calib_device: str | None, progress: bool, hook: Hook | None,
+                  outcome: CellOutcome) -> list[dict]:
     model, tokenizer, quant_seconds = _prepare_model(cell, cache, device, calib_device, progress, outcome)
     try:
         if hook:
@@ -194,11 +193,10 @@ def _compute_cell(cell: Cell, config: StudyConfig, cache: QuantCache | None, dev
         del model
         gc.collect()
         if device.startswith("cuda"):
-            import torch
             torch.cuda.empty_cache()
 
 
-def _run_claimed(conn: sqlite3.Connection, db: Path, cell: Cell, owner: str, config: StudyConfig,
+def _run_claimed(conn: sqlite3.Connection, db: Path, cell: StudyCell, owner: str, config: StudyConfig,
                  cache: QuantCache | None, device: str, calib_device: str | None, heartbeat_every: float,
                  progress: bool, hook: Hook | None) -> CellOutcome:
     outcome = CellOutcome(cell, "done")
@@ -237,7 +235,6 @@ def _check_models(config: StudyConfig) -> None:
 
 
 def _eta(durations: list[float], remaining: int) -> str:
-    from tqdm.auto import tqdm
     if not durations or remaining <= 0:
         return "ETA ?" if remaining > 0 else ""
     return f"ETA {tqdm.format_interval(sum(durations) / len(durations) * remaining)}"
@@ -250,8 +247,6 @@ def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: st
     """Run every cell of `config` not yet done in `db`; see the module docstring. cache=None: no cache.
     retry_failed: cells that failed in an earlier run are run again (never twice in one run).
     log_lines: one line on stderr per computed cell (for logs, where a progress bar cannot draw)."""
-    from tqdm.auto import tqdm
-
     if stale_after <= 0:
         raise DllmqError(f"stale_after must be a positive number of seconds, got {stale_after}.")
     heartbeat_every = min(heartbeat_every, stale_after / 4)  # a live claim must never look stale
@@ -316,7 +311,7 @@ def _points(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def format_table(db: str | os.PathLike, cells: list[Cell]) -> str:
+def format_table(db: str | os.PathLike, cells: list[StudyCell]) -> str:
     """Model, method, bits (and seed when several) and each task's points, for the grid's cells."""
     conn = store.connect(db)
     try:
@@ -398,104 +393,3 @@ def format_dry_run(config: StudyConfig, db: str | os.PathLike, device: str = "cp
         if why:
             lines.append(f"note: {m} cannot be read yet ({why.rstrip('.')}).")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- the CLI
-DESCRIPTION = """\
-Run the study grid: every model x method x bit config (full precision once per model) x seed is a
-cell; each cell quantizes the model (or loads it from the cache), runs every task and writes its
-results to the SQLite database --db in one transaction. Resumable: rerun the same command after a
-crash or Ctrl-C and only the missing cells run; several runners on one machine can work on one
-grid at once and never compute a cell twice (keep --db on a local disk: SQLite's WAL mode does not
-work over network filesystems)."""
-
-EPILOG = """\
-examples:
-  dllmq study                                   # the paper's grid on dllmq-tiny and dllmq-tiny-instruct
-  dllmq study --dry-run                         # list the cells and which are done
-  dllmq study --config study.yaml --db runs.db  # any grid: models x methods x bit configs x tasks
-  dllmq study --config study.yaml --device cuda --limit 20
-  dllmq report --db runs/study.db               # the degradation report of the results
-
-A study config (YAML; the default is dllmq/study/default_study.yaml):
-  models: [random-llada, /path/to/LLaDA-8B-Instruct]
-  methods:
-    - fp
-    - {name: rtn, bits: [W4A16-g128, W3A16-g128]}
-    - {name: gptq, bits: [W4A16-g128], act_order: true, label: gptq-ao}
-    - {name: quarot, bits: [W8A8, W4A4]}
-  tasks: [mini_general, mini_math, mini_code]   # or harness tasks: general, gsm8k, ...
-  limit: 100
-  calibration: {calib: wiki, nsamples: 32, seqlen: 256}
-  seeds: [0]
-"""
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None,
-                   help="study YAML file (default: the paper's grid, dllmq/study/default_study.yaml)")
-    p.add_argument("--db", default=DEFAULT_DB, help=f"results database (SQLite; default {DEFAULT_DB})")
-    p.add_argument("--cache", default=DEFAULT_CACHE,
-                   help=f"folder of quantized models reused across cells and runs (default {DEFAULT_CACHE})")
-    p.add_argument("--no-cache", action="store_true", help="do not keep quantized models (saves disk; a resumed "
-                                                          "cell quantizes again)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
-    p.add_argument("--limit", type=int, default=None, help="items per task, overriding the config's limit")
-    p.add_argument("--device", default="cpu", help="where models run: cpu, cuda, ... (default cpu)")
-    p.add_argument("--calib-device", default=None, help="device for calibration (default: --device)")
-    p.add_argument("--stale-after", type=float, default=120.0,
-                   help="seconds without a heartbeat after which another runner's claim is taken over (default 120)")
-    p.add_argument("--no-retry-failed", action="store_true", help="leave cells that failed in earlier runs failed")
-
-
-def add_parser(sub) -> None:
-    """Add the `study` subcommand to an argparse subparsers object."""
-    p = sub.add_parser("study", help="run a models x methods x bits x tasks grid into a results database (resumable)",
-                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def run(args) -> None:
-    """`dllmq study`: dry run, or run the grid, print the table and summary; exit code 1 if a cell failed."""
-    if args.stale_after <= 0:
-        raise DllmqError(f"--stale-after must be a positive number of seconds, got {args.stale_after}.")
-    if args.limit is not None and args.limit < 1:
-        raise DllmqError(f"--limit must be a positive number of items per task, got {args.limit}.")
-    config = load_config(args.config)
-    if args.limit is not None:
-        config = config.with_limit(args.limit)
-    if args.dry_run:
-        print(format_dry_run(config, args.db, args.device))
-        return
-    summary = run_study(config, args.db, None if args.no_cache else args.cache, device=args.device,
-                        calib_device=args.calib_device, stale_after=args.stale_after,
-                        retry_failed=not args.no_retry_failed, progress=sys.stderr.isatty(),
-                        log_lines=not sys.stderr.isatty())
-    print(format_table(args.db, summary.cells))
-    print(format_summary(summary))
-    print(f"report: dllmq report --db {args.db}")
-    if not summary.ok:
-        raise SystemExit(1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dllmq.study`: the same as `dllmq study`."""
-    parser = argparse.ArgumentParser(prog="dllmq study", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except DllmqError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0

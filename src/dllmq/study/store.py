@@ -24,6 +24,8 @@ from dllmq.atomic import pid_alive
 
 log = logging.getLogger(__name__)
 
+DEFAULT_DB = "runs/study.db"   # where `dllmq study` writes and `dllmq report` reads unless told otherwise
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     cell_key   TEXT PRIMARY KEY,

@@ -52,9 +52,9 @@ def run_summary(run: Path) -> dict:
 
 def evaluate_dir(directory: Path, limit: int | None = None, progress: bool = True, full_limit: int | None = None) -> dict:
     from dllmq.evaluate.mini import evaluate_mini
-    from dllmq.models.loading import load_model
+    from dllmq.models.loading import load_plain_model
 
-    model, tokenizer, _ = load_model(directory, dtype="float32")
+    model, tokenizer, _ = load_plain_model(directory, dtype="float32")
     if limit is None:
         return evaluate_mini(model, tokenizer, progress=progress, limit=full_limit)
     out = {}
@@ -192,9 +192,9 @@ def export_model(run: Path, dest: Path, progress: bool = True, extra: str = "", 
         subset = evaluate_dir(tmp, limit=1)
         summary = run_summary(run)
         from dllmq.models.config import read_config_json
-        from dllmq.models.registry import get_family, parse_config
+        from dllmq.models.registry import get_family, parse_model_config
 
-        config = parse_config(read_config_json(tmp))
+        config = parse_model_config(read_config_json(tmp))
         summary["n_params"] = config.n_params
         record = {"name": name, "full": evals, "subset": subset, "eval_seconds": round(time.time() - started, 1),
                   "training": {k: v for k, v in summary.items() if k != "config"}}
@@ -239,7 +239,7 @@ def model_from_checkpoint(run: Path):
     import torch
 
     from dllmq.models.loading import load_tokenizer
-    from dllmq.models.registry import build_model, parse_config
+    from dllmq.models.registry import build_model, parse_model_config
 
     cfg = TrainConfig(**json.loads((run / "train_config.json").read_text()))
     tokenizer = load_tokenizer(run / "tokenizer" if (run / "tokenizer").is_dir() else Path(cfg.init))
@@ -250,7 +250,7 @@ def model_from_checkpoint(run: Path):
         raw = {**raw, "dllmq_training": {"chat": True}}
     else:
         raw = llada_tiny_config(cfg, tokenizer)
-    model = build_model(parse_config(raw))
+    model = build_model(parse_model_config(raw))
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model.eval(), tokenizer, state["step"]
@@ -259,14 +259,14 @@ def model_from_checkpoint(run: Path):
 def quant_check(directory: Path, settings=((4, 32), (3, 32)), limit: int | None = None) -> dict:
     """RTN weight-only (asymmetric, group g) at each (bits, group): mini accuracies."""
     from dllmq.evaluate.mini import evaluate_mini
-    from dllmq.models.loading import load_model
+    from dllmq.models.loading import load_plain_model
     from dllmq.quant.api import quantize
     from dllmq.quant.config import QuantConfig
 
-    model, tokenizer, _ = load_model(directory, dtype="float32")
+    model, tokenizer, _ = load_plain_model(directory, dtype="float32")
     out = {"FP": evaluate_mini(model, tokenizer, limit=limit, progress=False)}  # the same items, unquantized
     for bits, group in settings:
-        model, tokenizer, _ = load_model(directory, dtype="float32")
+        model, tokenizer, _ = load_plain_model(directory, dtype="float32")
         quantize(model, tokenizer, QuantConfig(method="rtn", wbits=bits, group_size=group), progress=False)
         out[f"RTN W{bits} g{group}"] = evaluate_mini(model, tokenizer, limit=limit, progress=False)
     return out
@@ -278,9 +278,9 @@ def activation_stats(directory: Path, n_items: int = 64) -> dict:
     import torch
 
     from dllmq.evaluate.mini import load_items
-    from dllmq.models.loading import load_model
+    from dllmq.models.loading import load_plain_model
 
-    model, tokenizer, _ = load_model(directory, dtype="float32")
+    model, tokenizer, _ = load_plain_model(directory, dtype="float32")
     texts = [it["context"] for it in load_items("mini_general", n_items)]
     texts += [it["prompt"] for it in load_items("mini_code", n_items // 2)]
     stats: dict[str, torch.Tensor] = {}

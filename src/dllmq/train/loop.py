@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from dllmq.atomic import atomic_directory, atomic_path, write_text_atomic
 from dllmq.errors import DllmqError
 from dllmq.models.modeling import TransformerLM, init_weights
-from dllmq.models.registry import build_model, parse_config
+from dllmq.models.registry import build_model, parse_model_config
 from dllmq.train import corpus
 from dllmq.train.config import RUNTIME_SETTINGS, TrainConfig, llada_tiny_config
 
@@ -204,7 +204,7 @@ def make_model(cfg: TrainConfig, tokenizer) -> TransformerLM:
             raise DllmqError("The instruct stage needs --init DIR, the base model directory (with config.json).")
         return load_checkpoint(Path(cfg.init), torch.float32).train()
     raw = llada_tiny_config(cfg, tokenizer)
-    model = build_model(parse_config(raw))
+    model = build_model(parse_model_config(raw))
     init_weights(model, seed=cfg.seed)
     with torch.no_grad():  # norms start at one (init_weights jitters them for tests)
         for name, param in model.named_parameters():

@@ -1,12 +1,13 @@
 """`dllmq outliers`: profile activation outliers of a model (full precision or quantized) and write
-outliers.json + PNG plots to --out. Wired into dllmq.cli through `add_parser` / `run`."""
+outliers.json + PNG plots to --out."""
 from __future__ import annotations
 
 import argparse
-import logging
-import time
 from pathlib import Path
 
+from dllmq.analysis.outliers import OutlierThresholds, format_summary, profile_outliers, write_outlier_report
+from dllmq.cli.commands import help_of
+from dllmq.cli.common import add_model_args, load
 from dllmq.errors import DllmqError
 
 DESCRIPTION = """\
@@ -26,24 +27,12 @@ examples:
 """
 
 
-def _default_model() -> str:
-    try:
-        from dllmq.cli import DEFAULT_MODEL
-        return DEFAULT_MODEL
-    except ImportError:  # pragma: no cover - cli.py always defines it
-        return "random-llada"
-
-
 def add_parser(sub) -> None:
     """Add the `outliers` subcommand to an argparse subparsers object."""
-    model = _default_model()
-    p = sub.add_parser("outliers", help="activation outlier profile (normal / massive outliers vs mask ratio) + plots",
+    p = sub.add_parser("outliers", help=help_of("outliers"),
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=model, metavar="MODEL",
-                   help=f"built-in name, checkpoint or quantized directory, or Hub id (default: {model})")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the windows and the masked positions (default: 0)")
+    add_model_args(p, model_help="built-in name, checkpoint or quantized directory, or Hub id",
+                   seed_help="seed for the windows and the masked positions (default: 0)")
     p.add_argument("--calib", default="wiki",
                    help="text: wiki (offline, shipped; default), wikitext2, pile, or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
@@ -80,9 +69,6 @@ def _ratios(text: str) -> list[float]:
 
 
 def run(args) -> None:
-    from dllmq.analysis.outliers import OutlierThresholds, format_summary, profile_outliers, write_outlier_report
-    from dllmq.api import load_model
-
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # refuse before loading and profiling, not after
         raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
@@ -90,9 +76,7 @@ def run(args) -> None:
     thresholds = OutlierThresholds(normal_ratio=args.normal_threshold, normal_min_frac=args.normal_min_frac,
                                    massive_ratio=args.massive_threshold, massive_floor=args.massive_floor,
                                    top_k=args.top_k)
-    start = time.perf_counter()
-    model, tokenizer, family = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
-    logging.getLogger("dllmq").info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
+    model, tokenizer, family = load(args, backend="fake")
     if args.seqlen > model.config.max_seq_len:
         raise DllmqError(f"--seqlen {args.seqlen} is longer than the model's context of "
                          f"{model.config.max_seq_len} tokens; use a shorter window.")
