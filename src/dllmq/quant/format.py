@@ -17,6 +17,7 @@ is under "dllmq". A weight dequantizes as (code - zero[g_idx]) * scale[g_idx].
 """
 from __future__ import annotations
 
+from dllmq import __version__
 from dllmq.errors import DllmqError
 from dllmq.models.modeling import TransformerLM
 from dllmq.quant.config import QuantConfig
@@ -28,8 +29,6 @@ CHECKPOINT_FORMAT = "gptq_v2"
 
 
 def quantization_config(model: TransformerLM, config: QuantConfig) -> dict:
-    from dllmq import __version__  # the package's __init__ may still be importing this module
-
     return {
         # weight-activation models need dllmq to run (online transforms, activation quantizers);
         # their weights alone still read as GPTQ-layout tensors

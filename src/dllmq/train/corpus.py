@@ -22,6 +22,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from dllmq.data.text import wiki_articles
+
 # share (percent) of each generated key space reserved for the benchmark
 HELDOUT_PERCENT = {"math": 10, "code": 35}
 
@@ -206,7 +208,6 @@ def code_item(rng: random.Random, heldout: bool) -> CodeItem:
 # ---------------------------------------------------------------------------------------------
 
 def wiki_documents(split: str = "train") -> list[str]:
-    from dllmq.data.text import wiki_articles
 
     return [f"{title}\n{body}" for title, body in wiki_articles(split)]
 

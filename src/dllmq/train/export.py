@@ -16,8 +16,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from dllmq.atomic import atomic_directory
+from dllmq.evaluate.mini import evaluate_mini, load_items
+from dllmq.models.config import read_config_json
 from dllmq.models.family import Family
+from dllmq.models.loading import load_plain_model, load_tokenizer
+from dllmq.models.registry import build_model, get_family, parse_model_config
+from dllmq.quant.api import quantize
+from dllmq.quant.config import QuantConfig
 from dllmq.train import corpus
 from dllmq.train.config import TrainConfig, llada_tiny_config
 
@@ -51,8 +59,6 @@ def run_summary(run: Path) -> dict:
 
 
 def evaluate_dir(directory: Path, limit: int | None = None, progress: bool = True, full_limit: int | None = None) -> dict:
-    from dllmq.evaluate.mini import evaluate_mini
-    from dllmq.models.loading import load_plain_model
 
     model, tokenizer, _ = load_plain_model(directory, dtype="float32")
     if limit is None:
@@ -191,8 +197,6 @@ def export_model(run: Path, dest: Path, progress: bool = True, extra: str = "", 
         evals = evaluate_dir(tmp, progress=progress, full_limit=full_limit)
         subset = evaluate_dir(tmp, limit=1)
         summary = run_summary(run)
-        from dllmq.models.config import read_config_json
-        from dllmq.models.registry import get_family, parse_model_config
 
         config = parse_model_config(read_config_json(tmp))
         summary["n_params"] = config.n_params
@@ -220,7 +224,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: small batches gain nothing from more, and shared cores lose)")
     args = p.parse_args(argv)
-    import torch
 
     torch.set_num_threads(args.threads)
     record = export_model(args.run, args.dest, quant=args.quant_check, activations=args.activations,
@@ -236,15 +239,11 @@ def main(argv=None) -> int:
 
 def model_from_checkpoint(run: Path):
     """(model, tokenizer) from a run's latest checkpoint.pt (float32), e.g. to peek mid-training."""
-    import torch
 
-    from dllmq.models.loading import load_tokenizer
-    from dllmq.models.registry import build_model, parse_model_config
 
     cfg = TrainConfig(**json.loads((run / "train_config.json").read_text()))
     tokenizer = load_tokenizer(run / "tokenizer" if (run / "tokenizer").is_dir() else Path(cfg.init))
     if cfg.stage == "instruct":
-        from dllmq.models.config import read_config_json
 
         raw = read_config_json(Path(cfg.init))
         raw = {**raw, "dllmq_training": {"chat": True}}
@@ -258,11 +257,6 @@ def model_from_checkpoint(run: Path):
 
 def quant_check(directory: Path, settings=((4, 32), (3, 32)), limit: int | None = None) -> dict:
     """RTN weight-only (asymmetric, group g) at each (bits, group): mini accuracies."""
-    from dllmq.evaluate.mini import evaluate_mini
-    from dllmq.models.loading import load_plain_model
-    from dllmq.quant.api import quantize
-    from dllmq.quant.config import QuantConfig
-
     model, tokenizer, _ = load_plain_model(directory, dtype="float32")
     out = {"FP": evaluate_mini(model, tokenizer, limit=limit, progress=False)}  # the same items, unquantized
     for bits, group in settings:
@@ -275,10 +269,7 @@ def quant_check(directory: Path, settings=((4, 32), (3, 32)), limit: int | None 
 def activation_stats(directory: Path, n_items: int = 64) -> dict:
     """Where the large activations are: per block, the |max| of the residual stream (block input)
     and of each linear's input, with the channel it is in and its ratio to the median channel's |max|."""
-    import torch
 
-    from dllmq.evaluate.mini import load_items
-    from dllmq.models.loading import load_plain_model
 
     model, tokenizer, _ = load_plain_model(directory, dtype="float32")
     texts = [it["context"] for it in load_items("mini_general", n_items)]

@@ -26,13 +26,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 from dllmq.atomic import atomic_directory, atomic_path, write_text_atomic
 from dllmq.errors import DllmqError
+from dllmq.models.loading import load_checkpoint, save_model
 from dllmq.models.modeling import TransformerLM, init_weights
 from dllmq.models.registry import build_model, parse_model_config
 from dllmq.train import corpus
 from dllmq.train.config import RUNTIME_SETTINGS, TrainConfig, llada_tiny_config
+from dllmq.train.export import export_model
+from dllmq.train.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +181,12 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def build_or_load_tokenizer(cfg: TrainConfig, out: Path, wiki_docs, python_docs):
-    from transformers import AutoTokenizer
 
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(tok_dir))
     if cfg.stage == "instruct":
         return AutoTokenizer.from_pretrained(str(Path(cfg.init)))
-    from dllmq.train.tokenizer import train_tokenizer
 
     rng = random.Random(cfg.seed)
     texts = list(wiki_docs) + list(python_docs)
@@ -198,7 +200,6 @@ def build_or_load_tokenizer(cfg: TrainConfig, out: Path, wiki_docs, python_docs)
 
 def make_model(cfg: TrainConfig, tokenizer) -> TransformerLM:
     if cfg.stage == "instruct":
-        from dllmq.models.loading import load_checkpoint
 
         if not cfg.init or not (Path(cfg.init) / "config.json").is_file():
             raise DllmqError("The instruct stage needs --init DIR, the base model directory (with config.json).")
@@ -317,14 +318,12 @@ def _train(cfg: TrainConfig, minutes: float | None, export: str | None) -> Path:
     if not (final / "config.json").is_file():
         export_final(model, tokenizer, final, cfg, total_s)
     if export:
-        from dllmq.train.export import export_model
 
         export_model(out, Path(export))
     return out
 
 
 def export_final(model: TransformerLM, tokenizer, final: Path, cfg: TrainConfig, total_s: float) -> None:
-    from dllmq.models.loading import save_model
 
     model = copy.deepcopy(model).eval().to(torch.bfloat16)
     extra = {"dllmq_training": {"stage": cfg.stage, "steps": cfg.steps, "train_seconds": round(total_s, 1),
