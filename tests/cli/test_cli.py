@@ -118,7 +118,7 @@ def test_generate_and_ppl_run(capsys, tmp_path):
 
 def test_console_script_exit_code(tmp_path):
     """The installed entry point, in a real process: exit 2 and one line, no traceback."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src"))
     proc = subprocess.run([sys.executable, "-m", "dllmq.cli", "inspect", str(tmp_path / "x")],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
@@ -136,7 +136,7 @@ def test_eval_mini_tasks_on_a_builtin_model(capsys, tmp_path):
 def test_import_dllmq_and_help_load_no_torch():
     """`import dllmq` and `dllmq --help` stay light; the top-level names still resolve on first use, and the
     help that loads no subcommand module lists the same commands as the full parser."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src"))
     code = ("import sys, contextlib, io, dllmq\nfrom dllmq.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"

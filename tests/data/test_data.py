@@ -23,7 +23,7 @@ from dllmq.data import (
 from dllmq.errors import DllmqError
 from dllmq.models.random_models import random_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The lm-evaluation-harness adapter on random models: equal to direct calls of dllmq.diffusion, and
-tiny local tasks (tests/data) run end to end through the harness and through run_eval."""
+tiny local tasks (tests/evaluate/data) run end to end through the harness and through run_eval."""
 from __future__ import annotations
 
 import json
@@ -307,7 +307,7 @@ def test_mbpp_from_data_dir_through_the_sandbox(llada):
 
 
 def test_paper_tasks_run_on_local_data_with_their_presets(llada):
-    """The harness's own arc_easy and gsm8k tasks, their data from --data-dir (tests/data/hub holds
+    """The harness's own arc_easy and gsm8k tasks, their data from --data-dir (tests/evaluate/data/hub holds
     a few made-up rows in the Hub datasets' schema), with the presets' shots and headline metrics."""
     report = run_eval(llada[:2], "arc_easy,gsm8k",
                       EvalOptions(data_dir=DATA / "hub", offline=True, overrides={"mc_num": 2, "gen_length": 16},
