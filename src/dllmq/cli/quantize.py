@@ -5,10 +5,13 @@ quantization method registry."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from pathlib import Path
 
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import add_calib_device_arg, add_model_args, load
+from dllmq.cli.common import add_calib_device_arg, add_model_args, load, model_config
+from dllmq.data import check_corpus
 from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
 from dllmq.quant import QuantConfig, format_report, preset_settings, quantize, save_quantized
@@ -25,6 +28,9 @@ EPILOG = ("presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-chan
           "  dllmq quantize MODEL --method quarot --wbits 4 --abits 4 --kv-bits 4 "
           "--weight-method gptq --out qr/\n"
           "  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/")
+
+
+DEFAULT_SEQLEN = 2048   # the study's calibration window, where the model's context allows
 
 
 def add_parser(sub) -> None:
@@ -51,7 +57,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib", default="wiki",
                    help="calibration text: wiki (offline, shipped; default), wikitext2, pile, or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"tokens per window (default {DEFAULT_SEQLEN}, or the model's context when that is shorter)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     p.add_argument("--dynamic-groups", action="store_true",
@@ -75,10 +82,21 @@ def run(args) -> None:
                  alpha=args.alpha, act_clip=args.act_clip, weight_clip=args.weight_clip,
                  sym=True if args.sym else None)
     settings.update({k: v for k, v in flags.items() if v is not None})  # explicit flags beat the preset
-    config = QuantConfig(method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+    config = QuantConfig(method=args.method, calib=args.calib, nsamples=args.nsamples,
+                         seqlen=DEFAULT_SEQLEN if args.seqlen is None else args.seqlen,
                          seed=args.seed, damp=args.damp, act_order=args.act_order,
                          static_groups=not args.dynamic_groups, awq_duo_scaling=args.duo_scaling,
                          awq_clip=not args.no_clip, weight_method=args.weight_method, **settings)
+    if config.needs_calibration:  # the calibration text and window, before the model loads
+        check_corpus(args.calib)
+        context = model_config(args.model).max_seq_len
+        if args.seqlen is None:
+            config = dataclasses.replace(config, seqlen=min(DEFAULT_SEQLEN, context))
+            print(f"note: --seqlen not given: calibration windows of {config.seqlen} tokens (the smaller of "
+                  f"{DEFAULT_SEQLEN} and the model's context of {context})", file=sys.stderr)
+        elif config.seqlen > context:
+            raise DllmqError(f"--seqlen {config.seqlen} is longer than the model's context of {context} tokens; "
+                             "use a shorter calibration window.")
     model, tokenizer, family = load(args)
     report = quantize(model, tokenizer, config, device=args.calib_device or args.device,
                       offload_activations=args.offload_activations, progress=True)
