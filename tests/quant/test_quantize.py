@@ -111,3 +111,17 @@ def test_cli_quantize_then_use(capsys, tmp_path):
     assert main(["generate", str(out), "--prompt", "hi", "--gen-length", "8", "--steps", "4"]) == 0
     assert main(["inspect", str(out)]) == 0
     assert "quantized" in capsys.readouterr().out
+
+
+def test_cli_quantize_defaults_fit_the_default_model(capsys, tmp_path):
+    """`dllmq quantize --method gptq --out q/` on dllmq-tiny (context 1024): the window defaults to the
+    model's context instead of 2048, and the CLI says so in one line."""
+    out = tmp_path / "q"
+    code = main(["quantize", "--method", "gptq", "--nsamples", "1", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    notes = [line for line in captured.err.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: --seqlen not given: calibration windows of 1024 tokens (the smaller of 2048 and "
+                     "the model's context of 1024)"]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["dllmq"]["seqlen"] == 1024

@@ -32,13 +32,21 @@ examples:
   dllmq generate q/ --prompt "Hello"          # a saved quantized model is a MODEL everywhere
 """
 
-__all__ = ["build_parser", "main"]
+__all__ = ["Parser", "build_parser", "main"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (an unknown flag, a value of the wrong type) are one sentence
+    like every other error: raised as a DllmqError, which main prints as one line and exits 2 with."""
+
+    def error(self, message: str):
+        raise DllmqError(f"{self.prog}: {message}; see {self.prog} --help.")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of `dllmq`. With `command`, only that subcommand's module is imported and its flags
     added; the other subcommands are listed (for --help and argparse's choices) but take no flags."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dllmq", description="Quantize diffusion LLMs (LLaDA, Dream) and measure what each choice costs.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -60,10 +68,12 @@ def _command_of(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command_of(argv)).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
     try:
+        args = build_parser(_command_of(argv)).parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if getattr(args, "preflight", None) is not None:  # the runtime flags, before the command starts
+            args.preflight(args)
         args.func(args)
     except DllmqError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -9,7 +9,11 @@ import torch
 
 from dllmq.bench import bench_model, format_result
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import add_backend_arg, add_model_args, load
+from dllmq.cli.common import add_backend_arg, add_model_args, load, model_config, require_at_least
+from dllmq.diffusion.generate import family_sampler
+from dllmq.diffusion.llada_sampler import check_llada_settings
+from dllmq.errors import DllmqError
+from dllmq.models.registry import get_family
 from dllmq.quant.backend import set_backend
 
 EXAMPLES = """\
@@ -43,7 +47,24 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args) -> None:
+    """What bench_model would refuse after loading the model, refused before."""
+    require_at_least(args, 1, "--seq-len", "--steps", "--block-length", "--batch", "--repeats", "--threads")
+    config = model_config(args.model)
+    if args.seq_len > config.max_seq_len:
+        raise DllmqError(f"--seq-len {args.seq_len} is longer than the model's context of {config.max_seq_len}.")
+    if args.no_generate:
+        return
+    if not 0 < args.gen_length < args.seq_len:
+        raise DllmqError(f"--gen-length must be between 1 and --seq-len - 1 ({args.seq_len - 1}); "
+                         "the rest is the prompt.")
+    if family_sampler(get_family(config.family)) == "llada":
+        check_llada_settings(args.gen_length, args.steps, args.block_length or args.gen_length, "low_confidence",
+                             0.0, 0.0)
+
+
 def run(args) -> None:
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = ["kernel", "fake"] if args.backend == "both" else [args.backend]

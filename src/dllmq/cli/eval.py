@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import add_backend_arg, add_model_args, load
+from dllmq.cli.common import add_backend_arg, add_model_args, load, require_at_least, require_fraction
 from dllmq.evaluate import evaluate_mini
 from dllmq.evaluate.mini import ALIASES, TASKS
 from dllmq.atomic import write_json_atomic
+from dllmq.errors import DllmqError
 from dllmq.evaluate.runner import EvalOptions, run_eval
 
 EPILOG = """\
@@ -66,9 +68,35 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args, mini: bool) -> None:
+    """The flags that can be judged before any task or model loads."""
+    limit = args.limit
+    if limit is not None:
+        if not 0 < limit < math.inf:
+            raise DllmqError(f"--limit must be a positive number of samples per task (or a fraction below 1), "
+                             f"got {limit:g}.")
+        if not float(limit).is_integer():
+            if mini:
+                raise DllmqError(f"--limit {limit:g} is not a whole number; the mini tasks take a number of items "
+                                 "(fractions are for harness tasks).")
+            if limit > 1:
+                raise DllmqError(f"--limit must be a whole number of samples or a fraction below 1, got {limit:g}.")
+    require_at_least(args, 1, "--mc-num", "--batch-size", "--gen-batch-size", "--gen-length", "--steps",
+                     "--block-length", "--sandbox-workers")
+    require_at_least(args, 0, "--num-fewshot", "--temperature", "--cfg")
+    require_fraction(args, "--top-p")
+    for flag in ("--data-dir", "--include-path"):
+        folder = getattr(args, flag[2:].replace("-", "_"))
+        if folder is not None and not Path(folder).is_dir():
+            raise DllmqError(f"{flag} {folder} is not a directory; give the folder that holds the "
+                             f"{'datasets' if flag == '--data-dir' else 'task YAML files'}.")
+
+
 def run(args) -> None:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if names and all(t in TASKS or t in ALIASES for t in names):
+    mini = bool(names) and all(t in TASKS or t in ALIASES for t in names)
+    check_args(args, mini)
+    if mini:
         return _eval_mini(args, names)
     _eval_harness(args)
 

@@ -7,10 +7,14 @@ import sys
 import time
 
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import add_backend_arg, add_model_args, load
+from dllmq.cli.common import (add_backend_arg, add_model_args, load, model_config, require_at_least,
+                              require_fraction)
 from dllmq.diffusion import generate_text
+from dllmq.diffusion.generate import family_sampler
+from dllmq.diffusion.llada_sampler import check_llada_settings
 from dllmq.errors import DllmqError
 from dllmq.evaluate.mini import is_chat_model
+from dllmq.models.registry import get_family
 
 
 def add_parser(sub) -> None:
@@ -39,9 +43,25 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> None:
+def check_args(args) -> None:
+    """The flags that can be judged without the model."""
     if not args.prompt.strip():
         raise DllmqError("The prompt is empty; pass some text with --prompt.")
+    require_at_least(args, 1, "--gen-length", "--top-k")
+    require_at_least(args, 1, "--steps", hint=" (leave it out for one step per generated token)")
+    require_at_least(args, 1, "--block-length", hint=" (leave it out for one block of --gen-length)")
+    require_at_least(args, 0, "--temperature", "--cfg")
+    require_fraction(args, "--top-p")
+    sampler = args.sampler
+    if sampler == "auto":
+        sampler = family_sampler(get_family(model_config(args.model).family))
+    if sampler == "llada":  # the block / step arithmetic, before the model loads rather than after
+        check_llada_settings(args.gen_length, args.steps or args.gen_length, args.block_length or args.gen_length,
+                             args.remasking, args.temperature, args.cfg)
+
+
+def run(args) -> None:
+    check_args(args)
     model, tokenizer, family = load(args)
     if tokenizer is None:
         raise DllmqError(f"{args.model} has no tokenizer files, so it cannot take a text prompt.")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from dllmq.analysis.outliers import OutlierThresholds, format_summary, profile_outliers, write_outlier_report
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import add_model_args, load
+from dllmq.cli.common import add_model_args, load, model_config, require_at_least, require_fraction, require_positive
+from dllmq.data import check_corpus
 from dllmq.errors import DllmqError
 
 DESCRIPTION = """\
@@ -73,13 +74,19 @@ def run(args) -> None:
     if out.exists() and not args.overwrite:  # refuse before loading and profiling, not after
         raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
     ratios = _ratios(args.mask_ratios)
+    require_at_least(args, 1, "--nsamples", "--seqlen", "--batch-size", "--top-k")
+    require_at_least(args, 0, "--surface-layers", "--massive-floor")
+    require_positive(args, "--normal-threshold", "--massive-threshold")
+    require_fraction(args, "--normal-min-frac")
+    check_corpus(args.calib)
+    context = model_config(args.model).max_seq_len
+    if args.seqlen > context:
+        raise DllmqError(f"--seqlen {args.seqlen} is longer than the model's context of "
+                         f"{context} tokens; use a shorter window.")
     thresholds = OutlierThresholds(normal_ratio=args.normal_threshold, normal_min_frac=args.normal_min_frac,
                                    massive_ratio=args.massive_threshold, massive_floor=args.massive_floor,
                                    top_k=args.top_k)
     model, tokenizer, family = load(args, backend="fake")
-    if args.seqlen > model.config.max_seq_len:
-        raise DllmqError(f"--seqlen {args.seqlen} is longer than the model's context of "
-                         f"{model.config.max_seq_len} tokens; use a shorter window.")
     report = profile_outliers(model, tokenizer, family, calib=args.calib, nsamples=args.nsamples,
                               seqlen=args.seqlen, mask_ratios=ratios, seed=args.seed, batch_size=args.batch_size,
                               thresholds=thresholds, surface_layers=args.surface_layers,

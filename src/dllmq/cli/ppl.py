@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import add_backend_arg, add_model_args, load
+from dllmq.cli.common import add_backend_arg, add_model_args, load, model_config, require_at_least
 from dllmq.data import CORPORA, load_corpus, tokenize_text
 from dllmq.diffusion import perplexity
 from dllmq.errors import DllmqError
@@ -27,7 +27,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
+    require_at_least(args, 2, "--seqlen")
+    require_at_least(args, 1, "--mc-num", "--batch-size", "--max-windows")
     text = load_corpus(args.data, "heldout")   # files are read whole; named sets give their held-out split
+    context = model_config(args.model).max_seq_len
+    if args.seqlen > context:
+        raise DllmqError(f"--seqlen {args.seqlen} is longer than the model's context of {context} tokens; "
+                         "use a shorter window.")
     model, tokenizer, family = load(args)
     if tokenizer is None:
         raise DllmqError(f"{args.model} has no tokenizer files, so it cannot read text.")

@@ -5,11 +5,13 @@ the quantization method registry, so a registered method shows up here without a
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import Field, fields
 from pathlib import Path
 
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import add_calib_device_arg, add_model_args, load
+from dllmq.cli.common import add_calib_device_arg, add_model_args, load, model_config
+from dllmq.data import check_corpus
 from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
 from dllmq.quant import QuantConfig, format_report, preset_settings, quantize, save_quantized
@@ -28,6 +30,9 @@ EPILOG = ("presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-chan
           "  dllmq quantize MODEL --method quarot --wbits 4 --abits 4 --kv-bits 4 "
           "--weight-method gptq --out qr/\n"
           "  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/")
+
+
+DEFAULT_SEQLEN = 2048   # the study's calibration window, where the model's context allows
 
 
 def add_parser(sub) -> None:
@@ -50,7 +55,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib", default="wiki",
                    help="calibration text: wiki (offline, shipped; default), wikitext2, pile, or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"tokens per window (default {DEFAULT_SEQLEN}, or the model's context when that is shorter)")
     add_calib_device_arg(p)
     p.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations on the CPU between blocks (less device memory)")
@@ -68,8 +74,19 @@ def run(args) -> None:
     flags = dict(wbits=args.wbits, group_size=args.group_size, abits=args.abits, kv_bits=args.kv_bits,
                  act_clip=args.act_clip, weight_clip=args.weight_clip, sym=True if args.sym else None)
     settings.update({k: v for k, v in flags.items() if v is not None})  # explicit flags beat the preset
-    config = QuantConfig(method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                         seed=args.seed, **settings, **method_settings_from_args(args, args.method))
+    given = dict(method=args.method, calib=args.calib, nsamples=args.nsamples, seed=args.seed, **settings,
+                 **method_settings_from_args(args, args.method))
+    config = QuantConfig(seqlen=DEFAULT_SEQLEN if args.seqlen is None else args.seqlen, **given)
+    if config.needs_calibration:  # the calibration text and window, before the model loads
+        check_corpus(args.calib)
+        context = model_config(args.model).max_seq_len
+        if args.seqlen is None:
+            config = QuantConfig(seqlen=min(DEFAULT_SEQLEN, context), **given)
+            print(f"note: --seqlen not given: calibration windows of {config.calibration.seqlen} tokens (the smaller "
+                  f"of {DEFAULT_SEQLEN} and the model's context of {context})", file=sys.stderr)
+        elif config.calibration.seqlen > context:
+            raise DllmqError(f"--seqlen {config.calibration.seqlen} is longer than the model's context of {context} "
+                             "tokens; use a shorter calibration window.")
     model, tokenizer, family = load(args)
     report = quantize(model, tokenizer, config, device=args.calib_device or args.device,
                       offload_activations=args.offload_activations, progress=True)

@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from dllmq.cli import Parser
 from dllmq.cli.commands import help_of
 from dllmq.cli.common import add_calib_device_arg, add_device_arg
 from dllmq.errors import DllmqError
@@ -92,14 +93,15 @@ def run(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dllmq.study`: the same as `dllmq study`."""
-    parser = argparse.ArgumentParser(prog="dllmq study", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="dllmq study", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
     try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        args.preflight(args)
         run(args)
     except DllmqError as err:
         print(f"error: {err}", file=sys.stderr)

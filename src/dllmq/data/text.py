@@ -106,16 +106,27 @@ def _read_jsonl(path: Path) -> str:
     return "\n\n".join(texts)
 
 
-def _read_file(path: Path) -> str:
+def _file_kind(path: Path) -> str:
+    """".txt" or ".jsonl" (also gzipped) for an existing text file, else one DllmqError."""
     if not path.is_file():
         raise DllmqError(f"No text file {path}; give {', '.join(CORPORA)}, or a path to a .txt or .jsonl file.")
     suffixes = [s.lower() for s in path.suffixes]
     kind = suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
-    if kind == ".jsonl":
-        return _read_jsonl(path)
-    if kind == ".txt":
-        return _read_bytes(path)
-    raise DllmqError(f"{path} is neither .txt nor .jsonl; give plain text (.txt) or JSON lines with a \"text\" field.")
+    if kind not in (".txt", ".jsonl"):
+        raise DllmqError(f"{path} is neither .txt nor .jsonl; give plain text (.txt) or JSON lines with a \"text\" "
+                         "field.")
+    return kind
+
+
+def _read_file(path: Path) -> str:
+    return _read_jsonl(path) if _file_kind(path) == ".jsonl" else _read_bytes(path)
+
+
+def check_corpus(name_or_path: str | os.PathLike) -> None:
+    """Raise the DllmqError load_corpus would for a missing or unreadable kind of file, without reading
+    it (named corpora pass: whether they can be fetched is known only when they are)."""
+    if os.fspath(name_or_path) not in CORPORA:
+        _file_kind(Path(name_or_path).expanduser())
 
 
 def load_corpus(name_or_path: str | os.PathLike, split: str = "train") -> str:

@@ -31,11 +31,17 @@ def _settings_of(fn: Callable) -> set[str]:
 _ALL_SETTINGS = set().union(*(_settings_of(fn) for fn in SAMPLERS.values()))
 
 
-def default_sampler(model: torch.nn.Module) -> str:
-    """causal for causal families, dream for Dream (shifted logits), llada otherwise."""
-    if model.family.causal:
+def family_sampler(family) -> str:
+    """The sampler of a model family: causal for causal families, dream for Dream (shifted logits),
+    llada otherwise."""
+    if family.causal:
         return "causal"
-    return "dream" if model.family.name == "dream" or model.family.shift_logits else "llada"
+    return "dream" if family.name == "dream" or family.shift_logits else "llada"
+
+
+def default_sampler(model: torch.nn.Module) -> str:
+    """The sampler of the model's family (family_sampler)."""
+    return family_sampler(model.family)
 
 
 def _map_settings(name: str, settings: dict) -> dict:

@@ -7,6 +7,7 @@ Writing goes through the `safetensors` library.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -20,6 +21,9 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# Bytes per element of every safetensors dtype (the ones dllmq reads are in _DTYPES).
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -38,7 +42,13 @@ def read_header(path: Path) -> tuple[int, dict]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise DllmqError(f"{path} has a corrupt safetensors header; re-download or re-save it.") from None
+    if not isinstance(header, dict):
+        raise DllmqError(f"{path} has a corrupt safetensors header; re-download or re-save it.")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if not _entry_ok(entry):
+            raise DllmqError(f"{path} has a corrupt safetensors header (the entry of {name} is malformed); "
+                             "re-download or re-save it.")
     data_end = max((e["data_offsets"][1] for e in header.values()), default=0)
     if 8 + n + data_end > size:
         raise DllmqError(
@@ -46,6 +56,52 @@ def read_header(path: Path) -> tuple[int, dict]:
             "re-download or re-save it."
         )
     return 8 + n, header
+
+
+def _entry_ok(entry) -> bool:
+    """A header entry has a dtype name, a shape of sizes and data offsets 0 <= begin <= end."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and x >= 0 for x in xs)  # noqa: E731
+    return ints(shape) and ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
+
+
+def verify_file(path: Path) -> dict:
+    """Check one safetensors file from its header alone (no tensor data is read): the header length
+    and JSON, and that the byte ranges it declares fit the file, match each tensor's shape and dtype,
+    and do not overlap. Returns the header; raises a DllmqError naming the file."""
+    start, header = read_header(path)   # header length, JSON, every range within the file
+    spans = []
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        size = _DTYPE_BYTES.get(entry["dtype"])
+        if size is not None and end - begin != size * math.prod(entry["shape"]):
+            raise DllmqError(f"{path} is corrupt: tensor {name} declares {end - begin} bytes, but its shape "
+                             f"{entry['shape']} in {entry['dtype']} needs {size * math.prod(entry['shape'])}; "
+                             "re-download or re-save it.")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise DllmqError(f"{path} is corrupt: tensors {first} and {second} overlap; re-download or re-save it.")
+    return header
+
+
+def verify_checkpoint(directory: Path) -> list[Path]:
+    """verify_file for every safetensors file of a checkpoint directory (each shard its index names,
+    and that each shard holds the tensors the index places in it); the files checked, [] when the
+    directory has no safetensors at all (a config-only directory)."""
+    if not (directory / INDEX_NAME).is_file() and not any(directory.glob("*.safetensors")):
+        return []
+    files = checkpoint_files(directory)
+    shards = sorted(set(files.values()))
+    for shard in shards:
+        header = verify_file(shard)
+        for name in (n for n, p in files.items() if p == shard):
+            if name not in header:
+                raise DllmqError(f"The shard index places {name} in {shard.name}, but that file does not contain it.")
+    return shards
 
 
 def mmap_tensors(path: Path) -> dict[str, torch.Tensor]:
