@@ -10,6 +10,7 @@ COMMANDS = {
     "ppl": ("dllmq.cli.ppl", "perplexity: Monte Carlo ELBO bound for diffusion models, exact for causal ones"),
     "quantize": ("dllmq.cli.quantize",
                  "RTN / GPTQ / AWQ / SmoothQuant / QuaRot / DuQuant, block by block, saved to --out"),
+    "export": ("dllmq.cli.export", "write a quantized model for other tools: GPTQ v1, AWQ GEMM, compressed-tensors"),
     "eval": ("dllmq.cli.eval", "the study's benchmarks (lm-evaluation-harness) and the offline mini tasks"),
     "bench": ("dllmq.cli.bench", "speed and memory: forward latency, generation tokens/s, weights in memory"),
     "outliers": ("dllmq.cli.outliers",

@@ -140,6 +140,11 @@ def config_from_qwen2_style(raw: dict, family: str) -> ModelConfig:
     )
 
 
+# Where AutoGPTQ (quantize_config.json) and AutoAWQ (quant_config.json) put the quantization config
+# when config.json has none.
+QUANTIZATION_SIDE_FILES = ("quantize_config.json", "quant_config.json")
+
+
 def read_config_json(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
@@ -150,6 +155,15 @@ def read_config_json(directory: Path) -> dict:
         raise DllmqError(f"{path} is not valid JSON ({err.msg if hasattr(err, 'msg') else err}).") from None
     if not isinstance(raw, dict):
         raise DllmqError(f"{path} does not hold a JSON object.")
+    if not raw.get("quantization_config"):  # older GPTQ and AWQ tools keep it in a file of its own
+        for name in QUANTIZATION_SIDE_FILES:
+            side = directory / name
+            if side.is_file():
+                try:
+                    raw["quantization_config"] = json.loads(side.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise DllmqError(f"{side} is not valid JSON.") from None
+                break
     return raw
 
 

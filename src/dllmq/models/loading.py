@@ -80,20 +80,24 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+Prepare = Callable[[TransformerLM, dict, dict], None]
+
+
 def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    prepare: Callable[[TransformerLM, dict], None] | None = None) -> TransformerLM:
+                    prepare: Prepare | None = None) -> TransformerLM:
     """Build the module tree without memory, then adopt the checkpoint tensors (checked, converted).
 
-    `prepare(model, raw_config)` may reshape the meta model first (a quantized checkpoint swaps its
-    linears for quantized ones). Parameters take `dtype`; buffers (packed codes, scales) keep theirs.
+    `prepare(model, raw_config, tensors)` may reshape the meta model first (a quantized checkpoint swaps
+    its linears for quantized ones) and rewrite the (memory-mapped) tensors it is given (another tool's
+    layout converted to dllmq's). Parameters take `dtype`; buffers (packed codes, scales) keep theirs.
     """
     raw = read_config_json(directory)
     config = parse_model_config(raw)
+    tensors = load_tensors(directory)
     with torch.device("meta"):
         model = build_model(config)
         if prepare is not None:
-            prepare(model, raw)
-    tensors = load_tensors(directory)
+            prepare(model, raw, tensors)
     expected = model.state_dict()
     head, embed = f"{model.family.lm_head}.weight", f"{model.family.embed}.weight"
     if config.tie_embeddings and head not in tensors and embed in tensors:
@@ -149,7 +153,7 @@ def load_tokenizer(directory: Path):
 
 def load_plain_model(name_or_path: str | os.PathLike = "dllmq-tiny", *, dtype: str | torch.dtype = "auto",
                      device: str | torch.device = "cpu", seed: int = 0,
-                     prepare: Callable[[TransformerLM, dict], None] | None = None) -> LoadedModel:
+                     prepare: Prepare | None = None) -> LoadedModel:
     """The model (eval mode), its tokenizer and its family description, as the checkpoint stores it:
     quantized layers are only rebuilt through `prepare` (dllmq.load_model passes it; use that one).
 
@@ -182,17 +186,21 @@ def config_for_saving(config: ModelConfig, dtype: torch.dtype, extra: dict | Non
 
 
 def save_model(model: TransformerLM, tokenizer, out: str | os.PathLike, *, max_shard_bytes: int | None = None,
-               overwrite: bool = False, extra_config: dict | None = None) -> Path:
+               overwrite: bool = False, extra_config: dict | None = None, tensors: dict[str, torch.Tensor] | None = None,
+               extra_files: dict[str, str] | None = None) -> Path:
     """Write config.json (official field names, plus `extra_config` entries such as a
-    quantization_config), safetensors (sharded past max_shard_bytes) and the tokenizer, all beside
-    `out`, then rename the directory to `out`. An existing `out` is refused, or with `overwrite`
-    swapped for the new one in one step: a crash never leaves less than the old or the new model."""
+    quantization_config), safetensors (the model's state, or `tensors` when given; sharded past
+    max_shard_bytes), the tokenizer and `extra_files` (name -> text), all beside `out`, then rename the
+    directory to `out`. An existing `out` is refused, or with `overwrite` swapped for the new one in one
+    step: a crash never leaves less than the old or the new model."""
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         dtype = next(model.parameters()).dtype
         config = config_for_saving(model.config, dtype, extra_config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_tensors(state_dict_for_saving(model), tmp, max_shard_bytes)
+        save_tensors(state_dict_for_saving(model) if tensors is None else tensors, tmp, max_shard_bytes)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out

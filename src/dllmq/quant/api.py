@@ -1,6 +1,7 @@
 """One call per job: quantize a loaded model in place, summarise, save."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from dllmq.models.describe import human_bytes
 from dllmq.models.loading import save_model, state_dict_for_saving
 from dllmq.models.modeling import TransformerLM
 from dllmq.quant.config import QuantConfig
-from dllmq.quant.format import quantization_config
+from dllmq.quant.format import quantization_config, read_quantization, tool_config
 from dllmq.quant.pipeline import QuantReport, quantize_model
 from dllmq.quant.qlinear import QuantLinear
 
@@ -65,7 +66,12 @@ def directory_bytes(path: Path) -> int:
 
 
 def save_quantized(model: TransformerLM, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    return save_model(model, tokenizer, out, overwrite=overwrite)
+    """Save a quantized model as a directory every dllmq command reads; a weight-only one also gets the
+    quantize_config.json that GPTQ tools look for."""
+    saved = read_quantization(model.config.raw)
+    tool = None if saved is None else tool_config(model.config.raw["quantization_config"], saved.config)
+    extra = {"quantize_config.json": json.dumps(tool, indent=2)} if tool else None
+    return save_model(model, tokenizer, out, overwrite=overwrite, extra_files=extra)
 
 
 def format_report(report: QuantReport, worst: int = 5) -> str:

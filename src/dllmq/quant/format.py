@@ -13,23 +13,41 @@ GPTQ layout, so other tools can read the weights.
 Codes are a little-endian bit stream in int32 words (GPTQ's layout for 2/3/4/8 bits). Zero points
 are stored as they are ("checkpoint_format": "gptq_v2", GPTQModel's convention), not minus one.
 "quant_method": "gptq" names the storage layout; which algorithm chose the codes (RTN, GPTQ, AWQ)
-is under "dllmq". A weight dequantizes as (code - zero[g_idx]) * scale[g_idx].
+is under "dllmq". A weight dequantizes as (code - zero[g_idx]) * scale[g_idx]. Weight-only models
+also get a `quantize_config.json` and `meta.quantizer`, which GPTQ tools look for.
+
+Checkpoints written by other tools (GPTQ v1/v2, AWQ GEMM, compressed-tensors) load through the same
+door: their tensors are converted to this layout as they are read (dllmq.quant.interop), and the
+model records where it came from under "source".
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from dllmq import __version__
-from dllmq.errors import DllmqError
 from dllmq.models.modeling import TransformerLM
 from dllmq.quant.config import QuantConfig
+from dllmq.quant.interop import ForeignScheme, reader_for
+from dllmq.quant.interop import gptq as gptq_layout
 from dllmq.quant.modules import replace_module
 from dllmq.quant.qlinear import QuantLinear
 
 LAYOUT = "gptq"
 CHECKPOINT_FORMAT = "gptq_v2"
+QUANTIZER = f"dllmq:{__version__}"
 
 
-def quantization_config(model: TransformerLM, config: QuantConfig) -> dict:
-    return {
+def quantized_linears(model: TransformerLM) -> list[list[str]]:
+    """Per linear group, the block linears that are quantized (dllmq's own models: all of them)."""
+    block = model.get_blocks()[0]
+    groups = [[n for n in g.linears if isinstance(block.get_submodule(n), QuantLinear)] for g in model.family.groups]
+    return [g for g in groups if g]
+
+
+def quantization_config(model: TransformerLM, config: QuantConfig, source: ForeignScheme | None = None) -> dict:
+    qc = {
         # weight-activation models need dllmq to run (online transforms, activation quantizers);
         # their weights alone still read as GPTQ-layout tensors
         "quant_method": LAYOUT,
@@ -38,45 +56,92 @@ def quantization_config(model: TransformerLM, config: QuantConfig) -> dict:
         "group_size": config.weight.group_size,
         "sym": config.weight.sym,
         "desc_act": bool(getattr(config.settings, "act_order", False)),  # GPTQ's (and QuaRot's) act-order
-        "modules_in_block_to_quantize": [list(g.linears) for g in model.family.groups],
+        "modules_in_block_to_quantize": quantized_linears(model),
+        "meta": {"quantizer": [QUANTIZER]},
         "dllmq": {"version": __version__, **config.to_dict()},
     }
+    if source is not None:
+        qc["source"] = {"format": source.format, "quantizer": source.quantizer}
+    return qc
 
 
-def read_quant_config(raw: dict) -> QuantConfig | None:
+def tool_config(qc: dict, config: QuantConfig) -> dict | None:
+    """The quantize_config.json GPTQ tools read, for a weight-only model (None for a weight-activation
+    one: its online transforms and activation quantizers only run in dllmq)."""
+    if config.weight_activation:
+        return None
+    return gptq_layout.write_config(qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], QUANTIZER,
+                                    CHECKPOINT_FORMAT)
+
+
+@dataclass
+class SavedQuantization:
+    """What a checkpoint's quantization_config says: dllmq's config, and for another tool's checkpoint
+    its scheme and the module that converts its tensors."""
+
+    config: QuantConfig
+    foreign: ForeignScheme | None = None
+    reader: object | None = None
+
+
+def read_quantization(raw: dict) -> SavedQuantization | None:
     qc = raw.get("quantization_config")
     if not qc:
         return None
-    if qc.get("quant_method") != LAYOUT or qc.get("checkpoint_format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT \
-            or "dllmq" not in qc:
-        raise DllmqError(
-            f"This checkpoint is quantized with {qc.get('quant_method')!r} "
-            f"({qc.get('checkpoint_format', 'default format')}); dllmq reads only the quantized models it saves."
-        )
-    return QuantConfig.from_dict(qc["dllmq"])
+    if qc.get("quant_method") == LAYOUT and "dllmq" in qc:
+        return SavedQuantization(QuantConfig.from_dict(qc["dllmq"]))
+    reader = reader_for(qc)
+    scheme = reader.read_scheme(qc)
+    config = QuantConfig(scheme.method, wbits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym,
+                         **({"act_order": scheme.act_order} if scheme.method == "gptq" else {}))
+    return SavedQuantization(config, scheme, reader)
 
 
-def prepare_quantized(model: TransformerLM, raw: dict) -> None:
-    """Give a (meta) model the structure its saved quantization needs: QuantLinear modules, then what
-    the method runs besides the weights (online transforms, activation and K/V quantizers), through the
-    same `build_runtime` that calibration ends with."""
-    config = read_quant_config(raw)
-    if config is None:
+def prepare_quantized(model: TransformerLM, raw: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Give a (meta) model the structure its saved quantization needs: QuantLinear modules where the
+    checkpoint has quantized linears (all of them when `tensors` is not given), then what the method runs
+    besides the weights (online transforms, activation and K/V quantizers), through the same
+    `build_runtime` that calibration ends with. Another tool's tensors in `tensors` are converted to
+    dllmq's layout in place, and the model's config records dllmq's view of the quantization."""
+    saved = read_quantization(raw)
+    if saved is None:
         return
-    method, spec = config.make_method(), config.weight
-    for block in model.get_blocks():
-        for name in model.family.block_linears:
+    method, spec, reader = saved.config.make_method(), saved.config.weight, saved.reader
+    family = model.family
+    for i, block in enumerate(model.get_blocks()):
+        for name in family.block_linears:
+            path = f"{family.blocks}.{i}.{name}"
+            if tensors is not None and not (reader or gptq_layout).is_quantized(tensors, path):
+                continue  # left in full precision by the tool that quantized the checkpoint
             linear = block.get_submodule(name)
+            if reader is not None and tensors is not None:
+                with torch.device("cpu"):  # the loader builds the model on the meta device; tensors are real
+                    converted = reader.to_dllmq(tensors, path, saved.foreign, linear.in_features, linear.out_features)
+                _convert(tensors, path, converted)
             replace_module(block, name, QuantLinear.empty(linear.in_features, linear.out_features, spec.bits,
                                                           spec.group_size, bias=linear.bias is not None))
         method.build_runtime(block)
+    if saved.foreign is not None:
+        model.config.raw["quantization_config"] = quantization_config(model, saved.config, saved.foreign)
+    elif tensors is not None:  # the linears the checkpoint really holds quantized
+        model.config.raw["quantization_config"] = {**raw["quantization_config"],
+                                                   "modules_in_block_to_quantize": quantized_linears(model)}
+
+
+def _convert(tensors: dict[str, torch.Tensor], path: str, converted: dict[str, torch.Tensor]) -> None:
+    for key in [k for k in tensors if k.startswith(path + ".")]:
+        del tensors[key]
+    tensors.update({f"{path}.{k}": v for k, v in converted.items()})
 
 
 def describe_quantization(raw: dict) -> str | None:
     """One line for `dllmq inspect`: what a saved quantized model holds."""
-    config = read_quant_config(raw)
-    if config is None:
+    saved = read_quantization(raw)
+    if saved is None:
         return None
+    if saved.foreign is not None:
+        return f"quantized    {saved.foreign.describe()}; dllmq runs it as its own quantized linears"
+    config = saved.config
     w, a, cal = config.weight, config.act, config.calibration
     group = "per-channel" if w.group_size == -1 else f"group {w.group_size}"
     calib = "" if not config.needs_calibration else \
