@@ -76,7 +76,14 @@ class Block(nn.Module):
         return self.get_submodule(name)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attention(self._part(self.family.attn_norm)(x), rope, mask)
+        return self.mlp_residual(self.attention_residual(x, rope, mask))
+
+    def attention_residual(self, x: torch.Tensor, rope, mask) -> torch.Tensor:
+        """The first half of the block: x + attention(norm(x))."""
+        return x + self.attention(self._part(self.family.attn_norm)(x), rope, mask)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The second half: x + MLP(norm(x))."""
         return x + self.feed_forward(self._part(self.family.ffn_norm)(x))
 
     def attention(self, h: torch.Tensor, rope, mask) -> torch.Tensor:
