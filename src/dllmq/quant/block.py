@@ -55,6 +55,7 @@ class BlockContext:
         self.family = block.family
         self._mid: list[torch.Tensor] | None = None   # residual stream after the (final) attention half
         self._sequential_done = False
+        self._recorded: dict[Role, list[torch.Tensor]] | None = None   # group inputs from fp_outputs()
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
@@ -79,10 +80,22 @@ class BlockContext:
 
     def group_inputs(self) -> dict[Role, list[torch.Tensor]]:
         """Every group's calibration inputs (its linears share one), as the weights see them: after the
-        first linear's online transform, if it has one. One pass over the block."""
+        first linear's online transform, if it has one. One pass over the block, or none when
+        `fp_outputs()` has just recorded them."""
+        if self._recorded is not None:
+            feats, self._recorded = self._recorded, None
+            return feats
         feats: dict[Role, list[torch.Tensor]] = {g.role: [] for g in self.family.groups}
         self.run({g.linears[0]: feats[g.role].append for g in self.family.groups})
         return feats
+
+    def fp_outputs(self) -> list[torch.Tensor]:
+        """The unchanged block's outputs (for a method that feeds the next block full-precision
+        outputs); the same pass records every group's inputs for the next `group_inputs()` call."""
+        feats: dict[Role, list[torch.Tensor]] = {g.role: [] for g in self.family.groups}
+        outputs = self.run({g.linears[0]: feats[g.role].append for g in self.family.groups}, keep_outputs=True)
+        self._recorded = feats
+        return outputs
 
     # -- true-sequential calibration --------------------------------------------------------------
     def sequential(self) -> Iterator[tuple[LinearGroup, Callable[[Callable[[torch.Tensor], None]], None]]]:
@@ -144,9 +157,10 @@ class BlockContext:
         return out
 
     def release(self) -> None:
-        """Drop what the context cached (the attention half's outputs)."""
+        """Drop what the context cached (the attention half's outputs, recorded group inputs)."""
         self._mid = None
         self._sequential_done = False
+        self._recorded = None
 
     def scored_output(self, group: LinearGroup) -> Callable[[torch.Tensor], torch.Tensor]:
         """The function whose output scores a scale search over `group` (the family says which)."""

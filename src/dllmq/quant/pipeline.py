@@ -82,8 +82,10 @@ def _rss_peak() -> int:
 
 def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor | None = None,
                    device: str | torch.device = "cpu", offload_activations: bool = False,
-                   progress: bool = True) -> QuantReport:
-    """Quantize every block linear of `model` in place; embeddings, norms and the LM head stay as they are."""
+                   progress: bool = True, batch_tokens: int = CALIB_BATCH_TOKENS) -> QuantReport:
+    """Quantize every block linear of `model` in place; embeddings, norms and the LM head stay as they are.
+    The calibration windows go through each block `batch_tokens` tokens (whole windows) at a time; the
+    result does not depend on it."""
     device = torch.device(device)
     home = next(model.parameters()).device
     store = torch.device("cpu") if offload_activations else device
@@ -94,7 +96,7 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
     method.prepare_model(model)
     inputs = rope = mask = None
     if calib_ids is not None:
-        inputs, rope, mask = capture_block_inputs(model, calib_ids, device, store)
+        inputs, rope, mask = capture_block_inputs(model, calib_ids, device, store, batch_tokens)
     blocks = model.get_blocks()
     bar = tqdm(range(len(blocks)), desc=f"{method.name} block", unit="block", disable=not progress, dynamic_ncols=True)
     for i in bar:
@@ -102,7 +104,7 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
         ctx = BlockContext(block, i, inputs, rope, mask, device, method.config)
         fp_outputs = None
         if inputs is not None and not method.propagate_quantized:
-            fp_outputs = ctx.run(keep_outputs=True)
+            fp_outputs = ctx.fp_outputs()
         results = method.quantize_block(ctx)
         next_inputs = fp_outputs
         if inputs is not None and next_inputs is None and not method.config.weight_activation:
