@@ -67,7 +67,7 @@ def main() -> None:
     names = [(i, g.linears[0]) for i in range(len(blocks)) for g in family.groups]
 
     def grams(windows, split_sink):
-        dtype = torch.float64 if split_sink else torch.float32   # held-out in float64, calibration as GPTQ
+        dtype = torch.float32
         acc = {key: (HessianAccumulator(blocks[key[0]].get_submodule(key[1]).in_features, "cpu", dtype),
                      HessianAccumulator(blocks[key[0]].get_submodule(key[1]).in_features, "cpu", dtype))
                for key in names}
@@ -90,8 +90,13 @@ def main() -> None:
         return acc
 
     start = time.perf_counter()
-    cal = grams(calib, False)
-    held = grams(heldout, True)
+    cache = f"/tmp/dllmq_layer_grams_{args.nsamples}_{args.seqlen}_{args.heldout}.pt"
+    try:
+        cal, held = torch.load(cache, weights_only=False)
+    except OSError:
+        cal = grams(calib, False)
+        held = grams(heldout, True)
+        torch.save((cal, held), cache)
     print(f"Gram matrices of {len(names)} inputs in {time.perf_counter() - start:.0f} s", flush=True)
 
     settings = args.settings or SETTINGS
@@ -99,7 +104,7 @@ def main() -> None:
     layers = [(i, g, n) for i in range(len(blocks)) for g in family.groups for n in g.linears]
 
     def quad(A, S):
-        return float(((A @ S) * A).sum())
+        return float(((A @ S.double()) * A).sum())
 
     norms = {}
     for i, g, n in layers:
@@ -112,7 +117,7 @@ def main() -> None:
         for i, g, n in layers:
             W = blocks[i].get_submodule(n).weight.detach().float()
             sink, rest = held[(i, g.linears[0])]
-            Q = quantize(W, cal[(i, g.linears[0])].H)
+            Q = quantize(W, cal[(i, g.linears[0])][0].H)
             D = (W - Q).double()
             e_sink, e_rest = quad(D, sink.S), quad(D, rest.S)
             n_sink, n_rest = norms[f"{i}.{n}"]

@@ -92,6 +92,11 @@ class Block(nn.Module):
         [out] = self.family.group(Role.ATTN_OUT).linears
         return self._part(out)(self._attend(q, k, v, rope, mask))
 
+    def residual_from_heads(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """attention_residual(x) given what the out projection reads (the heads' outputs, concatenated)."""
+        [out] = self.family.group(Role.ATTN_OUT).linears
+        return x + self._part(out)(heads)
+
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """Normed input -> SwiGLU output after the down projection."""
         gate, up = (self._part(name)(h) for name in self.family.group(Role.MLP_IN).linears)

@@ -54,6 +54,7 @@ class BlockContext:
         self.rope, self.mask, self.device, self.config = rope, mask, device, config
         self.family = block.family
         self._mid: list[torch.Tensor] | None = None   # residual stream after the (final) attention half
+        self._heads: list[torch.Tensor] | None = None  # the out projection's inputs, to build _mid from
         self._sequential_done = False
         self._recorded: dict[Role, list[torch.Tensor]] | None = None   # group inputs from fp_outputs()
 
@@ -103,7 +104,7 @@ class BlockContext:
         calibration batch of the group's input (as its first linear's weight sees it) computed with
         the block as it is now. The contract: when the iteration moves past a group, its weights are
         final. That lets the context compute the attention half's output once and reuse it."""
-        self._mid = None
+        self._mid = self._heads = None
         self._sequential_done = False
         for group in self.family.groups:
             yield group, (lambda fn, group=group: self._feed(group, fn))
@@ -111,8 +112,13 @@ class BlockContext:
 
     def _feed(self, group: LinearGroup, fn: Callable[[torch.Tensor], None]) -> None:
         first = self.linear(group.linears[0])
+        keep_heads = group.role == Role.ATTN_OUT    # what the out projection reads: kept to build the residual
+        self._heads = [] if keep_heads else self._heads
+        store = []
 
         def reached(module, args):
+            if keep_heads:
+                store.append(args[0].detach())
             fn(seen_input(module, args[0].detach()))
             raise _Reached
 
@@ -123,6 +129,8 @@ class BlockContext:
                     for x in self.inputs:
                         self._until_reached(lambda: self.block.attention_residual(x.to(self.device), self.rope,
                                                                                   self.mask))
+                        if keep_heads:
+                            self._heads.append(store.pop().to(x.device))
                 else:
                     for h in self._attention_outputs():
                         self._until_reached(lambda: self.block.mlp_residual(h))
@@ -141,8 +149,16 @@ class BlockContext:
         """The residual stream after the attention half, computed once its groups are final."""
         if self._mid is None:
             with torch.no_grad():
-                self._mid = [self.block.attention_residual(x.to(self.device), self.rope, self.mask)
-                             for x in self.inputs]
+                if self._heads and len(self._heads) == len(self.inputs):
+                    # the out projection's inputs are known: only it runs again
+                    self._mid = []
+                    for x in self.inputs:
+                        self._mid.append(self.block.residual_from_heads(x.to(self.device),
+                                                                        self._heads.pop(0).to(self.device)))
+                else:
+                    self._mid = [self.block.attention_residual(x.to(self.device), self.rope, self.mask)
+                                 for x in self.inputs]
+            self._heads = None
         return self._mid
 
     def outputs(self) -> list[torch.Tensor]:
@@ -152,13 +168,15 @@ class BlockContext:
         if not (self._sequential_done and self._mid is not None):
             return self.run(keep_outputs=True)
         with torch.no_grad():
-            out = [self.block.mlp_residual(h).to(x.device) for h, x in zip(self._mid, self.inputs)]
+            out = []
+            while self._mid:   # each batch's residual is dropped as its output is made
+                out.append(self.block.mlp_residual(self._mid.pop(0)).to(self.inputs[len(out)].device))
         self.release()
         return out
 
     def release(self) -> None:
         """Drop what the context cached (the attention half's outputs, recorded group inputs)."""
-        self._mid = None
+        self._mid = self._heads = None
         self._sequential_done = False
         self._recorded = None
 
