@@ -257,18 +257,23 @@ def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> 
 
 @dataclass(frozen=True)
 class GPTQSettings(MethodSettings):
-    damp: float = setting(0.01, "damping, a fraction of mean diag(H)", flag="--damp")
+    """dllmq's GPTQ defaults: act-order with static groups, damping 0.05 and a grid search (what wins on
+    a real model, docs/quantization.md). The study's code ran damp=0.01, act_order=False,
+    grid_search=False (its other settings are these defaults)."""
+
+    damp: float = setting(0.05, "damping, a fraction of mean diag(H)", flag="--damp")
     blocksize: int = setting(128, "columns per lazy error-update block")
-    act_order: bool = setting(False, "columns in order of decreasing Hessian diagonal", flag="--act-order")
+    act_order: bool = setting(True, "columns in natural order instead of decreasing Hessian diagonal",
+                              flag="--no-act-order", invert=True)
     static_groups: bool = setting(True, "with act-order: groups follow the permuted order instead of static "
                                         "natural groups", flag="--dynamic-groups", invert=True)
-    group_act_order: bool = setting(False, "group-aware act-order: whole groups by decreasing max Hessian "
-                                           "diagonal, columns by decreasing diagonal inside each group",
+    group_act_order: bool = setting(False, "group-aware act-order (without --act-order): whole groups by decreasing "
+                                           "max Hessian diagonal, columns by decreasing diagonal inside each group",
                                     flag="--group-act-order")
     static_grids: bool = setting(False, "every group's grid from the original weights, fixed up front",
                                  flag="--static-grids")
-    grid_search: bool = setting(False, "each group's grid range shrunk to minimise its rounding error",
-                                flag="--grid-search")
+    grid_search: bool = setting(True, "each group's grid from its min/max instead of the shrink that minimises "
+                                      "its rounding error", flag="--no-grid-search", invert=True)
     grid_points: int = setting(20, "shrink factors the grid search tries")
     grid_min_shrink: float = setting(0.5, "the grid search shrinks the range down to this fraction")
 
