@@ -179,3 +179,63 @@ def test_grid_search_never_rounds_a_group_worse():
             return ((q - z[:, None]) * s[:, None] - w).abs().pow(2.4).sum(1)
         assert torch.all(err(searched) <= err(plain) + 1e-6)
         assert torch.any(err(searched) < err(plain) - 1e-6)
+
+
+def planted_sink_model():
+    """random-llama with an attention-sink-like token: every window starts with it, its embedding is
+    large on two channels, and two MLP channels per block fire massively on it (a massive activation
+    at the down projection's input, as SmolLM2 has)."""
+    from dllmq.models.random_models import random_model
+
+    model, _ = random_model("random-llama", seed=3)
+    emb = model.get_embedding().weight.data
+    emb[1] = 0.02 * torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))
+    emb[1, 5], emb[1, 17] = 4.0, -3.0
+    for block in model.get_blocks():
+        for c in (7, 100):
+            for linear in (block.mlp.gate_proj, block.mlp.up_proj):
+                linear.weight.data[c] = 0
+                linear.weight.data[c, 5], linear.weight.data[c, 17] = 2.4, -1.8
+    return model
+
+
+def test_gptq_beats_rtn_on_every_layer_with_a_planted_massive_token():
+    """Held-out output error of every linear (on its inputs in the full-precision model), on the sink
+    token and on the others: dllmq's GPTQ below round-to-nearest everywhere."""
+    from dllmq.quant import QuantConfig
+    from dllmq.quant.pipeline import quantize_model
+
+    def windows(seed):
+        ids = torch.randint(3, 250, (16, 64), generator=torch.Generator().manual_seed(seed))
+        ids[:, 0] = 1
+        return ids
+
+    model = planted_sink_model()
+    blocks = model.get_blocks()
+    names = [(i, n) for i in range(len(blocks)) for n in model.family.block_linears]
+    grams = {key: (HessianAccumulator(blocks[key[0]].get_submodule(key[1]).in_features, "cpu", torch.float64),
+                   HessianAccumulator(blocks[key[0]].get_submodule(key[1]).in_features, "cpu", torch.float64))
+             for key in names}
+
+    def hook(key):
+        def fn(m, args, out):
+            grams[key][0].add(args[0][:, :1].double())
+            grams[key][1].add(args[0][:, 1:].double())
+        return fn
+    handles = [blocks[i].get_submodule(n).register_forward_hook(hook((i, n))) for i, n in names]
+    with torch.no_grad():
+        model(windows(2))
+    for h in handles:
+        h.remove()
+    errors = {}
+    for method in ("rtn", "gptq"):
+        quantized = planted_sink_model()
+        config = QuantConfig(method, wbits=3, group_size=32, sym=True, nsamples=16, seqlen=64)
+        quantize_model(quantized, config.make_method(), windows(1) if method == "gptq" else None, progress=False)
+        for i, n in names:
+            W = blocks[i].get_submodule(n).weight.double()
+            D = W - quantized.get_blocks()[i].get_submodule(n).dequantized_weight().double()
+            errors[method, i, n] = [float(((D @ g.S) * D).sum() / ((W @ g.S) * W).sum()) for g in grams[i, n]]
+    for i, n in names:
+        gptq, rtn = errors["gptq", i, n], errors["rtn", i, n]
+        assert gptq[0] < rtn[0] and gptq[1] < rtn[1], (i, n, gptq, rtn)   # sink token, other tokens
