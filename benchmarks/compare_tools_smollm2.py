@@ -211,7 +211,8 @@ def main() -> None:
         data = Path(tmp) / "protocol.pt"
         checkpoint = protocol_data(data, args.nsamples, args.seqlen, args.eval_windows, args.seed)
         print(f"SmolLM2-135M-Instruct: {args.nsamples} x {args.seqlen} calibration tokens (first 80 % of the wiki "
-              f"text, seed {args.seed}), perplexity on {args.eval_windows} x {args.seqlen} held-out tokens (last 20 %); "
+              f"text, seed {args.seed}), perplexity on {args.eval_windows} x {args.seqlen} held-out tokens "
+              f"(last 20 %); "
               f"weights symmetric; CPU fp32, {args.threads} threads", flush=True)
         for tool in ("llmc", "gptqmodel"):
             if not Path(pythons[tool]).exists():

@@ -133,7 +133,7 @@ class BlockContext:
                             self._heads.append(store.pop().to(x.device))
                 else:
                     for h in self._attention_outputs():
-                        self._until_reached(lambda: self.block.mlp_residual(h))
+                        self._until_reached(lambda: self.block.mlp_residual(h.to(self.device)))
         finally:
             handle.remove()
 
@@ -152,11 +152,11 @@ class BlockContext:
                 if self._heads and len(self._heads) == len(self.inputs):
                     # the out projection's inputs are known: only it runs again
                     self._mid = []
-                    for x in self.inputs:
-                        self._mid.append(self.block.residual_from_heads(x.to(self.device),
-                                                                        self._heads.pop(0).to(self.device)))
+                    for x in self.inputs:   # kept where the inputs are (the CPU with offloaded activations)
+                        self._mid.append(self.block.residual_from_heads(
+                            x.to(self.device), self._heads.pop(0).to(self.device)).to(x.device))
                 else:
-                    self._mid = [self.block.attention_residual(x.to(self.device), self.rope, self.mask)
+                    self._mid = [self.block.attention_residual(x.to(self.device), self.rope, self.mask).to(x.device)
                                  for x in self.inputs]
             self._heads = None
         return self._mid
@@ -170,7 +170,7 @@ class BlockContext:
         with torch.no_grad():
             out = []
             while self._mid:   # each batch's residual is dropped as its output is made
-                out.append(self.block.mlp_residual(self._mid.pop(0)).to(self.inputs[len(out)].device))
+                out.append(self.block.mlp_residual(self._mid.pop(0).to(self.device)).to(self.inputs[len(out)].device))
         self.release()
         return out
 
