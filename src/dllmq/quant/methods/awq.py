@@ -139,15 +139,15 @@ def _linear_losses(w: torch.Tensor, inputs: list[torch.Tensor], candidates: list
                    spec: WeightSpec) -> list[float]:
     """Mean squared output error of the linear for each candidate s, over every token, from the
     inputs' Gram matrix G = sum x x^T: sum_t ||D x_t||^2 = sum(D G * D) with D = W - Q(W s) / s."""
-    gram = HessianAccumulator(w.shape[1], w.device, torch.float64)
+    gram = HessianAccumulator(w.shape[1], w.device)     # float32, in fixed chunks (thread-count independent)
     for x in inputs:
         gram.add(x)
     G = gram.S
     count = gram.n * w.shape[0]
     losses = []
     for s in candidates:
-        D = (w - rtn_weight(w * s, spec).weight / s).double()
-        losses.append(float(((D @ G) * D).sum()) / count)
+        D = w - rtn_weight(w * s, spec).weight / s
+        losses.append(float(((D @ G) * D).double().sum()) / count)
     return losses
 
 
