@@ -134,12 +134,11 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, retries: int = 4) -> to
 
 
 def column_order(diag: torch.Tensor, group_size: int, act_order: bool, group_act_order: bool) -> torch.Tensor | None:
-    """The order columns are quantized in (None = natural): decreasing diag H, or group-aware (whole
-    groups by decreasing max diag H, columns by decreasing diag H inside each group)."""
-    if act_order:
-        return torch.argsort(diag, descending=True, stable=True)
+    """The order columns are quantized in (None = natural): group-aware when asked (whole groups by
+    decreasing max diag H, columns by decreasing diag H inside each group), else decreasing diag H
+    with act-order."""
     if not group_act_order:
-        return None
+        return torch.argsort(diag, descending=True, stable=True) if act_order else None
     n = diag.numel()
     starts = list(range(0, n, group_size))
     inside = [torch.argsort(diag[j:j + group_size], descending=True, stable=True) + j for j in starts]
@@ -168,6 +167,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     def grid(w):
         return group_grid(w, bits, sym, grid_search, grid_points, grid_min_shrink)
 
+    act_order = act_order and not group_act_order     # group-aware ordering replaces plain act-order
     perm = column_order(H.diagonal(), g, act_order, group_act_order)
     # the group of each column in processing order; dynamic act-order groups follow that order
     natural = torch.arange(n_in, device=W.device) // g
@@ -267,9 +267,9 @@ class GPTQSettings(MethodSettings):
                               flag="--no-act-order", invert=True)
     static_groups: bool = setting(True, "with act-order: groups follow the permuted order instead of static "
                                         "natural groups", flag="--dynamic-groups", invert=True)
-    group_act_order: bool = setting(False, "group-aware act-order (without --act-order): whole groups by decreasing "
-                                           "max Hessian diagonal, columns by decreasing diagonal inside each group",
-                                    flag="--group-act-order")
+    group_act_order: bool = setting(False, "group-aware act-order instead of act-order: whole groups by decreasing "
+                                           "max Hessian diagonal, columns by decreasing diagonal inside each group "
+                                           "(GPTQModel's default)", flag="--group-act-order")
     static_grids: bool = setting(False, "every group's grid from the original weights, fixed up front",
                                  flag="--static-grids")
     grid_search: bool = setting(True, "each group's grid from its min/max instead of the shrink that minimises "
