@@ -77,7 +77,7 @@ if args["method"] != "fp":
     config = QuantConfig(method=args["method"], wbits=args["bits"], group_size=args["group"], sym=True,
                          nsamples=calib.shape[0], seqlen=calib.shape[1], **args["settings"])
     start = time.perf_counter()
-    quantize_model(model, config.make_method(), calib, progress=False)
+    quantize_model(model, config.make_method(), calib if config.needs_calibration else None, progress=False)
     seconds = time.perf_counter() - start
 peak = peak_above(base)
 ppl = ppl_of(lambda rows: model(rows))
