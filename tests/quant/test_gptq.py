@@ -1,7 +1,7 @@
 """GPTQ against the textbook Optimal Brain Quantizer, against RTN, and with act-order."""
 import torch
 
-from dllmq.quant.gptq_solver import HessianAccumulator, gptq_quantize, relative_output_error
+from dllmq.quant.gptq_solver import HessianAccumulator, column_order, gptq_quantize, group_grid, relative_output_error
 from dllmq.quant.primitives import QuantSpec, compute_qparams, quantize_column
 from dllmq.quant.qlinear import QuantLinear
 from dllmq.quant.rounding import round_scales, rtn_weight
@@ -110,3 +110,132 @@ def test_failed_cholesky_retries_with_more_damping(caplog):
     W = torch.randn(4, 8, dtype=torch.float64)
     gptq_quantize(W, H, bits=4, group_size=-1, damp=0.01)
     assert "retrying" in caplog.text
+
+
+def textbook_obq_fixed_grids(W, H, bits, grids, group_size, damp, order):
+    """The textbook quantizer in a given column order with every group's grid fixed in advance."""
+    W = W.clone()
+    Hd = H.clone()
+    Hd.diagonal().add_(damp * H.diagonal().mean())
+    Q = torch.zeros_like(W)
+    free = list(order)
+    for j in order:
+        s, z = grids[j // group_size]
+        Q[:, j] = quantize_column(W[:, j], s, z, bits)
+        Hinv = torch.linalg.inv(Hd[free][:, free])
+        err = (W[:, j] - Q[:, j]) / Hinv[0, 0]
+        W[:, free] -= err[:, None] * Hinv[0][None, :]
+        free.pop(0)
+    return Q
+
+
+def test_group_act_order_is_gptq_on_whole_permuted_groups():
+    """Group-aware act-order: groups stay whole (g_idx is the natural one), ordered by their largest
+    diag(H), columns by decreasing diag(H) inside each; identical to GPTQ on the permuted problem."""
+    x = correlated_inputs(n_in=32, seed=6) * torch.linspace(3, 0.1, 32, dtype=torch.float64)[torch.randperm(
+        32, generator=torch.Generator().manual_seed(0))]
+    H = hessian(x)
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    Q, scale, zero, g_idx = gptq_quantize(W, H, bits=3, group_size=8, blocksize=8, group_act_order=True)
+    perm = column_order(H.diagonal(), 8, act_order=False, group_act_order=True)
+    assert sorted(perm.tolist()) == list(range(32)) and not torch.equal(perm, torch.arange(32))
+    for k in range(4):   # whole groups, each sorted by decreasing diag
+        block = perm[8 * k:8 * k + 8]
+        assert len(set((block // 8).tolist())) == 1
+        assert torch.all(H.diagonal()[block][:-1] >= H.diagonal()[block][1:])
+    Qp, scale_p, _, _ = gptq_quantize(W[:, perm], H[perm][:, perm], bits=3, group_size=8, blocksize=8)
+    assert g_idx is None and torch.allclose(Q, Qp[:, torch.argsort(perm)], atol=1e-12)
+    groups_in_order = (perm[::8] // 8).tolist()
+    assert torch.equal(scale[:, groups_in_order], scale_p)
+
+
+def test_static_grids_equal_textbook_obq_with_fixed_grids():
+    x = correlated_inputs(n_in=32, seed=8)
+    H = hessian(x)
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for options in (dict(static_grids=True), dict(static_grids=True, group_act_order=True),
+                    dict(static_grids=True, grid_search=True), dict(act_order=True, grid_search=True)):
+        Q, scale, zero, _ = gptq_quantize(W, H, bits=3, group_size=8, blocksize=8, damp=0.01, **options)
+        search = options.get("grid_search", False)
+        grids = [group_grid(W[:, j:j + 8], 3, False, search) for j in range(0, 32, 8)]
+        for k, (s, z) in enumerate(grids):   # every grid from the original weights
+            assert torch.equal(scale[:, k], s) and torch.equal(zero[:, k], z)
+        order = column_order(H.diagonal(), 8, options.get("act_order", False), options.get("group_act_order", False))
+        order = list(range(32)) if order is None else order.tolist()
+        reference = textbook_obq_fixed_grids(W, H, 3, grids, 8, 0.01, order)
+        assert torch.allclose(Q, reference, atol=1e-9), options
+
+
+def test_grid_search_never_rounds_a_group_worse():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 32, generator=gen)
+    w[3, 5] = 9.0   # an outlier makes the min/max grid coarse
+    for bits, sym in ((3, True), (4, False)):
+        plain = group_grid(w, bits, sym)
+        searched = group_grid(w, bits, sym, search=True)
+        def err(grid):
+            s, z = grid
+            q = (torch.round(w / s[:, None]) + z[:, None]).clamp(0, 2 ** bits - 1)
+            return ((q - z[:, None]) * s[:, None] - w).abs().pow(2.4).sum(1)
+        assert torch.all(err(searched) <= err(plain) + 1e-6)
+        assert torch.any(err(searched) < err(plain) - 1e-6)
+
+
+def planted_sink_model():
+    """random-llama with an attention-sink-like token: every window starts with it, its embedding is
+    large on two channels, and two MLP channels per block fire massively on it (a massive activation
+    at the down projection's input, as SmolLM2 has)."""
+    from dllmq.models.random_models import random_model
+
+    model, _ = random_model("random-llama", seed=3)
+    emb = model.get_embedding().weight.data
+    emb[1] = 0.02 * torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))
+    emb[1, 5], emb[1, 17] = 4.0, -3.0
+    for block in model.get_blocks():
+        for c in (7, 100):
+            for linear in (block.mlp.gate_proj, block.mlp.up_proj):
+                linear.weight.data[c] = 0
+                linear.weight.data[c, 5], linear.weight.data[c, 17] = 2.4, -1.8
+    return model
+
+
+def test_gptq_beats_rtn_on_every_layer_with_a_planted_massive_token():
+    """Held-out output error of every linear (on its inputs in the full-precision model), on the sink
+    token and on the others: dllmq's GPTQ below round-to-nearest everywhere."""
+    from dllmq.quant import QuantConfig
+    from dllmq.quant.pipeline import quantize_model
+
+    def windows(seed):
+        ids = torch.randint(3, 250, (16, 64), generator=torch.Generator().manual_seed(seed))
+        ids[:, 0] = 1
+        return ids
+
+    model = planted_sink_model()
+    blocks = model.get_blocks()
+    names = [(i, n) for i in range(len(blocks)) for n in model.family.block_linears]
+    grams = {key: (HessianAccumulator(blocks[key[0]].get_submodule(key[1]).in_features, "cpu", torch.float64),
+                   HessianAccumulator(blocks[key[0]].get_submodule(key[1]).in_features, "cpu", torch.float64))
+             for key in names}
+
+    def hook(key):
+        def fn(m, args, out):
+            grams[key][0].add(args[0][:, :1].double())
+            grams[key][1].add(args[0][:, 1:].double())
+        return fn
+    handles = [blocks[i].get_submodule(n).register_forward_hook(hook((i, n))) for i, n in names]
+    with torch.no_grad():
+        model(windows(2))
+    for h in handles:
+        h.remove()
+    errors = {}
+    for method in ("rtn", "gptq"):
+        quantized = planted_sink_model()
+        config = QuantConfig(method, wbits=3, group_size=32, sym=True, nsamples=16, seqlen=64)
+        quantize_model(quantized, config.make_method(), windows(1) if method == "gptq" else None, progress=False)
+        for i, n in names:
+            W = blocks[i].get_submodule(n).weight.double()
+            D = W - quantized.get_blocks()[i].get_submodule(n).dequantized_weight().double()
+            errors[method, i, n] = [float(((D @ g.S) * D).sum() / ((W @ g.S) * W).sum()) for g in grams[i, n]]
+    for i, n in names:
+        gptq, rtn = errors["gptq", i, n], errors["rtn", i, n]
+        assert gptq[0] < rtn[0] and gptq[1] < rtn[1], (i, n, gptq, rtn)   # sink token, other tokens

@@ -205,7 +205,7 @@ def test_cell_keys_are_stable_and_follow_every_setting(tmp_path):
     assert calib["fp", "FP"] == k0["fp", "FP"]                # FP does not depend on calibration
     assert calib["gptq", "W4A16"][1] != k0["gptq", "W4A16"][1] and calib["gptq", "W4A16"][0] != k0["gptq", "W4A16"][0]
     override = keys({**base, "methods": ["fp", {"name": "rtn", "bits": ["W4A16-g128"]},
-                                         {"name": "gptq", "bits": ["W4A16-g128"], "act_order": True}]})
+                                         {"name": "gptq", "bits": ["W4A16-g128"], "act_order": False}]})
     assert override["gptq", "W4A16"][1] != k0["gptq", "W4A16"][1] and override["rtn", "W4A16"] == k0["rtn", "W4A16"]
     seeds = keys({**base, "seeds": [1]})
     assert all(seeds[k][0] != k0[k][0] for k in k0)

@@ -76,7 +76,14 @@ class Block(nn.Module):
         return self.get_submodule(name)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attention(self._part(self.family.attn_norm)(x), rope, mask)
+        return self.mlp_residual(self.attention_residual(x, rope, mask))
+
+    def attention_residual(self, x: torch.Tensor, rope, mask) -> torch.Tensor:
+        """The first half of the block: x + attention(norm(x))."""
+        return x + self.attention(self._part(self.family.attn_norm)(x), rope, mask)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The second half: x + MLP(norm(x))."""
         return x + self.feed_forward(self._part(self.family.ffn_norm)(x))
 
     def attention(self, h: torch.Tensor, rope, mask) -> torch.Tensor:
@@ -84,6 +91,11 @@ class Block(nn.Module):
         q, k, v = (self._part(name)(h) for name in self.family.group(Role.ATTN_IN).linears)
         [out] = self.family.group(Role.ATTN_OUT).linears
         return self._part(out)(self._attend(q, k, v, rope, mask))
+
+    def residual_from_heads(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """attention_residual(x) given what the out projection reads (the heads' outputs, concatenated)."""
+        [out] = self.family.group(Role.ATTN_OUT).linears
+        return x + self._part(out)(heads)
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """Normed input -> SwiGLU output after the down projection."""

@@ -1,8 +1,21 @@
-"""What a method sees of one block while it is calibrated, and what it hands back per linear."""
+"""What a method sees of one block while it is calibrated, and what it hands back per linear.
+
+The calibration windows arrive in batches (several windows stacked, `[b, L, H]`), so each forward
+pass over them is a few large matrix products instead of many small ones. Two ways to look at a
+block's inputs:
+
+- `run(hooks)` / `group_inputs()`: the whole block over every batch, hooks on chosen linears (what
+  AWQ, SmoothQuant and DuQuant need: every group's inputs in the unquantized block).
+- `sequential()`: the groups in execution order, each fed batch by batch with the inputs produced
+  by the groups before it as they stand when it is reached (true-sequential calibration, GPTQ). A
+  pass stops as soon as the group's input is known, and once the attention half is final its
+  output (the residual stream entering the MLP) is computed once and reused by the MLP groups and
+  by `outputs()`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -10,6 +23,9 @@ from torch import nn
 from dllmq.models.family import SCORE_ATTENTION, SCORE_MLP, LinearGroup, Role
 from dllmq.models.modeling import Block
 from dllmq.quant.online import seen_input
+
+# Roles whose linears sit in the attention half of a block; the others are in the MLP half.
+ATTENTION_HALF = (Role.ATTN_IN, Role.ATTN_OUT)
 
 
 @dataclass
@@ -24,22 +40,30 @@ class QuantizedWeight:
     error_kind: str             # "output" (on calibration inputs) or "weight"
 
 
+class _Reached(Exception):
+    """Raised by a hook once the input it waited for has been seen: the rest of the pass is skipped."""
+
+
 class BlockContext:
-    """What a method sees of one block: the block (on the device), its calibration inputs, and helpers
-    to run it over them with hooks on chosen linears. `config` is the run's QuantConfig."""
+    """What a method sees of one block: the block (on the device), its calibration inputs (a list of
+    batches `[b, L, H]`), and helpers to run it over them. `config` is the run's QuantConfig."""
 
     def __init__(self, block: Block, index: int, inputs: list[torch.Tensor] | None, rope, mask,
                  device: torch.device, config):
         self.block, self.index, self.inputs = block, index, inputs
         self.rope, self.mask, self.device, self.config = rope, mask, device, config
         self.family = block.family
+        self._mid: list[torch.Tensor] | None = None   # residual stream after the (final) attention half
+        self._heads: list[torch.Tensor] | None = None  # the out projection's inputs, to build _mid from
+        self._sequential_done = False
+        self._recorded: dict[Role, list[torch.Tensor]] | None = None   # group inputs from fp_outputs()
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
 
     def run(self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None,
             keep_outputs: bool = False) -> list[torch.Tensor] | None:
-        """Run the block over every calibration input; each hook receives its linear's input."""
+        """Run the block over every calibration batch; each hook receives its linear's input."""
         handles = [self.linear(name).register_forward_hook(
                        lambda m, args, out, fn=fn: fn(seen_input(m, args[0].detach())))
                    for name, fn in (hooks or {}).items()]
@@ -57,10 +81,104 @@ class BlockContext:
 
     def group_inputs(self) -> dict[Role, list[torch.Tensor]]:
         """Every group's calibration inputs (its linears share one), as the weights see them: after the
-        first linear's online transform, if it has one. One pass over the block."""
+        first linear's online transform, if it has one. One pass over the block, or none when
+        `fp_outputs()` has just recorded them."""
+        if self._recorded is not None:
+            feats, self._recorded = self._recorded, None
+            return feats
         feats: dict[Role, list[torch.Tensor]] = {g.role: [] for g in self.family.groups}
         self.run({g.linears[0]: feats[g.role].append for g in self.family.groups})
         return feats
+
+    def fp_outputs(self) -> list[torch.Tensor]:
+        """The unchanged block's outputs (for a method that feeds the next block full-precision
+        outputs); the same pass records every group's inputs for the next `group_inputs()` call."""
+        feats: dict[Role, list[torch.Tensor]] = {g.role: [] for g in self.family.groups}
+        outputs = self.run({g.linears[0]: feats[g.role].append for g in self.family.groups}, keep_outputs=True)
+        self._recorded = feats
+        return outputs
+
+    # -- true-sequential calibration --------------------------------------------------------------
+    def sequential(self) -> Iterator[tuple[LinearGroup, Callable[[Callable[[torch.Tensor], None]], None]]]:
+        """The block's groups in execution order, each with `feed(fn)`, which calls `fn` on every
+        calibration batch of the group's input (as its first linear's weight sees it) computed with
+        the block as it is now. The contract: when the iteration moves past a group, its weights are
+        final. That lets the context compute the attention half's output once and reuse it."""
+        self._mid = self._heads = None
+        self._sequential_done = False
+        for group in self.family.groups:
+            yield group, (lambda fn, group=group: self._feed(group, fn))
+        self._sequential_done = True
+
+    def _feed(self, group: LinearGroup, fn: Callable[[torch.Tensor], None]) -> None:
+        first = self.linear(group.linears[0])
+        keep_heads = group.role == Role.ATTN_OUT    # what the out projection reads: kept to build the residual
+        self._heads = [] if keep_heads else self._heads
+        store = []
+
+        def reached(module, args):
+            if keep_heads:
+                store.append(args[0].detach())
+            fn(seen_input(module, args[0].detach()))
+            raise _Reached
+
+        handle = first.register_forward_pre_hook(reached)
+        try:
+            with torch.no_grad():
+                if group.role in ATTENTION_HALF:
+                    for x in self.inputs:
+                        self._until_reached(lambda: self.block.attention_residual(x.to(self.device), self.rope,
+                                                                                  self.mask))
+                        if keep_heads:
+                            self._heads.append(store.pop().to(x.device))
+                else:
+                    for h in self._attention_outputs():
+                        self._until_reached(lambda: self.block.mlp_residual(h.to(self.device)))
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _until_reached(step: Callable[[], torch.Tensor]) -> None:
+        try:
+            step()
+        except _Reached:
+            return
+        raise RuntimeError("a calibration hook was never reached; the family's groups do not match the block")
+
+    def _attention_outputs(self) -> list[torch.Tensor]:
+        """The residual stream after the attention half, computed once its groups are final."""
+        if self._mid is None:
+            with torch.no_grad():
+                if self._heads and len(self._heads) == len(self.inputs):
+                    # the out projection's inputs are known: only it runs again
+                    self._mid = []
+                    for x in self.inputs:   # kept where the inputs are (the CPU with offloaded activations)
+                        self._mid.append(self.block.residual_from_heads(
+                            x.to(self.device), self._heads.pop(0).to(self.device)).to(x.device))
+                else:
+                    self._mid = [self.block.attention_residual(x.to(self.device), self.rope, self.mask).to(x.device)
+                                 for x in self.inputs]
+            self._heads = None
+        return self._mid
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The block's outputs over the calibration batches (the next block's inputs), stored where the
+        inputs are. After a completed `sequential()` pass the attention half's cached output is reused
+        (the block must not have changed since); otherwise the whole block runs."""
+        if not (self._sequential_done and self._mid is not None):
+            return self.run(keep_outputs=True)
+        with torch.no_grad():
+            out = []
+            while self._mid:   # each batch's residual is dropped as its output is made
+                out.append(self.block.mlp_residual(self._mid.pop(0).to(self.device)).to(self.inputs[len(out)].device))
+        self.release()
+        return out
+
+    def release(self) -> None:
+        """Drop what the context cached (the attention half's outputs, recorded group inputs)."""
+        self._mid = self._heads = None
+        self._sequential_done = False
+        self._recorded = None
 
     def scored_output(self, group: LinearGroup) -> Callable[[torch.Tensor], torch.Tensor]:
         """The function whose output scores a scale search over `group` (the family says which)."""

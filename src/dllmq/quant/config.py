@@ -95,7 +95,7 @@ class QuantConfig:
         configs of older dllmq versions (which listed every method's settings) still read."""
         method = get_method(str(d.get("method", "rtn")))
         known = set(SHARED) | set(method.Settings.names())
-        return cls(method.name, **{k: v for k, v in d.items() if k in known})
+        return cls(method.name, **{**method.Settings.STORED_BEFORE, **{k: v for k, v in d.items() if k in known}})
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, QuantConfig) and self.to_dict() == other.to_dict()

@@ -55,7 +55,9 @@ def quantization_config(model: TransformerLM, config: QuantConfig, source: Forei
         "bits": config.weight.bits,
         "group_size": config.weight.group_size,
         "sym": config.weight.sym,
-        "desc_act": bool(getattr(config.settings, "act_order", False)),  # GPTQ's (and QuaRot's) act-order
+        # GPTQ's (and QuaRot's) act-order with permuted groups: only then is g_idx not the natural one
+        "desc_act": bool(getattr(config.settings, "act_order", False)
+                         and not getattr(config.settings, "static_groups", True)),
         "modules_in_block_to_quantize": quantized_linears(model),
         "meta": {"quantizer": [QUANTIZER]},
         "dllmq": {"version": __version__, **config.to_dict()},

@@ -1,18 +1,35 @@
-"""GPTQ's solver (Frantar et al., 2022), as the reference implementation runs it. Shared math: the
-GPTQ method uses it, and QuaRot quantizes its rotated weights with it.
+"""GPTQ's solver (Frantar et al., 2022). Shared math: the GPTQ method uses it, and QuaRot quantizes its
+rotated weights with it.
 
 Per linear: H = 2/N sum x x^T over the calibration tokens; dead inputs (H_ii = 0) get H_ii = 1 and a
-zero weight column; damping 0.01 x mean(diag H), raised and retried with a warning if the Cholesky
+zero weight column; damping `damp` x mean(diag H), raised and retried with a warning if the Cholesky
 factorisation fails; H^-1 through Cholesky, then its upper Cholesky factor; columns quantized one by
-one with the error pushed onto the not-yet-quantized columns, lazily in blocks of 128; group scales
-fixed when each group starts (or, with act-order and static groups, up front in natural order).
-Inside a block the linears go true-sequentially: q/k/v, then attention out, then gate/up, then down,
-each group calibrated on inputs produced by the already-quantized linears before it.
+one in a chosen order with each rounding error pushed onto the columns not yet quantized, lazily in
+blocks of 128. The linears of a group read the same input, share H and are solved as one stacked
+matrix. Inside a block the groups go true-sequentially: q/k/v, then attention out, then gate/up,
+then down, each calibrated on inputs produced by the already-quantized groups before it.
+
+The choices GPTQSettings exposes, and what the reference code (the study's) does:
+
+- column order: natural (reference), act-order (decreasing diag H, `act_order`), or group-aware
+  act-order (`group_act_order`: groups stay contiguous, ordered by their largest diag H, columns
+  by decreasing diag H inside each group);
+- group grids: fixed when each group starts from the error-updated weights (reference), or all
+  fixed up front from the original weights (`static_grids`; act-order with static groups does this
+  too);
+- grid range: min/max of the weights (reference) or the shrink of it that minimises the group's
+  weight rounding error (`grid_search`, a search over `grid_points` shrink factors down to
+  `grid_min_shrink`).
+
+The Hessian is accumulated window by window in fixed chunks of tokens, so neither the batching of
+the calibration windows nor the number of threads changes it; the solver runs on one thread, so
+its result does not depend on the thread count either.
 """
 from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,27 +42,77 @@ from dllmq.quant.specs import MethodSettings, WeightSpec, setting
 
 log = logging.getLogger(__name__)
 
+# Tokens per Hessian update: X^T X over many tokens is split across threads by the BLAS library
+# (so its rounding depends on the thread count); over at most this many it is not, and a window
+# is always cut at the same places whatever batch it arrives in.
+HESSIAN_CHUNK = 512
+
 
 class HessianAccumulator:
-    """Running H = 2/N sum_t x_t x_t^T in float32 (float64 when asked, for tests)."""
+    """H = 2/N sum_t x_t x_t^T in float32 (float64 when asked, for tests).
+
+    `add` takes any [..., n_in] tensor; every row run of at most HESSIAN_CHUNK tokens of each leading
+    index (window) is added as one product, in order, to a running sum, so the result is the same
+    bit for bit however the windows are batched and however many threads run."""
 
     def __init__(self, n_in: int, device, dtype=torch.float32):
-        self.H = torch.zeros(n_in, n_in, device=device, dtype=dtype)
+        self.S = torch.zeros(n_in, n_in, device=device, dtype=dtype)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
-        t = x.shape[0]
-        self.H *= self.n / (self.n + t)
-        self.n += t
-        x = x * math.sqrt(2 / self.n)
-        self.H += x.T @ x
+        x = x.detach()
+        windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x.reshape(1, 1, -1)
+        for window in windows:
+            for chunk in window.split(HESSIAN_CHUNK):
+                c = chunk.to(self.S.dtype)
+                self.S.addmm_(c.T, c)
+                self.n += c.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.S * (2 / max(self.n, 1))
 
 
-def _column_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row grid of a column slice [out, k]; scales rounded to their stored float16 value."""
+@contextmanager
+def one_thread():
+    """Run a block of torch ops on one thread (restoring the count after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _row_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min/max grid of a column slice [out, k]; scales rounded to their stored float16 value."""
     scale, zero = compute_qparams(w, QuantSpec(bits=bits, symmetric=sym, granularity="channel"))
     return round_scales(scale.reshape(-1)), zero.reshape(-1).to(torch.float32)
+
+
+def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Rows of w [out, k] on the per-row grid (scale, zero) [out]: exactly quantize -> dequantize."""
+    s, z = scale[:, None], zero[:, None]
+    return (torch.round(w / s) + z).clamp_(0, maxq).sub_(z).mul_(s)
+
+
+def group_grid(w: torch.Tensor, bits: int, sym: bool, search: bool = False, points: int = 20,
+               min_shrink: float = 0.5, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-row grid of one group of columns w [out, k]: its min/max range, or with `search` the
+    range shrunk by the factor (1, 1 - (1 - min_shrink)/points, ..., min_shrink) whose rounding error
+    sum |w - q|^norm is smallest, row by row."""
+    scale, zero = _row_grid(w, bits, sym)
+    if not search:
+        return scale, zero
+    maxq = 2 ** bits - 1
+    best = (w - _fake_quant(w, scale, zero, maxq)).abs_().pow_(norm).sum(1)
+    for i in range(1, points + 1):
+        s, z = _row_grid(w * (1 - (1 - min_shrink) * i / points), bits, sym)
+        err = (w - _fake_quant(w, s, z, maxq)).abs_().pow_(norm).sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
@@ -66,10 +133,24 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, retries: int = 4) -> to
                      "use more calibration samples or RTN for this model.")
 
 
+def column_order(diag: torch.Tensor, group_size: int, act_order: bool, group_act_order: bool) -> torch.Tensor | None:
+    """The order columns are quantized in (None = natural): group-aware when asked (whole groups by
+    decreasing max diag H, columns by decreasing diag H inside each group), else decreasing diag H
+    with act-order."""
+    if not group_act_order:
+        return torch.argsort(diag, descending=True, stable=True) if act_order else None
+    n = diag.numel()
+    starts = list(range(0, n, group_size))
+    inside = [torch.argsort(diag[j:j + group_size], descending=True, stable=True) + j for j in starts]
+    peaks = torch.stack([diag[j:j + group_size].max() for j in starts])
+    return torch.cat([inside[k] for k in torch.argsort(peaks, descending=True, stable=True).tolist()])
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, sym: bool = False,
                   damp: float = 0.01, blocksize: int = 128, act_order: bool = False,
-                  static_groups: bool = True):
-    """Quantize W [out, in] against the Hessian H [in, in].
+                  static_groups: bool = True, *, group_act_order: bool = False, static_grids: bool = False,
+                  grid_search: bool = False, grid_points: int = 20, grid_min_shrink: float = 0.5):
+    """Quantize W [out, in] against the Hessian H [in, in]. The keyword defaults are the reference's.
 
     Returns (Q dequantized [out, in], scale [out, n_groups], zero [out, n_groups], g_idx [in] or None).
     """
@@ -78,52 +159,92 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     n_out, n_in = W.shape
     g = n_in if group_size == -1 else group_size
     n_groups = -(-n_in // g)
+    maxq = 2 ** bits - 1
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    def grid(w):
+        return group_grid(w, bits, sym, grid_search, grid_points, grid_min_shrink)
+
+    act_order = act_order and not group_act_order     # group-aware ordering replaces plain act-order
+    perm = column_order(H.diagonal(), g, act_order, group_act_order)
+    # the group of each column in processing order; dynamic act-order groups follow that order
+    natural = torch.arange(n_in, device=W.device) // g
+    dynamic_act = act_order and not static_groups
+    pos_group = natural if perm is None or dynamic_act else natural[perm]
     static = None
-    if act_order and static_groups:  # grids from the original weights, natural group order
-        static = [_column_params(W[:, j:j + g], bits, sym) for j in range(0, n_in, g)]
-    perm = None
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)
+    if static_grids or (act_order and static_groups):  # every grid from the original weights, up front
+        static = [grid(W[:, j:j + g]) for j in range(0, n_in, g)]
+    if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
 
     U = inverse_hessian_factor(H, damp)
-    Q = torch.zeros_like(W)
+    Q = _solve_columns(W, U, pos_group.tolist(), static, grid, maxq, blocksize)
     scales = torch.zeros(n_out, n_groups, dtype=torch.float32, device=W.device)
     zeros = torch.zeros_like(scales)
-    g_idx = torch.zeros(n_in, dtype=torch.int32, device=W.device)
-    scale = zero = None
-    for i1 in range(0, n_in, blocksize):
-        i2 = min(i1 + blocksize, n_in)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i                          # position in (possibly permuted) processing order
-            orig = col if perm is None else int(perm[col])
-            if static is not None:
-                group = orig // g
-                scale, zero = static[group]
-            else:
-                group = col // g
-                if col % g == 0:  # a group starts: fix its grid from W as the reference does (lazy
-                    # updates of the current block not yet applied; identical when g == blocksize)
-                    scale, zero = _column_params(W[:, col:col + g], bits, sym)
-            scales[:, group], zeros[:, group] = scale, zero
-            g_idx[orig] = group
-            w = W1[:, i]
-            q = quantize_column(w, scale, zero, bits).to(W.dtype)
-            Q[:, col] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    for k, (s, z) in Q[1].items():
+        scales[:, k], zeros[:, k] = s, z
+    Q = Q[0]
+    g_idx = natural.to(torch.int32)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    natural = torch.arange(n_in, device=W.device) // g
+        g_idx = torch.empty_like(g_idx)
+        g_idx[perm] = pos_group.to(torch.int32)
     return Q, scales, zeros, None if torch.equal(g_idx.long(), natural) else g_idx
+
+
+# Columns per inner step of the lazy updates: each column's error moves only the rest of its inner
+# step at once (a small rank-1 update), the rest of the block follows per inner step as one product.
+_INNER = 16
+
+
+def _solve_columns(W: torch.Tensor, U: torch.Tensor, groups: list[int], static, grid, maxq: int,
+                   blocksize: int) -> tuple[torch.Tensor, dict]:
+    """GPTQ's column loop on W [out, in] (columns already in processing order) with U the upper
+    Cholesky factor of the damped inverse Hessian. Works on W transposed, so a column is a contiguous
+    row. Returns (Q in processing order, {group: (scale, zero)})."""
+    n_in = W.shape[1]
+    Wt = W.T.contiguous()                      # [in, out]: row i is column i of W
+    Qt = torch.empty_like(Wt)
+    grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    diag = U.diagonal().tolist()
+    scale = lo = hi = None
+    for i1 in range(0, n_in, blocksize):
+        i2 = min(i1 + blocksize, n_in)
+        W1 = Wt[i1:i2].clone()                   # updated within the block; Wt keeps the block's start
+        E1 = torch.empty_like(W1)
+        for j1 in range(0, i2 - i1, _INNER):
+            j2 = min(j1 + _INNER, i2 - i1)
+            for j in range(j1, j2):
+                col = i1 + j
+                group = groups[col]
+                if col == 0 or groups[col - 1] != group:
+                    if static is not None:
+                        scale, zero = static[group]
+                    else:
+                        # a group starts: fix its grid from the weights as the reference does (lazy
+                        # updates of the current block not yet applied; the same when the group
+                        # starts a block)
+                        end = col + 1
+                        while end < n_in and groups[end] == group:
+                            end += 1
+                        scale, zero = grid(Wt[col:end].T)
+                    grids[group] = (scale, zero)
+                    lo, hi = -zero, maxq - zero
+                q = Qt[col]
+                torch.div(W1[j], scale, out=q)
+                q.round_().clamp_(lo, hi).mul_(scale)
+                e = E1[j]
+                torch.sub(W1[j], q, out=e)
+                e.div_(diag[col])
+                if j + 1 < j2:
+                    W1[j + 1:j2].addr_(U[col, i1 + j + 1:i1 + j2], e, alpha=-1)
+            if j2 < i2 - i1:
+                W1[j2:].addmm_(U[i1 + j1:i1 + j2, i1 + j2:i2].T, E1[j1:j2], alpha=-1)
+        if i2 < n_in:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
+    return Qt.T, grids
 
 
 def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -136,35 +257,65 @@ def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> 
 
 @dataclass(frozen=True)
 class GPTQSettings(MethodSettings):
-    damp: float = setting(0.01, "damping, a fraction of mean diag(H)", flag="--damp")
+    """dllmq's GPTQ defaults: act-order with static groups, damping 0.05 and a grid search (what wins on
+    a real model, docs/quantization.md). The study's code ran damp=0.01, act_order=False,
+    grid_search=False (its other settings are these defaults)."""
+
+    damp: float = setting(0.05, "damping, a fraction of mean diag(H)", flag="--damp")
     blocksize: int = setting(128, "columns per lazy error-update block")
-    act_order: bool = setting(False, "columns in order of decreasing Hessian diagonal", flag="--act-order")
+    act_order: bool = setting(True, "columns in natural order instead of decreasing Hessian diagonal",
+                              flag="--no-act-order", invert=True)
     static_groups: bool = setting(True, "with act-order: groups follow the permuted order instead of static "
                                         "natural groups", flag="--dynamic-groups", invert=True)
+    group_act_order: bool = setting(False, "group-aware act-order instead of act-order: whole groups by decreasing "
+                                           "max Hessian diagonal, columns by decreasing diagonal inside each group "
+                                           "(GPTQModel's default)", flag="--group-act-order")
+    static_grids: bool = setting(False, "every group's grid from the original weights, fixed up front",
+                                 flag="--static-grids")
+    grid_search: bool = setting(True, "each group's grid from its min/max instead of the shrink that minimises "
+                                      "its rounding error", flag="--no-grid-search", invert=True)
+    grid_points: int = setting(20, "shrink factors the grid search tries")
+    grid_min_shrink: float = setting(0.5, "the grid search shrinks the range down to this fraction")
+
+    # Before these settings existed GPTQ ran act-order (when asked) with permuted groups and min/max grids.
+    STORED_BEFORE = {"static_groups": False, "group_act_order": False, "static_grids": False, "grid_search": False}
 
     def check(self) -> None:
         if not 0 < self.damp < 1:
             raise DllmqError(f"GPTQ damping must be in (0, 1), got {self.damp}.")
         if self.blocksize < 1:
             raise DllmqError(f"GPTQ's block size must be at least 1, got {self.blocksize}.")
+        if self.grid_points < 1:
+            raise DllmqError(f"GPTQ's grid search needs at least 1 point, got {self.grid_points}.")
+        if not 0 < self.grid_min_shrink <= 1:
+            raise DllmqError(f"GPTQ's grid_min_shrink must be in (0, 1], got {self.grid_min_shrink}.")
+
+    def solver_options(self) -> dict:
+        return dict(damp=self.damp, blocksize=self.blocksize, act_order=self.act_order,
+                    static_groups=self.static_groups, group_act_order=self.group_act_order,
+                    static_grids=self.static_grids, grid_search=self.grid_search, grid_points=self.grid_points,
+                    grid_min_shrink=self.grid_min_shrink)
 
 
 def gptq_block(ctx: BlockContext, spec: WeightSpec, settings: GPTQSettings) -> dict[str, QuantizedWeight]:
     """GPTQ on every linear of a block, true-sequentially: each group is calibrated on the outputs of
-    the already-quantized groups before it."""
+    the already-quantized groups before it. The linears of a group share one Hessian and are solved
+    together (their rows stacked: every row's grid and codes are its own)."""
     results: dict[str, QuantizedWeight] = {}
-    for group in ctx.family.groups:
-        # the linears of a group read the same input, so they share one Hessian
-        first = group.linears[0]
-        hessian = HessianAccumulator(ctx.linear(first).in_features, ctx.device)
-        ctx.run({first: hessian.add})
+    for group, feed in ctx.sequential():
+        linears = [ctx.linear(name) for name in group.linears]
+        hessian = HessianAccumulator(linears[0].in_features, ctx.device)
+        feed(hessian.add)
         H = hessian.H
-        for name in group.linears:
-            linear = ctx.linear(name)
-            Q, scale, zero, g_idx = gptq_quantize(linear.weight.float(), H, spec.bits, spec.group_size, spec.sym,
-                                                  settings.damp, settings.blocksize, settings.act_order,
-                                                  settings.static_groups)
-            err = relative_output_error(linear.weight.float(), Q, H)
-            results[name] = QuantizedWeight(Q.float(), scale, zero, g_idx, err, "output")
-            linear.weight.data = Q.to(linear.weight.dtype)  # later groups calibrate on quantized outputs
+        W = torch.cat([l.weight.detach().float() for l in linears])
+        with one_thread():
+            Q, scale, zero, g_idx = gptq_quantize(W, H, spec.bits, spec.group_size, spec.sym,
+                                                  **settings.solver_options())
+        row = 0
+        for name, linear in zip(group.linears, linears):
+            rows = slice(row, row + linear.out_features)
+            row += linear.out_features
+            err = relative_output_error(W[rows], Q[rows], H)
+            results[name] = QuantizedWeight(Q[rows].float(), scale[rows], zero[rows], g_idx, err, "output")
+            linear.weight.data = Q[rows].to(linear.weight.dtype)  # later groups calibrate on quantized outputs
     return results

@@ -42,14 +42,25 @@ class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
 
 
-def capture_block_inputs(model: TransformerLM, calib_ids: torch.Tensor, device: torch.device, store: torch.device):
-    """Block-0 inputs, one [1, L, H] tensor per calibration window, plus the shared rope tables and mask."""
+# Calibration windows are run through a block this many tokens at a time (whole windows, at least
+# one): large enough for efficient matrix products, small enough that a batch's intermediate
+# activations stay a fraction of the stored calibration activations.
+CALIB_BATCH_TOKENS = 4096
+
+
+def capture_block_inputs(model: TransformerLM, calib_ids: torch.Tensor, device: torch.device, store: torch.device,
+                         batch_tokens: int = CALIB_BATCH_TOKENS):
+    """Block-0 inputs as a list of batches [b, L, H] (b windows each, the last batch may be smaller),
+    plus the shared rope tables and mask."""
     inputs = []
+    per_batch = max(1, batch_tokens // calib_ids.shape[1])
+    embed_device = model.get_embedding().weight.device
     with torch.no_grad():
-        for row in calib_ids:
-            hidden, rope, mask = model.block_inputs(row[None].to(model.get_embedding().weight.device))
+        for rows in calib_ids.split(per_batch):
+            hidden, rope, mask = model.block_inputs(rows.to(embed_device))
             inputs.append(hidden.to(store))
-    rope = tuple(t.to(device) for t in rope)
+    # every batch shares the tables of its first row (positions 0..L-1 in every window)
+    rope = tuple(t[:1].to(device) for t in rope)
     return inputs, rope, None if mask is None else mask.to(device)
 
 
@@ -71,8 +82,10 @@ def _rss_peak() -> int:
 
 def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor | None = None,
                    device: str | torch.device = "cpu", offload_activations: bool = False,
-                   progress: bool = True) -> QuantReport:
-    """Quantize every block linear of `model` in place; embeddings, norms and the LM head stay as they are."""
+                   progress: bool = True, batch_tokens: int = CALIB_BATCH_TOKENS) -> QuantReport:
+    """Quantize every block linear of `model` in place; embeddings, norms and the LM head stay as they are.
+    The calibration windows go through each block `batch_tokens` tokens (whole windows) at a time; the
+    result does not depend on it."""
     device = torch.device(device)
     home = next(model.parameters()).device
     store = torch.device("cpu") if offload_activations else device
@@ -83,7 +96,7 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
     method.prepare_model(model)
     inputs = rope = mask = None
     if calib_ids is not None:
-        inputs, rope, mask = capture_block_inputs(model, calib_ids, device, store)
+        inputs, rope, mask = capture_block_inputs(model, calib_ids, device, store, batch_tokens)
     blocks = model.get_blocks()
     bar = tqdm(range(len(blocks)), desc=f"{method.name} block", unit="block", disable=not progress, dynamic_ncols=True)
     for i in bar:
@@ -91,8 +104,16 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
         ctx = BlockContext(block, i, inputs, rope, mask, device, method.config)
         fp_outputs = None
         if inputs is not None and not method.propagate_quantized:
-            fp_outputs = ctx.run(keep_outputs=True)
+            fp_outputs = ctx.fp_outputs()
         results = method.quantize_block(ctx)
+        next_inputs = fp_outputs
+        if inputs is not None and next_inputs is None and not method.config.weight_activation:
+            # weight-only: the quantized block computes its linears with the dequantized weights, so
+            # the next block's inputs come from the block holding them (reusing what calibration cached)
+            for name, result in results.items():
+                ctx.linear(name).weight.data = result.weight.to(ctx.linear(name).weight.dtype)
+            next_inputs = ctx.outputs()
+        ctx.release()
         for name in block.family.block_linears:  # execution order, so the report reads top to bottom
             if name in results:
                 replace_module(block, name, to_quant_linear(ctx.linear(name), results[name], method.config.weight))
@@ -100,7 +121,8 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
                                                  results[name].error_kind))
         method.build_runtime(block)
         if inputs is not None:
-            inputs = fp_outputs if fp_outputs is not None else ctx.run(keep_outputs=True)
+            # weight-activation: the activation quantizers build_runtime attached take part
+            inputs = next_inputs if next_inputs is not None else ctx.run(keep_outputs=True)
         blocks[i] = block.to(home)
         bar.set_postfix_str(f"{method.name}, last error {report.layers[-1].error:.3g}" if report.layers else method.name)
     report.seconds = time.perf_counter() - start

@@ -9,7 +9,7 @@ saved model records them, all under the field names used here.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from dllmq.errors import DllmqError
 from dllmq.quant.primitives import QuantSpec
@@ -78,6 +78,10 @@ def setting(default: Any, help: str, *, flag: str | None = None, invert: bool = 
 @dataclass(frozen=True)
 class MethodSettings:
     """A method's own settings (none here). Subclasses add `setting(...)` fields and may check them."""
+
+    # Settings added after configs were first saved, with the behaviour those configs ran: a stored
+    # config that lacks one of them is read with this value, not today's default.
+    STORED_BEFORE: ClassVar[dict[str, Any]] = {}
 
     def check(self) -> None:
         """Raise DllmqError for a value the method cannot use."""

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllmq.models.family import LinearGroup
+from dllmq.models.family import SCORE_ATTENTION, SCORE_LINEAR, LinearGroup
 from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.gptq_solver import HessianAccumulator
 from dllmq.quant.methods.base import WEIGHT_ONLY, Method
 from dllmq.quant.primitives import QuantSpec, fake_quantize
 from dllmq.quant.rounding import rtn_weight
@@ -36,6 +37,10 @@ class AWQSettings(MethodSettings):
     awq_clip: bool = setting(True, "skip the clipping search", flag="--no-clip", invert=True)
     awq_max_shrink: float = setting(0.5, "the clip search shrinks max |w| down to this fraction")
     awq_clip_tokens: int = setting(512, "calibration tokens the clip search looks at")
+    awq_search_tokens: int = setting(4096, "calibration tokens a scale search scores on when the scored output "
+                                           "is not the group's own linear (whole windows for attention); 0 = all")
+
+    STORED_BEFORE = {"awq_search_tokens": 0}   # earlier versions scored every search on all tokens
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -87,28 +92,65 @@ class AWQ(Method):
 
     def search_scale(self, ctx: BlockContext, group: LinearGroup,
                      inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
-        """Best s over the alpha grid; returns (s, the loss of every grid point)."""
+        """Best s over the alpha grid; returns (s, the loss of every grid point).
+
+        A group scored on its own linear's output is scored on every calibration token through
+        their Gram matrix (||(W - Q) x||^2 summed over tokens is a quadratic form in W - Q); a group
+        scored through attention or the MLP on `awq_search_tokens` of them."""
         st, spec = self.settings, replace(self.config.weight, clip=1.0)
         linears = [ctx.linear(n) for n in group.linears]
-        fn = ctx.scored_output(group)
         x_mean = flatten_tokens(inputs).abs().float().mean(0)
         w_mean = weight_mean([l.weight for l in linears], spec.group_size) if st.awq_duo_scaling else None
         originals = [l.weight.data.clone() for l in linears]
+        candidates = [candidate_scales(x_mean, w_mean, i / st.awq_grid) for i in range(st.awq_grid)]
         with torch.no_grad():
-            reference = [fn(x) for x in inputs]
-            losses, best, best_scales = [], math.inf, None
-            for i in range(st.awq_grid):
-                s = candidate_scales(x_mean, w_mean, i / st.awq_grid)
+            if group.scored_on == SCORE_LINEAR and len(linears) == 1:
+                losses = _linear_losses(originals[0].float(), inputs, candidates, spec)
+            else:
+                fn = ctx.scored_output(group)
+                search = _search_inputs(inputs, st.awq_search_tokens, group.scored_on == SCORE_ATTENTION)
+                reference = [fn(x) for x in search]
+                count = sum(r.numel() for r in reference)
+                losses = []
+                for s in candidates:
+                    for l, w in zip(linears, originals):
+                        l.weight.data = (rtn_weight(w.float() * s, spec).weight / s).to(w.dtype)
+                    losses.append(sum(F.mse_loss(fn(x).float(), r.float(), reduction="sum").item()
+                                      for x, r in zip(search, reference)) / count)
                 for l, w in zip(linears, originals):
-                    l.weight.data = (rtn_weight(w.float() * s, spec).weight / s).to(w.dtype)
-                loss = sum(F.mse_loss(fn(x).float(), r.float(), reduction="sum").item()
-                           for x, r in zip(inputs, reference)) / sum(r.numel() for r in reference)
-                losses.append(loss)
-                if loss < best:
-                    best, best_scales = loss, s
-            for l, w in zip(linears, originals):
-                l.weight.data = w
-        return best_scales.to(originals[0].device), losses
+                    l.weight.data = w
+        best = min(range(len(losses)), key=losses.__getitem__)  # the first of equal losses, as the reference
+        return candidates[best].to(originals[0].device), losses
+
+
+def _search_inputs(inputs: list[torch.Tensor], n_tokens: int, whole_windows: bool) -> list[torch.Tensor]:
+    """What a scale search scores on: every input (n_tokens 0 or more than there are), whole windows
+    at an even stride (attention needs whole sequences), or tokens at an even stride."""
+    total = sum(x.shape[:-1].numel() for x in inputs)
+    if n_tokens <= 0 or n_tokens >= total:
+        return inputs
+    if not whole_windows:
+        return [sample_tokens(inputs, n_tokens)]
+    windows = [w for x in inputs for w in x.reshape(-1, x.shape[-2], x.shape[-1])]
+    keep = max(1, n_tokens // windows[0].shape[0])
+    picked = windows[:: max(1, len(windows) // keep)][:keep]
+    return [torch.stack(picked)]
+
+
+def _linear_losses(w: torch.Tensor, inputs: list[torch.Tensor], candidates: list[torch.Tensor],
+                   spec: WeightSpec) -> list[float]:
+    """Mean squared output error of the linear for each candidate s, over every token, from the
+    inputs' Gram matrix G = sum x x^T: sum_t ||D x_t||^2 = sum(D G * D) with D = W - Q(W s) / s."""
+    gram = HessianAccumulator(w.shape[1], w.device)     # float32, in fixed chunks (thread-count independent)
+    for x in inputs:
+        gram.add(x)
+    G = gram.S
+    count = gram.n * w.shape[0]
+    losses = []
+    for s in candidates:
+        D = w - rtn_weight(w * s, spec).weight / s
+        losses.append(float(((D @ G) * D).double().sum()) / count)
+    return losses
 
 
 def clip_weight(linear: nn.Linear, x: torch.Tensor, spec: WeightSpec, n_grid: int, max_shrink: float) -> None:
