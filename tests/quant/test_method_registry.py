@@ -170,5 +170,8 @@ def test_configs_saved_by_older_versions_still_read():
     assert (config.weight.clip, config.act.clip, config.settings.alpha) == (0.8, 0.9, 0.6)
     gptq = QuantConfig.from_dict({**legacy, "method": "gptq", "abits": 16, "alpha": None, "act_clip": None,
                                   "act_sym": None, "weight_clip": None, "group_size": 128})
-    # the legacy config names the study's damping and natural order (GPTQ's defaults before issue 15)
-    assert gptq == QuantConfig("gptq", damp=0.01, act_order=False) and gptq.weight.group_size == 128
+    # the legacy config names the study's damping and natural order (GPTQ's defaults before issue 15); the
+    # grid search it lacks is read as what it ran (min/max grids), not as today's default
+    assert gptq == QuantConfig("gptq", damp=0.01, act_order=False, grid_search=False)
+    assert gptq.weight.group_size == 128
+    assert QuantConfig.from_dict({**legacy, "method": "awq", "abits": 16}).settings.awq_search_tokens == 0

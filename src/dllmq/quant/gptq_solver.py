@@ -277,8 +277,8 @@ class GPTQSettings(MethodSettings):
     grid_points: int = setting(20, "shrink factors the grid search tries")
     grid_min_shrink: float = setting(0.5, "the grid search shrinks the range down to this fraction")
 
-    # Before these settings existed GPTQ ran act-order (when asked) with permuted groups and min/max grids.
-    STORED_BEFORE = {"static_groups": False, "group_act_order": False, "static_grids": False, "grid_search": False}
+    # Before these settings existed GPTQ ran min/max grids in natural or act-order.
+    STORED_BEFORE = {"group_act_order": False, "static_grids": False, "grid_search": False}
 
     def check(self) -> None:
         if not 0 < self.damp < 1:
