@@ -16,7 +16,7 @@ A YAML file (see default_study.yaml, the paper's grid, which is also what `dllmq
     dtype: auto
     eval: {chat: null, batch_size: 32, allow_code_execution: false, data_dir: null, harness: {}}
     measures: {text: wiki, windows: 16, seqlen: 128, ratios: [0.1, 0.25, 0.5, 0.75, 1.0], elbo_mc: 2,
-               trajectory: 16}                # distribution measures vs FP; null turns them off
+               trajectory: 8}                 # distribution measures vs FP; null turns them off
     threads: null                            # torch threads while evaluating (null: the process's own)
 
 Every problem is reported as one DllmqError sentence that names the key, e.g.
@@ -71,7 +71,7 @@ class MeasureSettings:
     seqlen: int = 128
     ratios: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
     elbo_mc: int = 2
-    trajectory: int = 16
+    trajectory: int = 8
     batch_size: int = 16   # rows per forward pass (the values do not depend on it)
 
     def key_dict(self) -> dict:
