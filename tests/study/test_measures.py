@@ -309,3 +309,22 @@ def test_the_cli_runs_several_runners_on_one_grid(tmp_path, calib_file):
     cells = store.read_cells(db)
     assert len(cells) == 3 and {c["status"] for c in cells} == {"done"} and {c["threads"] for c in cells} == {1}
     assert study_main(argv + ["--workers", "0"]) == 2                    # refused in one sentence
+
+
+def test_report_kl_ratio_flag_is_checked(tmp_path, capsys):
+    from dllmq.cli import main
+    rows, items, measures = synthetic(0.0, 0.01)
+    db = tmp_path / "r.db"
+    conn = store.connect(db)
+    for key in sorted({r["cell_key"] for r in rows}):
+        r = next(x for x in rows if x["cell_key"] == key)
+        store.claim_cell(conn, key, "me", model=r["model"], method=r["method"], bits=r["bits"], settings={}, tasks=[])
+        store.finish_cell(conn, key, "me", [x for x in rows if x["cell_key"] == key],
+                          items=[i for i in items if i["cell_key"] == key],
+                          measures=[m for m in measures if m["cell_key"] == key])
+    conn.close()
+    assert main(["report", "--db", str(db), "--kl-ratio", "0"]) == 2
+    assert "--kl-ratio must be a mask ratio" in capsys.readouterr().err
+    assert main(["report", "--db", str(db), "--kl-ratio", "0.4"]) == 0      # the nearest measured ratio: 0.5
+    out = capsys.readouterr().out
+    assert "KL@0.5" in out and "findings decided with 95 % confidence" in out
