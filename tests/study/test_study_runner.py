@@ -42,9 +42,15 @@ def small_calibration_text(tmp_path_factory):
     CALIB["path"] = str(path)
 
 
+# The measures against FP run in every cell here too, on a token amount of text (their values are
+# tested in test_measures.py; here they only have to survive crashes and resumes with the rows).
+SMALL_MEASURES = {"windows": 2, "seqlen": 32, "elbo_mc": 1, "trajectory": 2}
+
+
 def grid(methods, tasks=TWO_TASKS, limit=4, **extra) -> dict:
     return {"models": ["random-llada"], "methods": methods, "tasks": tasks, "limit": limit,
-            "calibration": {"calib": CALIB["path"], "nsamples": 2, "seqlen": 32}, **extra}
+            "calibration": {"calib": CALIB["path"], "nsamples": 2, "seqlen": 32}, "measures": SMALL_MEASURES,
+            **extra}
 
 
 RTN3 = ["fp", {"name": "rtn", "bits": ["W4A16-g128", "W3A16-g128", "W8A8"]}]   # 4 cells, no calibration

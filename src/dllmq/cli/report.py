@@ -12,7 +12,9 @@ DESCRIPTION = """\
 Report a study database the way "Quantization Meets dLLMs" does: per model, FP and every method x bit
 width on each task, each category average (general / math / code) and overall, with the change vs FP in
 points classified negligible (< 1), moderate (1-4) or severe (> 4); degradation plots; and the paper's
-findings checked against this run's numbers (holds / does not hold / not measured). With --out, writes
+findings checked against this run's numbers (holds / does not hold / inconclusive / not measured: with
+per-item answers and the measures against FP in the database, each finding is decided by the 95 % paired
+bootstrap interval of the metric it is about, and the report names that metric). With --out, writes
 report.md, report.html (a single self-contained file: inline CSS, images embedded) and the PNG plots;
 without it, prints the Markdown tables to the terminal."""
 
@@ -40,16 +42,22 @@ def add_parser(sub) -> None:
                    help="a `dllmq outliers --out` directory: its PNG plots are embedded in an "
                         "'Activation outliers' section and outliers.json is linked")
     p.add_argument("--no-plots", action="store_true", help="skip the degradation plots (no matplotlib needed)")
+    p.add_argument("--kl-ratio", type=float, default=0.5,
+                   help="mask ratio whose KL to FP the tables show and the comparisons are decided on (default 0.5; "
+                        "the nearest ratio measured is used)")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
+    if not 0 < args.kl_ratio <= 1:
+        raise DllmqError(f"--kl-ratio must be a mask ratio in (0, 1], got {args.kl_ratio}.")
     if args.out is None:
         if args.overwrite:
             raise DllmqError("--overwrite only applies with --out; pass --out DIR or drop --overwrite.")
-        print(terminal_report(args.db, args.outliers), end="")
+        print(terminal_report(args.db, args.outliers, kl_ratio=args.kl_ratio), end="")
         return
-    report = build_report(args.db, args.out, args.outliers, overwrite=args.overwrite, plots=not args.no_plots)
+    report = build_report(args.db, args.out, args.outliers, overwrite=args.overwrite, plots=not args.no_plots,
+                          kl_ratio=args.kl_ratio)
     for f in report.findings:
         print(f"{CHECKBOX[f.status]} {f.number}. {f.line()}")
     files = [MARKDOWN_NAME, HTML_NAME] + sorted(report.images)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 
 from dllmq.cli import Parser
@@ -58,6 +60,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stale-after", type=float, default=120.0,
                    help="seconds without a heartbeat after which another runner's claim is taken over (default 120)")
     p.add_argument("--no-retry-failed", action="store_true", help="leave cells that failed in earlier runs failed")
+    p.add_argument("--workers", default="auto",
+                   help="runner processes sharing the grid (default auto: 2 on a CPU with 2+ cores for a grid of at "
+                        f"least {MIN_CELLS_FOR_WORKERS} cells whose models have at most {SMALL_MODEL_GIB:g} GiB of "
+                        "weights, else 1). Results do not depend on it")
+    p.add_argument("--threads", default="auto",
+                   help="torch threads per runner while evaluating (default auto: the cores divided among the "
+                        "workers; overrides the config's threads). Results do not depend on it; quantization uses "
+                        "the config's calibration.threads (default 1)")
 
 
 def add_parser(sub) -> None:
@@ -66,6 +76,83 @@ def add_parser(sub) -> None:
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=run)
+
+
+SMALL_MODEL_GIB = 2.0
+MIN_CELLS_FOR_WORKERS = 8   # a second runner costs a process start and its own FP references
+
+
+def _small_models(config) -> bool:
+    """Whether every model of the grid is small enough for two copies in memory (weights on disk, fp32)."""
+    from dllmq.models.random_models import RANDOM_MODELS
+    from dllmq.models.loading import resolve_model_dir
+
+    for m in config.models:
+        if m in RANDOM_MODELS:
+            continue
+        try:
+            d = resolve_model_dir(m)
+        except (DllmqError, OSError):
+            return False
+        size = sum(f.stat().st_size for f in d.iterdir() if f.suffix == ".safetensors")
+        if size > SMALL_MODEL_GIB * 2 ** 30 / 2:  # bf16 on disk -> fp32 in memory
+            return False
+    return True
+
+
+def _count(value: str, name: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise DllmqError(f"--{name} must be a positive whole number or auto, got {value!r}.")
+    return n
+
+
+def resolve_workers(args, config) -> tuple[int, int | None]:
+    """(workers, threads per worker) from --workers / --threads (auto: see their help)."""
+    cores = os.cpu_count() or 1
+    workers = _count(args.workers, "workers")
+    threads = _count(args.threads, "threads")
+    if workers is None:
+        on_cpu = str(args.device).split(":")[0] == "cpu"
+        cells = len(config.models) * len(config.seeds) * sum(len(m.bits) for m in config.methods)
+        workers = 2 if on_cpu and cores >= 2 and cells >= MIN_CELLS_FOR_WORKERS and _small_models(config) else 1
+    if threads is None:
+        threads = config.threads if config.threads is not None else (max(1, cores // workers) if workers > 1 else None)
+    return workers, threads
+
+
+def _die_with_parent() -> None:
+    """In a worker, before exec: be killed when the runner that started it dies (even by kill -9), so no
+    orphan keeps computing cells (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _worker_argv(args, threads: int | None) -> list[str]:
+    argv = ["--db", str(args.db), "--workers", "1", "--stale-after", str(args.stale_after),
+            "--device", str(args.device)]
+    if args.config:
+        argv += ["--config", str(args.config)]
+    argv += ["--no-cache"] if args.no_cache else ["--cache", str(args.cache)]
+    if args.limit is not None:
+        argv += ["--limit", str(args.limit)]
+    if args.calib_device:
+        argv += ["--calib-device", str(args.calib_device)]
+    if args.no_retry_failed:
+        argv.append("--no-retry-failed")
+    if threads is not None:
+        argv += ["--threads", str(threads)]
+    return argv
 
 
 def run(args) -> None:
@@ -80,14 +167,31 @@ def run(args) -> None:
     if args.dry_run:
         print(format_dry_run(config, args.db, args.device))
         return
-    summary = run_study(config, args.db, None if args.no_cache else args.cache, device=args.device,
-                        calib_device=args.calib_device, stale_after=args.stale_after,
-                        retry_failed=not args.no_retry_failed, progress=sys.stderr.isatty(),
-                        log_lines=not sys.stderr.isatty())
+    workers, threads = resolve_workers(args, config)
+    config = config.with_threads(threads)
+    children = []
+    if workers > 1:  # the other runners: the same grid on the same database; claims keep them apart
+        tty = sys.stderr.isatty()
+        for _ in range(workers - 1):
+            children.append(subprocess.Popen([sys.executable, "-m", "dllmq.study", *_worker_argv(args, threads)],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if tty else None,
+                                             preexec_fn=_die_with_parent))
+    try:
+        summary = run_study(config, args.db, None if args.no_cache else args.cache, device=args.device,
+                            calib_device=args.calib_device, stale_after=args.stale_after,
+                            retry_failed=not args.no_retry_failed, progress=sys.stderr.isatty(),
+                            log_lines=not sys.stderr.isatty())
+    except BaseException:
+        for c in children:  # this runner failed or was interrupted: the others stop too
+            c.terminate()
+        for c in children:
+            c.wait()
+        raise
+    codes = [c.wait() for c in children]
     print(format_table(args.db, summary.cells))
-    print(format_summary(summary))
+    print(format_summary(summary) + (f" ({workers} runners, {threads or 'default'} threads each)" if workers > 1 else ""))
     print(f"report: dllmq report --db {args.db}")
-    if not summary.ok:
+    if not summary.ok or any(codes):
         raise SystemExit(1)
 
 

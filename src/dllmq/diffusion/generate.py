@@ -21,7 +21,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dream": dream_generate,
     "causal": causal_generate,
 }
-_NOT_SETTINGS = {"model", "prompt_ids", "attention_mask"}
+_NOT_SETTINGS = {"model", "prompt_ids", "attention_mask", "teacher_states"}
 
 
 def _settings_of(fn: Callable) -> set[str]:

@@ -6,6 +6,8 @@ masked positions where the model's prediction is most confident (or random ones)
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -87,11 +89,16 @@ def llada_generate(
     seed: int = 0,
     progress: bool = False,
     callback: StepCallback | None = None,
+    teacher_states: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Generate `gen_length` tokens after each prompt row; returns the full [B, P + gen_length] ids.
 
     `prompt_ids` is [B, P] (rows of equal length; left-pad and pass `attention_mask` for ragged
     prompts). The prompt is never changed and every mask is filled.
+
+    `teacher_states` (one [B, P + gen_length] tensor per step, e.g. another model's states recorded
+    with `callback`) teacher-forces the run: `callback` still sees this model's own choice at every
+    step, but the next step starts from the teacher's state (dllmq.diffusion.trajectory).
     """
     require_diffusion(model, "LLaDA generation")
     num_blocks = check_llada_settings(gen_length, steps, block_length, remasking, temperature, cfg)
@@ -127,6 +134,8 @@ def llada_generate(
             bar.update(1)
             if callback is not None:
                 callback(step, x.clone())
+            if teacher_states is not None:
+                x = teacher_states[step - 1].to(device)
     bar.close()
     return x
 

@@ -89,7 +89,10 @@ def _summary(correct: list[bool], task: str) -> dict:
 # general: multiple choice by Monte Carlo likelihood
 # ---------------------------------------------------------------------------------------------
 
-def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progress: bool = True) -> list[bool]:
+def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progress: bool = True,
+                  chosen: list[int] | None = None) -> list[bool]:
+    """Whether each item's highest-scoring choice is its label; `chosen`, when given, receives the index of
+    the choice picked for each item (the per-item answer that flips are counted on)."""
     out = []
     for item in tqdm(items, desc="mini_general", disable=not progress):
         prompt = tokenizer(item["context"], add_special_tokens=True)["input_ids"]
@@ -98,7 +101,10 @@ def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progres
             answer = tokenizer(choice, add_special_tokens=False)["input_ids"]
             mc = 1 if len(answer) == 1 else MC_NUM
             scores.append(mc_loglikelihood(model, prompt, answer, mc_num=mc, batch_size=mc, seed=seed))
-        out.append(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+        pick = max(range(len(scores)), key=scores.__getitem__)
+        if chosen is not None:
+            chosen.append(pick)
+        out.append(pick == item["label"])
     return out
 
 
@@ -121,9 +127,20 @@ def first_integer(text: str) -> int | None:
     return int(m.group(0)) if m else None
 
 
+def generation_prompts(task: str, items: list[dict], chat: bool) -> list[str]:
+    """The prompts of a generation task's items (before any chat template), as scoring uses them."""
+    if task == "mini_math":
+        return [item["question"] if chat else item["prompt"] for item in items]
+    if task == "mini_code":
+        if chat:
+            return [CODE_INSTRUCTION + item["prompt"] for item in items]
+        return [item["prompt"].rstrip("\n") for item in items]
+    raise DllmqError(f"{task} is not a generation task; use mini_math or mini_code.")
+
+
 def score_math(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
                progress: bool = True) -> tuple[list[bool], list[str]]:
-    prompts = [item["question"] if chat else item["prompt"] for item in items]
+    prompts = generation_prompts("mini_math", items, chat)
     outputs = _generate(model, tokenizer, prompts, chat, GEN_SETTINGS["mini_math", chat], seed, batch_size,
                         "mini_math", progress)
     return [first_integer(o) == item["answer"] for o, item in zip(outputs, items)], outputs
@@ -158,10 +175,7 @@ def program_with_tests(program: str, tests: Sequence[str]) -> str:
 
 def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
                progress: bool = True, timeout: float = 5.0) -> tuple[list[bool], list[str]]:
-    if chat:
-        prompts = [CODE_INSTRUCTION + item["prompt"] for item in items]
-    else:
-        prompts = [item["prompt"].rstrip("\n") for item in items]
+    prompts = generation_prompts("mini_code", items, chat)
     outputs = _generate(model, tokenizer, prompts, chat, GEN_SETTINGS["mini_code", chat], seed, batch_size,
                         "mini_code", progress)
     programs = [code_program(item["prompt"], o, chat) for item, o in zip(items, outputs)]
@@ -183,7 +197,9 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
 
     `limit` takes the first items of each task (a fixed subset); `seed` seeds the Monte Carlo draws
     and generation; `chat` None means: the chat template when the model's config marks it as a chat
-    model (dllmq-tiny-instruct). With `return_samples`, each task also lists its per-item outcomes.
+    model (dllmq-tiny-instruct). With `return_samples`, each task also lists its per-item outcomes:
+    {"id", "correct", "answer"} (answer: the chosen option's index, the extracted integer, or the program
+    tested) and the raw "output" of generation tasks.
     """
     if tokenizer is None:
         raise DllmqError("The mini benchmark needs the model's tokenizer; load a checkpoint that ships one.")
@@ -197,17 +213,23 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
                 items = load_items(task, limit)
                 samples = None
                 if task == "mini_general":
-                    correct = score_general(model, tokenizer, items, seed=seed, progress=progress)
+                    picks: list[int] = []
+                    correct = score_general(model, tokenizer, items, seed=seed, progress=progress, chosen=picks)
+                    answers = [str(k) for k in picks]
                 elif task == "mini_math":
                     correct, samples = score_math(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
                                                   progress=progress)
+                    answers = [None if (v := first_integer(o)) is None else str(v) for o in samples]
                 else:
                     correct, samples = score_code(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
                                                   progress=progress)
+                    answers = list(samples)
                 results[task] = _summary(correct, task)
                 if return_samples:
-                    results[task]["samples"] = [{"id": it["id"], "correct": c, **({"output": s} if samples else {})}
-                                                for it, c, s in zip(items, correct, samples or [None] * len(items))]
+                    results[task]["samples"] = [{"id": it["id"], "correct": c, "answer": a,
+                                                 **({"output": s} if samples else {})}
+                                                for it, c, a, s in zip(items, correct, answers,
+                                                                       samples or [None] * len(items))]
     finally:
         model.train(was_training)
     return results

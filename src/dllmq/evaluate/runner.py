@@ -65,6 +65,8 @@ class EvalOptions:
     offline: never try the network for datasets (HF datasets' cache and data_dir only).
     model_name: the label in the results (default: the path, or the model's class name).
     extra_provenance: entries added to the results' provenance block.
+    return_samples: also return every sample in the report under "samples" (the study's per-item
+    answers); nothing is written for it.
     """
 
     limit: int | float | None = None
@@ -87,6 +89,7 @@ class EvalOptions:
     model_name: str | None = None
     extra_provenance: Mapping[str, Any] | None = None
     progress: bool = True
+    return_samples: bool = False
 
 
 # ----------------------------------------------------------------------------- writing results
@@ -154,7 +157,7 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
                 log.info("evaluating %s (%s, %s-shot) with %s", preset.name, preset.kind, shots, settings)
                 results = lm_eval.simple_evaluate(
                     model=lm, tasks=list(objs), num_fewshot=shots, limit=limit,
-                    log_samples=bool(o.log_samples or o.samples_out),
+                    log_samples=bool(o.log_samples or o.samples_out or o.return_samples),
                     bootstrap_iters=o.bootstrap_iters, confirm_run_unsafe_code=o.allow_code_execution,
                     random_seed=o.seed, numpy_random_seed=o.seed, torch_random_seed=o.seed,
                     fewshot_random_seed=o.fewshot_seed, task_manager=task_manager)
@@ -185,6 +188,9 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
         },
     }
     samples_out = o.samples_out
+    returned = list(samples) if o.return_samples else None
+    if not (o.log_samples or o.samples_out):
+        samples = []  # collected only to be returned
     if o.out:
         out = Path(o.out)
         if samples and (samples_out or o.log_samples):
@@ -196,4 +202,6 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
     elif samples_out and samples:
         write_jsonl_atomic(samples_out, samples)
         report["provenance"]["samples_file"] = str(samples_out)
+    if returned is not None:
+        report["samples"] = returned
     return report

@@ -141,11 +141,13 @@ def _resolved_dtype(dtype: str, device: str) -> str:
     return "float32" if str(device).split(":")[0] == "cpu" else "bfloat16"
 
 
-def quant_key(model_ident: str, settings: dict, dtype: str) -> str:
+def quant_key(model_ident: str, settings: dict, dtype: str, calib_threads: int | None = None) -> str:
+    """calib_threads: the thread count pinned while quantizing (None: not pinned, the key of before)."""
     from dllmq.quant import QuantConfig
     calib = calibration_identity(settings["calib"]) if QuantConfig.from_dict(settings).needs_calibration else None
+    extra = {} if calib_threads is None or calib is None else {"calib_threads": calib_threads}
     return canonical_hash({"kind": "quant", "schema": KEY_SCHEMA, "model": json.loads(model_ident),
-                           "quant": settings, "calibration": calib, "dtype": dtype})
+                           "quant": settings, "calibration": calib, "dtype": dtype, **extra})
 
 
 def cell_key(model_ident: str, method: str, bits: str, settings: dict, qkey: str | None, tasks: tuple[str, ...],
@@ -164,6 +166,8 @@ def plan_cells(config: StudyConfig, device: str = "cpu",
     it cannot read); by default each model's identity is read now (DllmqError if it cannot be)."""
     dtype = _resolved_dtype(config.dtype, device)
     eval_key = config.eval.key_dict()
+    if config.measures is not None:  # the measures decide numbers of the cell too
+        eval_key = {**eval_key, "measures": config.measures.key_dict()}
     cells: list[StudyCell] = []
     for model in config.models:
         ident = (model_identities or {}).get(model) or model_identity(model)
@@ -172,7 +176,7 @@ def plan_cells(config: StudyConfig, device: str = "cpu",
                 for preset in spec.bits:
                     qc = spec.quant_config(preset, config.calibration, seed)
                     settings = qc.to_dict() if qc is not None else {}
-                    qkey = quant_key(ident, settings, dtype) if qc is not None else None
+                    qkey = quant_key(ident, settings, dtype, config.calibration.threads) if qc is not None else None
                     label = "FP" if qc is None else bits_label(preset)
                     key = cell_key(ident, spec.label, label, settings, qkey, config.tasks, config.limit, seed,
                                    eval_key, dtype)

@@ -15,6 +15,9 @@ A YAML file (see default_study.yaml, the paper's grid, which is also what `dllmq
     seeds: [0]
     dtype: auto
     eval: {chat: null, batch_size: 32, allow_code_execution: false, data_dir: null, harness: {}}
+    measures: {text: wiki, windows: 16, seqlen: 128, ratios: [0.1, 0.25, 0.5, 0.75, 1.0], elbo_mc: 2,
+               trajectory: 8}                 # distribution measures vs FP; null turns them off
+    threads: null                            # torch threads while evaluating (null: the process's own)
 
 Every problem is reported as one DllmqError sentence that names the key, e.g.
 "Study config study.yaml: methods[2].bits has an unknown bit config 'W5A16'; use one of ...".
@@ -35,8 +38,9 @@ DEFAULT_CONFIG_NAME = "default_study.yaml"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Settings a method entry may not override: the method is the entry's name, the seed comes from `seeds`.
 _RESERVED = ("method", "seed")
-_TOP_KEYS = ("models", "methods", "tasks", "limit", "calibration", "seeds", "dtype", "eval")
-_CALIB_KEYS = ("calib", "nsamples", "seqlen")
+_TOP_KEYS = ("models", "methods", "tasks", "limit", "calibration", "seeds", "dtype", "eval", "measures", "threads")
+_CALIB_KEYS = ("calib", "nsamples", "seqlen", "threads")
+_MEASURE_KEYS = ("text", "windows", "seqlen", "ratios", "elbo_mc", "trajectory", "batch_size")
 _EVAL_KEYS = ("chat", "batch_size", "allow_code_execution", "data_dir", "offline", "harness")
 
 
@@ -50,6 +54,30 @@ class Calibration:
     calib: str = "wiki"
     nsamples: int = 32
     seqlen: int = 256
+    # torch threads pinned while a cell quantizes: float reductions (GPTQ's Hessian products) may
+    # depend on the thread count, so a fixed count keeps the quantized weights the same on every run
+    # and machine; part of the quantized model's cache key.
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """The distribution measures of every cell against its model's FP (dllmq.diffusion.divergence):
+    masked-prediction KL and top-1 agreement at `ratios`, the ELBO with `elbo_mc` draws per window, on
+    `windows` windows of `seqlen` tokens of `text`'s held-out split; and the generation trajectory of
+    the first `trajectory` items of each mini generation task, teacher-forced on FP's (0: off)."""
+    text: str = "wiki"
+    windows: int = 16
+    seqlen: int = 128
+    ratios: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
+    elbo_mc: int = 2
+    trajectory: int = 8
+    batch_size: int = 16   # rows per forward pass (the values do not depend on it)
+
+    def key_dict(self) -> dict:
+        """What decides the measures' values (the masks are seeded by the cell's seed)."""
+        return {"text": self.text, "windows": self.windows, "seqlen": self.seqlen, "ratios": list(self.ratios),
+                "elbo_mc": self.elbo_mc, "trajectory": self.trajectory}
 
 
 @dataclass(frozen=True)
@@ -96,6 +124,16 @@ class StudyConfig:
     dtype: str = "auto"
     eval: EvalSettings = EvalSettings()
     source: str = "<config>"          # where it came from, for messages
+    measures: MeasureSettings | None = MeasureSettings()   # None: accuracy only
+    threads: int | None = None        # torch threads while evaluating; None: the process's own. Results do
+                                      # not depend on it (tests/study/test_measures.py checks), so it is
+                                      # recorded in the cells table, not part of a cell's key
+
+    def with_threads(self, threads: int | None) -> "StudyConfig":
+        from dataclasses import replace
+        if threads is not None and (not _is_int(threads) or threads < 1):
+            raise DllmqError(f"threads must be a positive whole number, got {threads!r}.")
+        return replace(self, threads=threads)
 
     def with_limit(self, limit: int | None) -> "StudyConfig":
         from dataclasses import replace
@@ -215,7 +253,7 @@ def parse_study_config(data: Any, source: str = "<config>") -> StudyConfig:
     calibration = Calibration(**raw_cal)
     if not isinstance(calibration.calib, str) or not calibration.calib:
         raise _err(src, "calibration.calib", "must be wiki, wikitext2, pile or a path to a .txt/.jsonl file")
-    for k in ("nsamples", "seqlen"):
+    for k in ("nsamples", "seqlen", "threads"):
         if not _is_int(getattr(calibration, k)) or getattr(calibration, k) < 1:
             raise _err(src, f"calibration.{k}", f"must be a positive whole number, got {getattr(calibration, k)!r}")
 
@@ -255,8 +293,32 @@ def parse_study_config(data: Any, source: str = "<config>") -> StudyConfig:
     if ev.data_dir is not None and not isinstance(ev.data_dir, str):
         raise _err(src, "eval.data_dir", "must be a folder path or null")
     _check_code_tasks(src, tasks, ev)
+    measures = _measures(src, data["measures"]) if "measures" in data else MeasureSettings()
+    threads = data.get("threads")
+    if threads is not None and (not _is_int(threads) or threads < 1):
+        raise _err(src, "threads", f"must be a positive whole number or null, got {threads!r}")
     return StudyConfig(models=models, methods=methods, tasks=tasks, limit=limit, calibration=calibration,
-                       seeds=tuple(seeds_raw), dtype=dtype, eval=ev, source=src)
+                       seeds=tuple(seeds_raw), dtype=dtype, eval=ev, source=src, measures=measures, threads=threads)
+
+
+def _measures(src: str, value: Any) -> MeasureSettings | None:
+    if value is None or value is False:
+        return None
+    raw = dict(_mapping(src, "measures", value, _MEASURE_KEYS))
+    if "ratios" in raw:
+        r = raw["ratios"]
+        if not isinstance(r, list) or not r or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      and 0 < x <= 1 for x in r) or len(set(r)) != len(r):
+            raise _err(src, "measures.ratios", f"must be a list of distinct mask ratios in (0, 1], got {r!r}")
+        raw["ratios"] = tuple(float(x) for x in r)
+    m = MeasureSettings(**raw)
+    if not isinstance(m.text, str) or not m.text:
+        raise _err(src, "measures.text", "must be wiki, wikitext2, pile or a path to a .txt/.jsonl file")
+    for k, least in (("windows", 1), ("seqlen", 8), ("elbo_mc", 0), ("trajectory", 0), ("batch_size", 1)):
+        v = getattr(m, k)
+        if not _is_int(v) or v < least:
+            raise _err(src, f"measures.{k}", f"must be a whole number >= {least}, got {v!r}")
+    return m
 
 
 def _harness_keys() -> tuple[str, ...]:

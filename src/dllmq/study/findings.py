@@ -19,6 +19,8 @@ from dllmq.study.grid import (AVG, MODERATE_AT, NEGLIGIBLE, SEVERE, Setting, cla
                               rotation_methods, weight_only_methods)
 
 HOLDS, DOES_NOT_HOLD, MIXED, NOT_MEASURED = "holds", "does not hold", "mixed", "not measured"
+# Decided with confidence intervals (verdicts.py) but the interval contains the deciding value.
+INCONCLUSIVE = "inconclusive"
 
 Drops = Mapping[str, float]                              # category / "avg" -> drop in points
 ModelDrops = Mapping[tuple[str, str], Drops]             # (method, bits) -> drops
@@ -46,8 +48,9 @@ class Verdict:
     """A finding checked on one subject (a model, or a base/instruct pair)."""
 
     subject: str
-    status: str      # holds | does not hold | not measured
+    status: str      # holds | does not hold | inconclusive | not measured
     evidence: str
+    metric: str = ""  # what decided it (e.g. "KL@0.5, 95 % CI"); "" for the point-estimate rules
 
 
 @dataclass
@@ -57,9 +60,10 @@ class Finding:
     title: str
     paper: str       # what the paper reports
     rule: str        # how this report decides it
-    status: str      # holds | does not hold | mixed | not measured
+    status: str      # holds | does not hold | mixed | inconclusive | not measured
     summary: str
     verdicts: list[Verdict] = field(default_factory=list)
+    metric: str = ""  # the metric that decided it ("" : point estimates, no confidence)
 
     def line(self) -> str:
         """One line for a terminal: 'GPTQ beats AWQ at W4A16: holds: GPTQ -0.4 vs AWQ -2.1 ...'."""
@@ -347,12 +351,18 @@ def combine(verdicts: Sequence[Verdict]) -> tuple[str, str]:
         who = f" for {v.subject}" if v.subject and len(verdicts) > 1 else ""
         return v.status, f"{v.status}{who}: {v.evidence}{tail}"
     holds = [v.subject for v in measured if v.status == HOLDS]
+    unsure = [v.subject for v in measured if v.status == INCONCLUSIVE]
     if len(holds) == len(measured):
         return HOLDS, f"{HOLDS} for {', '.join(holds)}.{tail}"
-    if not holds:
-        return DOES_NOT_HOLD, f"{DOES_NOT_HOLD} for {', '.join(v.subject for v in measured)}.{tail}"
-    fails = [v.subject for v in measured if v.status != HOLDS]
-    return MIXED, f"{MIXED}: holds for {', '.join(holds)}; does not hold for {', '.join(fails)}.{tail}"
+    fails = [v.subject for v in measured if v.status == DOES_NOT_HOLD]
+    if holds and fails:
+        extra = f"; inconclusive for {', '.join(unsure)}" if unsure else ""
+        return MIXED, f"{MIXED}: holds for {', '.join(holds)}; does not hold for {', '.join(fails)}{extra}.{tail}"
+    if unsure:  # a finding is decided only when every measured subject is
+        decided = [f"{v.status} for {v.subject}" for v in measured if v.status != INCONCLUSIVE]
+        return INCONCLUSIVE, (f"{INCONCLUSIVE} for {', '.join(unsure)}" + (f"; {'; '.join(decided)}" if decided else "")
+                              + f".{tail}")
+    return DOES_NOT_HOLD, f"{DOES_NOT_HOLD} for {', '.join(fails)}.{tail}"
 
 
 def evaluate_findings(table: DropTable) -> list[Finding]:

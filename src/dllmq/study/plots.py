@@ -92,3 +92,88 @@ def degradation_png(table: ModelTable, dpi: int = 100) -> bytes | None:
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})  # no version stamp: same bytes each run
     plt.close(fig)
     return buf.getvalue()
+
+
+# --- the paired measures vs FP ---------------------------------------------------------------------------------
+_LINESTYLES = {"W4A16": "-", "W3A16": "--", "W8A8": ":", "W4A4": "-."}
+
+
+def _method_colours(evidence) -> dict[str, str]:
+    methods = sorted({k[0] for ev in evidence.values() for k in ev.settings}, key=lambda m: Setting(m, "W4A16").sort_key())
+    cmap = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
+    return {m: cmap[i % len(cmap)] for i, m in enumerate(methods)}
+
+
+def _save(fig, plt, dpi: int) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def kl_ratio_png(tables, evidence, dpi: int = 100) -> bytes | None:
+    """KL(FP || cell) vs mask ratio: one panel per model, one line per method x bits (log scale, CI bands)."""
+    models = [t.model for t in tables if t.model in evidence and evidence[t.model].has_kl]
+    if not models:
+        return None
+    plt = _pyplot()
+    colours = _method_colours({m: evidence[m] for m in models})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models) + 1.8, 4.0), squeeze=False, sharey=True)
+    handles: dict[str, object] = {}
+    for ax, model in zip(axes[0], models):
+        ev = evidence[model]
+        for key in sorted(ev.settings, key=lambda k: Setting(*k).sort_key()):
+            se = ev.settings[key]
+            if not se.kl:
+                continue
+            ratios = sorted(se.kl)
+            cis = [se.kl[r].ci() for r in ratios]
+            vals = [max(c.value, 1e-8) for c in cis]
+            style = _LINESTYLES.get(_bits_key(key[1]), "-")
+            line, = ax.plot(ratios, vals, style, marker="o", markersize=3, color=colours[key[0]], linewidth=1.2)
+            ax.fill_between(ratios, [max(c.lo, 1e-8) for c in cis], [max(c.hi, 1e-8) for c in cis],
+                            color=colours[key[0]], alpha=0.12, linewidth=0)
+            handles.setdefault(Setting(*key).label, line)
+        ax.set_yscale("log")
+        ax.set_xlabel("mask ratio", fontsize=9)
+        ax.set_title(model, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("KL(p_FP || p) per masked token (nats)", fontsize=9)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7)
+    fig.suptitle("Masked-prediction KL to FP by mask ratio (band: 95 % CI over windows)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (5.2 * len(models) + 1.8), 0.94))
+    return _save(fig, plt, dpi)
+
+
+def trajectory_png(tables, evidence, dpi: int = 100) -> bytes | None:
+    """Teacher-forced flip rate by denoising step: one panel per model x generation task, a line per setting."""
+    panels = [(t.model, task) for t in tables if t.model in evidence
+              for task in sorted({x for s in evidence[t.model].settings.values() for x in s.traj_steps})]
+    if not panels:
+        return None
+    plt = _pyplot()
+    colours = _method_colours({m: evidence[m] for m in {p[0] for p in panels}})
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols + 1.8, 3.4 * nrows + 0.4), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    handles: dict[str, object] = {}
+    for ax, (model, task) in zip(flat, panels):
+        ev = evidence[model]
+        for key in sorted(ev.settings, key=lambda k: Setting(*k).sort_key()):
+            steps = ev.settings[key].traj_steps.get(task)
+            if not steps:
+                continue
+            style = _LINESTYLES.get(_bits_key(key[1]), "-")
+            line, = ax.plot(range(1, len(steps) + 1), steps, style, color=colours[key[0]], linewidth=1.1)
+            handles.setdefault(Setting(*key).label, line)
+        ax.set_title(f"{model}: {task}", fontsize=10)
+        ax.set_xlabel("denoising step", fontsize=9)
+        ax.set_ylabel("flipped (fraction of items)", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7)
+    fig.suptitle("Where denoising departs from FP (teacher-forced on FP's trajectory)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (5.6 * ncols + 1.8), 0.94))
+    return _save(fig, plt, dpi)

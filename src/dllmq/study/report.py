@@ -22,18 +22,24 @@ from pathlib import Path
 
 from dllmq.atomic import atomic_directory, refuse_existing
 from dllmq.errors import DllmqError
-from dllmq.study.findings import DOES_NOT_HOLD, HOLDS, MIXED, NOT_MEASURED, Finding, evaluate_findings, signed
+from dllmq.study.evidence import DEFAULT_KL_RATIO, Estimate, ModelEvidence, build_evidence
+from dllmq.study.findings import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, MIXED, NOT_MEASURED, Finding,
+                                  evaluate_findings, signed)
 from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Measurement, ModelTable, TableCell,
                               build_tables, normalize, task_sort_key)
-from dllmq.study.plots import degradation_png, plot_name
-from dllmq.study.store import read_results
+from dllmq.study.plots import degradation_png, kl_ratio_png, plot_name, trajectory_png
+from dllmq.study.stats import LEVEL
+from dllmq.study.store import read_items, read_measures, read_results
+from dllmq.study.verdicts import decided
+from dllmq.study.verdicts import evaluate_findings as interval_findings
 
 MARKDOWN_NAME, HTML_NAME, OUTLIERS_SUBDIR = "report.md", "report.html", "outliers"
 OUTLIERS_JSON = "outliers.json"
 
 # Terminal-safe markers: one per class, after the change vs FP.
 MARKERS = {NEGLIGIBLE: "·", MODERATE: "!", SEVERE: "!!"}
-CHECKBOX = {HOLDS: "[x]", DOES_NOT_HOLD: "[ ]", MIXED: "[~]", NOT_MEASURED: "[?]"}
+CHECKBOX = {HOLDS: "[x]", DOES_NOT_HOLD: "[ ]", MIXED: "[~]", NOT_MEASURED: "[?]", INCONCLUSIVE: "[-]"}
+KL_PLOT, TRAJECTORY_PLOT = "kl_vs_mask_ratio.png", "trajectory_flips_by_step.png"
 NA = "—"
 
 
@@ -51,6 +57,9 @@ class RunFacts:
     last: float | None
     noise: float | None         # median stderr of an overall-average drop, points
     seeds: list[int] = field(default_factory=list)
+    evidence: dict[str, ModelEvidence] = field(default_factory=dict)   # paired measures vs FP, per model
+    kl_ratio: float = DEFAULT_KL_RATIO
+    decided: int | None = None  # findings decided with confidence (None: no per-item data)
 
 
 @dataclass
@@ -84,10 +93,24 @@ def load_rows(db: str | os.PathLike) -> list[dict]:
         raise DllmqError(f"{path} is not a readable study database ({err}).") from None
 
 
-def analyze(rows_or_db: str | os.PathLike | Iterable[Mapping]) -> tuple[list[ModelTable], list[Finding], RunFacts]:
-    """Tables, findings and run facts of a database path or of result rows (dicts like read_results')."""
+def load_evidence_rows(db: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """(items, measures) rows of a study database ([] and [] for one written before they existed)."""
+    try:
+        return read_items(db), read_measures(db)
+    except sqlite3.DatabaseError as err:
+        raise DllmqError(f"{db} is not a readable study database ({err}).") from None
+
+
+def analyze(rows_or_db: str | os.PathLike | Iterable[Mapping], items: Iterable[Mapping] | None = None,
+            measures: Iterable[Mapping] | None = None, kl_ratio: float = DEFAULT_KL_RATIO,
+            ) -> tuple[list[ModelTable], list[Finding], RunFacts]:
+    """Tables, findings and run facts of a database path or of result rows (dicts like read_results'), with
+    the per-item answers and measures (read from the database, or given) deciding the findings with
+    confidence intervals where they exist."""
     if isinstance(rows_or_db, (str, os.PathLike)):
         source, rows = str(rows_or_db), load_rows(rows_or_db)
+        if items is None and measures is None:
+            items, measures = load_evidence_rows(rows_or_db)
         if not rows:
             raise DllmqError(f"The study database {source} has no results yet; run the study first "
                              "(a cell's results are stored when it finishes).")
@@ -100,8 +123,16 @@ def analyze(rows_or_db: str | os.PathLike | Iterable[Mapping]) -> tuple[list[Mod
     if not any(t.has_baseline for t in tables):
         raise DllmqError(f"No model in {source} has a full-precision baseline (method fp), so no drop can be "
                          "computed; run the FP cells first.")
-    findings = evaluate_findings({t.model: t.drops() for t in tables})
+    items, measures = list(items or []), list(measures or [])
+    evidence = build_evidence(rows, items, measures) if (items or measures) else {}
+    drops = {t.model: t.drops() for t in tables}
+    if any(e.has_items for e in evidence.values()):
+        findings = interval_findings(drops, evidence, kl_ratio)
+    else:
+        findings = evaluate_findings(drops)
     facts = _facts(source, rows, measurements, superseded, tables)
+    facts.evidence, facts.kl_ratio = evidence, kl_ratio
+    facts.decided = decided(findings) if any(e.has_items for e in evidence.values()) else None
     return tables, findings, facts
 
 
@@ -168,7 +199,66 @@ def _header_lines(f: RunFacts) -> list[str]:
     if f.noise is not None:
         lines.append(f"- noise: the median standard error of an overall-average drop is {f.noise:.1f} points; "
                      "differences smaller than about twice that are within noise.")
+    if f.decided is not None:
+        lines.append(f"- findings decided with {100 * LEVEL:g} % confidence (paired bootstrap intervals over items "
+                     f"and text windows): {f.decided} of 8")
     return lines
+
+
+# --- the paired measures vs FP --------------------------------------------------------------------------------
+
+VS_FP_LEGEND = (
+    "Against FP, paired (each cell and FP on the same items and the same masked windows; [95 % bootstrap CI]): "
+    "accuracy change in points (overall average, as above); flips: % of items right at FP and wrong here "
+    "(R>W) / wrong at FP and right here (W>R); KL@r: mean KL(p_FP || p) of the predicted token distribution "
+    "at masked positions, r of each window masked (nats); top-1: % of masked positions with FP's argmax; "
+    "ELBO ΔPPL: the Monte Carlo perplexity bound minus FP's, same masks; trajectory: % of denoising steps where, "
+    "from FP's state, the cell unmasks another token than FP (generation tasks, teacher-forced).")
+
+
+def _ci(e: Estimate | None, digits: int = 1, scale: float = 1.0, neg: bool = False) -> str:
+    if e is None:
+        return NA
+    iv = e.ci()
+    lo, hi, v = iv.lo * scale, iv.hi * scale, iv.value * scale
+    if neg:
+        v, lo, hi = -v + 0.0, -hi + 0.0, -lo + 0.0   # + 0.0: no "-0.0"
+    sign = "+" if neg else ""
+    return f"{v:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+
+
+def vs_fp_rows(t: ModelTable, ev: ModelEvidence | None, kl_ratio: float) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a model's 'against FP' table ([] rows when nothing was measured item by item)."""
+    if ev is None or not ev.settings:
+        return [], []
+    ratios = sorted({r for s in ev.settings.values() for r in s.kl})
+    r = min(ratios, key=lambda x: (abs(x - kl_ratio), x)) if ratios else kl_ratio
+    tasks = sorted({task for s in ev.settings.values() for task in s.traj})
+    head = ["setting", "Δacc (points)", "flips R>W %", "flips W>R %", f"KL@{r:g}", f"top-1@{r:g} %", "ELBO ΔPPL"]
+    head += [f"trajectory {task.replace('mini_', '')} %" for task in tasks]
+    body = []
+    for row in t.quantized_rows():
+        se = ev.settings.get((row.setting.method, row.setting.bits))
+        if se is None:
+            continue
+        flips = se.flips.get("all", {})
+        cells = [row.setting.label, _ci(se.drop.get("avg"), neg=True),
+                 _ci(flips.get("right_to_wrong"), scale=100.0), _ci(flips.get("wrong_to_right"), scale=100.0),
+                 _ci(se.kl.get(r), digits=4), _ci(se.top1.get(r), scale=100.0), _ci(se.ppl_delta, digits=2)]
+        cells += [_ci(se.traj.get(task), scale=100.0) for task in tasks]
+        body.append(cells)
+    return head, body
+
+
+def _vs_fp_note(ev: ModelEvidence) -> str:
+    parts = []
+    if ev.items:
+        parts.append(f"{ev.items} items")
+    if ev.windows:
+        parts.append(f"{ev.windows} text windows")
+    if ev.fp_ppl is not None:
+        parts.append(f"FP ELBO perplexity {ev.fp_ppl:.1f}")
+    return ", ".join(parts)
 
 
 # --- Markdown ----------------------------------------------------------------------------------------------
@@ -197,11 +287,14 @@ def _finding_md(f: Finding) -> list[str]:
     lines = [f"- {CHECKBOX[f.status]} {f.number}. **{f.title}**: {f.summary}"]
     if len(f.verdicts) > 1:
         lines += [f"    - {v.subject}: {v.status}: {v.evidence}" for v in f.verdicts]
+    if f.metric:
+        lines.append(f"    - decided by: {f.metric}")
     lines.append(f"    - paper: {f.paper} Rule here: {f.rule}")
     return lines
 
 
-def model_markdown(t: ModelTable, image: str | None = None) -> list[str]:
+def model_markdown(t: ModelTable, image: str | None = None, ev: ModelEvidence | None = None,
+                   kl_ratio: float = DEFAULT_KL_RATIO) -> list[str]:
     lines = [f"## {t.model}", ""]
     lines += [f"Note: {n}" for n in t.notes]
     if t.notes:
@@ -220,6 +313,9 @@ def model_markdown(t: ModelTable, image: str | None = None) -> list[str]:
                 if fp.tasks[x].stderr is not None]
         if errs:
             lines += ["Standard error at FP (points): " + ", ".join(errs) + ".", ""]
+    head, body = vs_fp_rows(t, ev, kl_ratio)
+    if body:
+        lines += [f"Against FP, paired ({_vs_fp_note(ev)}; 95 % CI in brackets):", ""] + _md_table(head, body) + [""]
     if image:
         lines += [f"![{t.model}: degradation vs FP]({image})", ""]
     return lines
@@ -232,14 +328,22 @@ def render_markdown(tables: list[ModelTable], findings: list[Finding], facts: Ru
     `outlier_links` maps an outlier file name to the link to use (default: its path)."""
     images = images or {}
     lines = ["# dllmq study report", "", "Run:", ""] + _header_lines(facts) + ["", "Legend:", ""]
-    lines += [f"    {x}" for x in LEGEND_LINES] + ["", "## Findings of the paper, checked on this run", "",
-                                                  "[x] holds, [ ] does not hold, [~] mixed across models, "
-                                                  "[?] not measured (cells missing).", ""]
+    lines += [f"    {x}" for x in LEGEND_LINES]
+    if facts.evidence:
+        lines += [f"    {VS_FP_LEGEND}"]
+    lines += ["", "## Findings of the paper, checked on this run", "",
+              "[x] holds, [ ] does not hold, [~] mixed across models, "
+              "[?] not measured (cells missing)"
+              + (", [-] inconclusive (the 95 % interval does not decide it)." if facts.decided is not None else "."),
+              ""]
     for f in findings:
         lines += _finding_md(f)
     lines.append("")
+    for name in (KL_PLOT, TRAJECTORY_PLOT):
+        if name in images.values():
+            lines += [f"![{name[:-4].replace('_', ' ')}]({name})", ""]
     for t in tables:
-        lines += model_markdown(t, images.get(t.model))
+        lines += model_markdown(t, images.get(t.model), facts.evidence.get(t.model), facts.kl_ratio)
     if outliers is not None:
         links = outlier_links or {}
         lines += ["## Activation outliers", "", f"From `{outliers.directory}`."]
@@ -269,12 +373,13 @@ td.na, .swatch.na { background: #f4f4f4; color: #999; }
 .status { font-weight: 700; padding: 0 0.4em; border-radius: 3px; }
 .status.holds { background: #c9ecc9; } .status.does-not-hold { background: #f6b8b8; }
 .status.mixed { background: #ffe1a8; } .status.not-measured { background: #e4e4e4; }
+.status.inconclusive { background: #dde6f4; } table.vsfp td { text-align: right; }
 .findings > li { margin: 0.6em 0; } .findings .rule { color: #555; font-size: 0.9em; }
 .note { color: #8a5a00; } img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.85em; }
 """
 
-_STATUS_ICON = {HOLDS: "&#10003;", DOES_NOT_HOLD: "&#10007;", MIXED: "~", NOT_MEASURED: "?"}
+_STATUS_ICON = {HOLDS: "&#10003;", DOES_NOT_HOLD: "&#10007;", MIXED: "~", NOT_MEASURED: "?", INCONCLUSIVE: "&#8211;"}
 
 
 def _e(x) -> str:
@@ -330,8 +435,9 @@ def _html_findings(findings: list[Finding]) -> str:
         if len(f.verdicts) > 1:
             sub = "<ul>" + "".join(f'<li><span class="status {v.status.replace(" ", "-")}">{_e(v.status)}</span> '
                                    f"{_e(v.subject)}: {_e(v.evidence)}</li>" for v in f.verdicts) + "</ul>"
+        by = f'<div class="rule">Decided by: {_e(f.metric)}</div>' if f.metric else ""
         items.append(f'<li><span class="status {cls}">{_STATUS_ICON[f.status]} {_e(f.status)}</span> '
-                     f"<b>{f.number}. {_e(f.title)}</b>: {_e(f.summary)}{sub}"
+                     f"<b>{f.number}. {_e(f.title)}</b>: {_e(f.summary)}{sub}{by}"
                      f'<div class="rule">Paper: {_e(f.paper)} Rule here: {_e(f.rule)}</div></li>')
     return f'<ol class="findings" style="list-style: none; padding-left: 0">{"".join(items)}</ol>'
 
@@ -351,8 +457,15 @@ def render_html(tables: list[ModelTable], findings: list[Finding], facts: RunFac
     for cls, text in ((NEGLIGIBLE, LEGEND_LINES[1][3:]), (MODERATE, LEGEND_LINES[2][3:]),
                       (SEVERE, LEGEND_LINES[3][3:]), ("na", LEGEND_LINES[4][3:])):
         out.append(f'<li><span class="swatch {cls}"></span> {_e(text.strip())}</li>')
-    out += [f"<li>{_e(LEGEND_LINES[5])}</li></ul>", "<h2>Findings of the paper, checked on this run</h2>",
-            _html_findings(findings)]
+    out += [f"<li>{_e(LEGEND_LINES[5])}</li>"] + ([f"<li>{_e(VS_FP_LEGEND)}</li>"] if facts.evidence else [])
+    out += ["</ul>", "<h2>Findings of the paper, checked on this run</h2>", _html_findings(findings)]
+    for name in (KL_PLOT, TRAJECTORY_PLOT):
+        if name in pngs:
+            out.append(f'<figure><img alt="{_e(name)}" src="{_data_uri(pngs[name])}"><figcaption>'
+                       + ("Masked-prediction KL to FP by mask ratio (log scale), one line per setting, one panel "
+                          "per model." if name == KL_PLOT else
+                          "Teacher-forced trajectory: fraction of items whose unmasked token differs from FP's, by "
+                          "denoising step.") + "</figcaption></figure>")
     for t in tables:
         out.append(f"<h2>{_e(t.model)}</h2>")
         out += [f'<p class="note">Note: {_e(n)}</p>' for n in t.notes]
@@ -360,6 +473,12 @@ def render_html(tables: list[ModelTable], findings: list[Finding], facts: RunFac
             cols = [(c, f"{c} avg") for c in t.categories] + [("", "overall")]
             out += ["<h3>Averages</h3>", _html_table(t, cols, _pick_category)]
         out += ["<h3>Per task</h3>", _html_table(t, [(x, x) for x in t.tasks], lambda r, k: r.tasks[k])]
+        head, body = vs_fp_rows(t, facts.evidence.get(t.model), facts.kl_ratio)
+        if body:
+            out += [f"<h3>Against FP, paired ({_e(_vs_fp_note(facts.evidence[t.model]))}; 95 % CI)</h3>",
+                    '<table class="vsfp"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+                    + "".join('<tr><td class="setting">' + _e(r[0]) + "</td>" + "".join(f"<td>{_e(c)}</td>" for c in r[1:])
+                              + "</tr>" for r in body) + "</tbody></table>"]
         if t.model in pngs:
             out.append(f'<figure><img alt="{_e(t.model)}: degradation vs FP" src="{_data_uri(pngs[t.model])}">'
                        "<figcaption>Drop vs FP in points by method and bit width (up = worse; dashed lines: "
@@ -383,7 +502,7 @@ def render_html(tables: list[ModelTable], findings: list[Finding], facts: RunFac
 
 def build_report(rows_or_db: str | os.PathLike | Iterable[Mapping], out_dir: str | os.PathLike | None = None,
                  outliers_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                 plots: bool = True) -> Report:
+                 plots: bool = True, kl_ratio: float = DEFAULT_KL_RATIO) -> Report:
     """Analyze a study database (path) or result rows and render the report. With `out_dir`, also write
     report.md, report.html, the plots (and a copy of the outlier files under outliers/) there, atomically:
     an existing `out_dir` is refused unless `overwrite`."""
@@ -391,15 +510,20 @@ def build_report(rows_or_db: str | os.PathLike | Iterable[Mapping], out_dir: str
     if out is not None:
         refuse_existing(out, overwrite, "--out")
     outliers = None if outliers_dir is None else find_outliers(outliers_dir)
-    tables, findings, facts = analyze(rows_or_db)
+    tables, findings, facts = analyze(rows_or_db, kl_ratio=kl_ratio)
 
-    pngs: dict[str, bytes] = {}          # model -> PNG
-    names: dict[str, str] = {}           # model -> file name
-    taken: set[str] = {MARKDOWN_NAME, HTML_NAME}
+    pngs: dict[str, bytes] = {}          # model (or a figure's file name) -> PNG
+    names: dict[str, str] = {}           # model (or a figure's file name) -> file name
+    taken: set[str] = {MARKDOWN_NAME, HTML_NAME, KL_PLOT, TRAJECTORY_PLOT}
     for t in tables if plots else []:
         png = degradation_png(t)
         if png is not None:
             pngs[t.model], names[t.model] = png, plot_name(t.model, taken)
+    if plots and facts.evidence:
+        for name, draw in ((KL_PLOT, kl_ratio_png), (TRAJECTORY_PLOT, trajectory_png)):
+            png = draw(tables, facts.evidence)
+            if png is not None:
+                pngs[name], names[name] = png, name
 
     in_dir = out is not None
     links = {}
@@ -432,8 +556,8 @@ def write_report(report: Report, out: Path, outliers: OutlierFiles | None = None
 
 
 def terminal_report(rows_or_db: str | os.PathLike | Iterable[Mapping],
-                    outliers_dir: str | os.PathLike | None = None) -> str:
+                    outliers_dir: str | os.PathLike | None = None, kl_ratio: float = DEFAULT_KL_RATIO) -> str:
     """The Markdown report without plots (what `dllmq report` prints without --out)."""
     outliers = None if outliers_dir is None else find_outliers(outliers_dir)
-    tables, findings, facts = analyze(rows_or_db)
+    tables, findings, facts = analyze(rows_or_db, kl_ratio=kl_ratio)
     return render_markdown(tables, findings, facts, outliers=outliers)

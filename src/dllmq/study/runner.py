@@ -10,8 +10,16 @@ For each cell (cells.py) the runner
    from this host - is taken over), and keeps the claim alive from a background thread;
 2. loads the quantized model from the cache (CACHE/<quant_key>) or loads the model, quantizes it and
    stores it in the cache atomically (cache.py);
-3. runs every task (mini tasks in-process, other tasks through lm-evaluation-harness);
-4. writes all its result rows and marks it done in ONE transaction (store.finish_cell).
+3. runs every task (mini tasks in-process, other tasks through lm-evaluation-harness), keeping every
+   item's answer;
+4. runs the measures against the model's FP (measures.py: masked-prediction KL, top-1 agreement, ELBO,
+   generation trajectory), from an FP reference built once per model in this run;
+5. writes all its result rows, items and measures and marks it done in ONE transaction (store.finish_cell).
+
+Threads: quantization runs with `calibration.threads` torch threads (pinned: GPTQ's float reductions
+depend on the thread count, so an unpinned run would quantize differently on another machine);
+evaluation and measures run with `threads` (None: the process's own), which they do not depend on.
+Both are recorded in the cells table.
 A cell that raises is marked failed with its error and the run goes on; a later run retries it.
 Killed at any moment, a run loses no finished cell, and a rerun repeats none: the killed cell's claim
 goes stale (at once on this host), leaving no rows, and its half-saved model is only ever in a staging
@@ -21,6 +29,7 @@ The `dllmq study` command is dllmq.cli.study.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -41,10 +50,12 @@ from dllmq.api import load_model
 from dllmq.errors import DllmqError
 from dllmq.evaluate import MINI_TASKS, evaluate_mini
 from dllmq.evaluate.runner import EvalOptions, run_eval
+from dllmq.quant.qlinear import keep_dequantized_weights
 from dllmq.study import store
 from dllmq.study.cache import QuantCache
 from dllmq.study.cells import StudyCell, model_is_readable, plan_cells
 from dllmq.study.config import StudyConfig
+from dllmq.study.measures import ReferenceCache, build_fp_reference, harness_items, measure_rows, mini_items
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +77,7 @@ class CellOutcome:
     seconds: float = 0.0
     error: str | None = None
     cached: bool = False        # the quantized model came from the cache
+    measure_seconds: float = 0.0  # the measures against FP (building FP's reference included)
 
 
 @dataclass
@@ -124,20 +136,40 @@ def _finite(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def _evaluate_task(model, tokenizer, task: str, cell: StudyCell, config: StudyConfig, progress: bool) -> dict:
-    """{metric, value, stderr, n, category} of one task on a loaded model."""
+@contextlib.contextmanager
+def pinned_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` inside the block (nothing changes for None)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _evaluate_task(model, tokenizer, task: str, cell: StudyCell, config: StudyConfig, progress: bool,
+                   items: list[dict] | None = None) -> dict:
+    """{metric, value, stderr, n, category} of one task on a loaded model; its per-item answers are appended
+    to `items` when given."""
     if task in MINI_TASKS:
         r = evaluate_mini(model, tokenizer, [task], limit=cell.limit, seed=cell.seed, progress=progress,
-                          chat=config.eval.chat, batch_size=config.eval.batch_size)[task]
+                          chat=config.eval.chat, batch_size=config.eval.batch_size, return_samples=True)[task]
+        if items is not None:
+            items += mini_items(task, r["samples"])
         return {"metric": MINI_METRIC[task], "value": float(r["acc"]), "stderr": _finite(r["stderr"]), "n": r["n"],
                 "category": store.task_category(task)}
     ev = config.eval
     overrides = {"chat": ev.chat, **ev.harness}  # eval.chat applies to harness tasks too, unless harness sets it
     options = EvalOptions(limit=cell.limit, allow_code_execution=ev.allow_code_execution, data_dir=ev.data_dir,
                           overrides=overrides, seed=cell.seed, offline=True if ev.offline else None,
-                          progress=progress, model_name=cell.model)
+                          progress=progress, model_name=cell.model, return_samples=items is not None)
     report = run_eval((model, tokenizer), [task], options)
     t = report["tasks"][task]
+    if items is not None and t.get("metric"):
+        items += harness_items(task, report.get("samples") or [], t["metric"])
     if _finite(t["value"]) is None:
         raise DllmqError(f"Task {task} reported no value for its metric {t['metric'] or '(none)'}; "
                          "give a task with a headline metric.")
@@ -147,7 +179,7 @@ def _evaluate_task(model, tokenizer, task: str, cell: StudyCell, config: StudyCo
 
 
 def _prepare_model(cell: StudyCell, cache: QuantCache | None, device: str, calib_device: str | None,
-                   progress: bool, outcome: CellOutcome):
+                   progress: bool, outcome: CellOutcome, calib_threads: int | None = None):
     """(model, tokenizer, quant_seconds): the full-precision model, or the quantized one from the cache,
     or freshly quantized (and then cached)."""
     if cell.is_fp:
@@ -161,7 +193,8 @@ def _prepare_model(cell: StudyCell, cache: QuantCache | None, device: str, calib
         return model, tokenizer, _finite(cache.meta(cell.quant_key).get("quant_seconds"))
     model, tokenizer, _ = load_model(cell.model, dtype=cell.dtype, device=device, seed=0)
     start = time.perf_counter()
-    quant.quantize(model, tokenizer, cell.quant_config(), device=calib_device or device, progress=progress)
+    with pinned_threads(calib_threads):
+        quant.quantize(model, tokenizer, cell.quant_config(), device=calib_device or device, progress=progress)
     seconds = time.perf_counter() - start
     if cache is not None:
         try:
@@ -173,21 +206,48 @@ def _prepare_model(cell: StudyCell, cache: QuantCache | None, device: str, calib
     return model, tokenizer, seconds
 
 
+def _fp_reference(cell: StudyCell, config: StudyConfig, refs: ReferenceCache, device: str, model=None,
+                  tokenizer=None):
+    """The FP reference of the cell's model (built now from `model` when it is the FP model, or from a freshly
+    loaded FP model, unless this run built it already)."""
+    key = (cell.model, cell.seed, cell.dtype, device, repr(config.measures), config.eval.chat, cell.tasks)
+    ref = refs.get(key)
+    if ref is None:
+        if model is None:
+            model, tokenizer, _ = load_model(cell.model, dtype=cell.dtype, device=device, seed=0)
+        ref = build_fp_reference(model, tokenizer, config.measures, cell.seed, chat=config.eval.chat, tasks=cell.tasks,
+                                 limit=cell.limit)
+        refs.put(key, ref)
+        log.info("%s: FP reference built in %.1f s", cell.model, ref.seconds)
+    return ref
+
+
 def _compute_cell(cell: StudyCell, config: StudyConfig, cache: QuantCache | None, device: str,
                   calib_device: str | None, progress: bool, hook: Hook | None,
-                  outcome: CellOutcome) -> list[dict]:
-    model, tokenizer, quant_seconds = _prepare_model(cell, cache, device, calib_device, progress, outcome)
+                  outcome: CellOutcome, refs: ReferenceCache | None = None,
+                  items: list[dict] | None = None, measures: list[dict] | None = None) -> list[dict]:
+    model, tokenizer, quant_seconds = _prepare_model(cell, cache, device, calib_device, progress, outcome,
+                                                     config.calibration.threads)
     try:
         if hook:
             hook("model_ready", cell, None)
         rows = []
-        for task in cell.tasks:
-            start = time.perf_counter()
-            r = _evaluate_task(model, tokenizer, task, cell, config, progress)
-            rows.append({"model": cell.model, "method": cell.method, "bits": cell.bits, "task": task, "seed": cell.seed,
-                         "quant_seconds": quant_seconds, "eval_seconds": time.perf_counter() - start, **r})
-            if hook:
-                hook("task_done", cell, task)
+        with pinned_threads(config.threads):
+            for task in cell.tasks:
+                start = time.perf_counter()
+                r = _evaluate_task(model, tokenizer, task, cell, config, progress, items)
+                rows.append({"model": cell.model, "method": cell.method, "bits": cell.bits, "task": task,
+                             "seed": cell.seed, "quant_seconds": quant_seconds,
+                             "eval_seconds": time.perf_counter() - start, **r})
+                if hook:
+                    hook("task_done", cell, task)
+            if config.measures is not None and measures is not None and not model.family.causal:
+                start = time.perf_counter()
+                with keep_dequantized_weights(model):
+                    ref = _fp_reference(cell, config, refs if refs is not None else ReferenceCache(), device,
+                                        *((model, tokenizer) if cell.is_fp else ()))
+                    measures += measure_rows(model, ref)
+                outcome.measure_seconds = time.perf_counter() - start
         return rows
     finally:
         del model
@@ -198,14 +258,17 @@ def _compute_cell(cell: StudyCell, config: StudyConfig, cache: QuantCache | None
 
 def _run_claimed(conn: sqlite3.Connection, db: Path, cell: StudyCell, owner: str, config: StudyConfig,
                  cache: QuantCache | None, device: str, calib_device: str | None, heartbeat_every: float,
-                 progress: bool, hook: Hook | None) -> CellOutcome:
+                 progress: bool, hook: Hook | None, refs: ReferenceCache | None = None) -> CellOutcome:
     outcome = CellOutcome(cell, "done")
     start = time.perf_counter()
+    items: list[dict] = []
+    measures: list[dict] = []
     try:
         with Heartbeat(db, cell.cell_key, owner, heartbeat_every) as beat:
             if hook:
                 hook("claimed", cell, None)
-            rows = _compute_cell(cell, config, cache, device, calib_device, progress, hook, outcome)
+            rows = _compute_cell(cell, config, cache, device, calib_device, progress, hook, outcome, refs, items,
+                                 measures)
     except Exception as err:  # a failed cell is recorded and the grid goes on
         log.debug("cell %s failed", cell.describe(), exc_info=True)
         outcome.status, outcome.error = "failed", f"{type(err).__name__}: {err}"
@@ -217,7 +280,11 @@ def _run_claimed(conn: sqlite3.Connection, db: Path, cell: StudyCell, owner: str
             pass
         raise
     else:
-        if beat.lost or not store.finish_cell(conn, cell.cell_key, owner, rows):
+        facts = {"threads": config.threads or torch.get_num_threads(),
+                 "calib_threads": None if cell.is_fp else config.calibration.threads,
+                 "measure_seconds": outcome.measure_seconds}
+        if beat.lost or not store.finish_cell(conn, cell.cell_key, owner, rows, items=items, measures=measures,
+                                              facts=facts):
             outcome.status = "lost"
             log.warning("%s: another runner took this cell over; its results are theirs", cell.describe())
         elif hook:
@@ -260,6 +327,7 @@ def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: st
         qcache.clean_stale()
     started = time.time()
     summary = StudySummary(db, cells)
+    refs = ReferenceCache()
     conn = store.connect(db)
     try:
         known = store.cell_rows(conn, [c.cell_key for c in cells])
@@ -286,7 +354,7 @@ def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: st
                     continue
                 bar.set_description(f"study ({cell.describe()})")
                 outcome = _run_claimed(conn, db, cell, owner, config, qcache, device, calib_device,
-                                       heartbeat_every, progress, hook)
+                                       heartbeat_every, progress, hook, refs)
                 summary.outcomes.append(outcome)
                 if outcome.status == "failed":
                     log.warning("%s failed: %s", cell.describe(), outcome.error)

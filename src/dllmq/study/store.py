@@ -2,10 +2,22 @@
 
 A *cell* is one model x quantization setting x task set x evaluation setting. Its identity is
 `cell_key`, a hash of everything that decides its numbers. The runner claims a cell in `cells`,
-and writes all of its `results` rows and marks it done in one transaction when it finishes, so a
-killed run never leaves a partial cell behind. The report reads `results` only.
+and writes all of its `results` rows (and its `items` and `measures`) and marks it done in one
+transaction when it finishes, so a killed run never leaves a partial cell behind.
+
+- `results`: one row per task: the task's metric (what the report's tables show);
+- `items` (schema 2): every item's answer and whether it was right, per task - what flips and the
+  paired bootstrap are computed from (the FP cell's items are the reference);
+- `measures` (schema 2): the distribution measures against FP (KL and top-1 agreement by mask
+  ratio, ELBO NLL, the generation trajectory), each with its per-unit values (`units`, JSON) so
+  the report can pair two cells unit by unit; `setup` identifies the units (same setup = same
+  windows and masks).
 
 Values are fractions in [0, 1]; reports show points (x 100).
+
+Older databases are migrated when opened (`migrate`): missing tables and columns are added in one
+transaction and PRAGMA user_version records the schema; nothing is rewritten or dropped, so an old
+database keeps its results and reports as before (without the new measures).
 """
 from __future__ import annotations
 
@@ -58,7 +70,34 @@ CREATE TABLE IF NOT EXISTS results (
     created       REAL NOT NULL,
     PRIMARY KEY (cell_key, task)
 );
+CREATE TABLE IF NOT EXISTS items (
+    cell_key   TEXT NOT NULL REFERENCES cells(cell_key),
+    task       TEXT NOT NULL,
+    item       TEXT NOT NULL,     -- the item's id within the task
+    answer     TEXT,              -- chosen option / extracted answer / generated program
+    correct    INTEGER NOT NULL,  -- 1 right, 0 wrong
+    PRIMARY KEY (cell_key, task, item)
+);
+CREATE TABLE IF NOT EXISTS measures (
+    cell_key   TEXT NOT NULL REFERENCES cells(cell_key),
+    measure    TEXT NOT NULL,     -- kl | top1 | elbo_nll | elbo_nll_fp | traj_flip | ...
+    param      TEXT NOT NULL,     -- the mask ratio, the denoising step, or '' when none
+    value      REAL,              -- the mean over units
+    n          INTEGER,           -- units (windows, items x steps)
+    units      TEXT,              -- JSON list of per-unit values, in unit order
+    setup      TEXT,              -- identity of the units (hash of text, windows, masks, settings)
+    seconds    REAL,              -- time the measure (its kind) took in this cell
+    PRIMARY KEY (cell_key, measure, param)
+);
 """
+SCHEMA_VERSION = 2
+# Columns added after schema 1 (table, column, SQL type): migrate() adds those an old database lacks.
+ADDED_COLUMNS = (
+    ("cells", "threads", "INTEGER"),          # torch intra-op threads the cell evaluated with
+    ("cells", "calib_threads", "INTEGER"),    # threads pinned during quantization (calibration)
+    ("cells", "measure_seconds", "REAL"),     # time of the distribution measures (0 when off)
+    ("results", "items", "INTEGER"),          # per-item rows stored for this task (0 or NULL: none)
+)
 
 # The study's three categories (the paper's general QA / math / code).
 CATEGORIES = ("general", "math", "code")
@@ -72,6 +111,8 @@ TASK_CATEGORY = {
 
 RESULT_COLUMNS = ("cell_key", "model", "method", "bits", "task", "category", "metric", "value", "stderr", "n",
                   "seed", "quant_seconds", "eval_seconds", "created")
+ITEM_COLUMNS = ("cell_key", "task", "item", "answer", "correct")
+MEASURE_COLUMNS = ("cell_key", "measure", "param", "value", "n", "units", "setup", "seconds")
 
 
 def task_category(task: str) -> str:
@@ -91,7 +132,30 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
+    migrate(conn)
     return conn
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring an older database up to SCHEMA_VERSION: add the missing columns (tables come from SCHEMA's
+    CREATE IF NOT EXISTS) in one write transaction, re-checked inside it so two runners opening one old
+    database at once both succeed. Returns the number of columns added."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return 0
+    added = 0
+    with immediate(conn):
+        for table, column, kind in ADDED_COLUMNS:
+            if column not in _columns(conn, table):
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                added += 1
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if added:
+        log.info("study database migrated to schema %d (%d columns added)", SCHEMA_VERSION, added)
+    return added
 
 
 def read_results(path: str | Path) -> list[dict]:
@@ -100,6 +164,38 @@ def read_results(path: str | Path) -> list[dict]:
     try:
         rows = conn.execute(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results ORDER BY model, method, bits, task")
         return [dict(r) for r in rows]
+    finally:
+        conn.close()
+
+
+def read_items(path: str | Path) -> list[dict]:
+    """Every per-item row (ITEM_COLUMNS) of a database; [] for one written before schema 2."""
+    conn = connect(path)
+    try:
+        return [dict(r) for r in conn.execute(f"SELECT {', '.join(ITEM_COLUMNS)} FROM items "
+                                              "ORDER BY cell_key, task, item")]
+    finally:
+        conn.close()
+
+
+def read_measures(path: str | Path) -> list[dict]:
+    """Every measure row (MEASURE_COLUMNS, units decoded to a list) of a database."""
+    conn = connect(path)
+    try:
+        rows = [dict(r) for r in conn.execute(f"SELECT {', '.join(MEASURE_COLUMNS)} FROM measures "
+                                              "ORDER BY cell_key, measure, param")]
+    finally:
+        conn.close()
+    for r in rows:
+        r["units"] = json.loads(r["units"]) if r["units"] else []
+    return rows
+
+
+def read_cells(path: str | Path) -> list[dict]:
+    """Every cells row as a dict (status, owner, threads, ...)."""
+    conn = connect(path)
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM cells ORDER BY cell_key")]
     finally:
         conn.close()
 
@@ -184,19 +280,38 @@ def heartbeat(conn: sqlite3.Connection, cell_key: str, owner: str, now: float | 
 
 
 def finish_cell(conn: sqlite3.Connection, cell_key: str, owner: str, rows: Sequence[Mapping],
-                now: float | None = None) -> bool:
-    """Write all result rows of a cell and mark it done, in one transaction. False (and nothing written)
-    when the claim is no longer ours: whoever took it over writes the cell."""
+                now: float | None = None, *, items: Sequence[Mapping] = (), measures: Sequence[Mapping] = (),
+                facts: Mapping | None = None) -> bool:
+    """Write all result rows of a cell (and its per-item rows, its measures and the `facts` columns of its
+    cells row: threads, calib_threads, measure_seconds) and mark it done, in one transaction. False (and
+    nothing written) when the claim is no longer ours: whoever took it over writes the cell."""
     now = time.time() if now is None else now
+    facts = {k: v for k, v in (facts or {}).items() if k in ("threads", "calib_threads", "measure_seconds")}
     with immediate(conn):
-        cur = conn.execute("UPDATE cells SET status = 'done', finished = ?, heartbeat = ?, error = NULL "
-                           "WHERE cell_key = ? AND owner = ? AND status = 'running'", (now, now, cell_key, owner))
+        sets = "".join(f", {k} = ?" for k in facts)
+        cur = conn.execute(f"UPDATE cells SET status = 'done', finished = ?, heartbeat = ?, error = NULL{sets} "
+                           "WHERE cell_key = ? AND owner = ? AND status = 'running'",
+                           (now, now, *facts.values(), cell_key, owner))
         if cur.rowcount != 1:
             return False
-        conn.execute("DELETE FROM results WHERE cell_key = ?", (cell_key,))  # none expected; never two copies
+        for table in ("results", "items", "measures"):  # none expected; never two copies
+            conn.execute(f"DELETE FROM {table} WHERE cell_key = ?", (cell_key,))
         cols = RESULT_COLUMNS
         conn.executemany(f"INSERT INTO results ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                          [tuple({**row, "cell_key": cell_key, "created": now}.get(c) for c in cols) for row in rows])
+        counts: dict[str, int] = {}
+        for it in items:
+            counts[it["task"]] = counts.get(it["task"], 0) + 1
+        conn.executemany("UPDATE results SET items = ? WHERE cell_key = ? AND task = ?",
+                         [(k, cell_key, t) for t, k in counts.items()])
+        conn.executemany(f"INSERT INTO items ({', '.join(ITEM_COLUMNS)}) VALUES ({', '.join('?' * len(ITEM_COLUMNS))})",
+                         [(cell_key, str(it["task"]), str(it["item"]), None if it.get("answer") is None
+                           else str(it["answer"]), int(bool(it["correct"]))) for it in items])
+        conn.executemany(
+            f"INSERT INTO measures ({', '.join(MEASURE_COLUMNS)}) VALUES ({', '.join('?' * len(MEASURE_COLUMNS))})",
+            [(cell_key, str(m["measure"]), str(m.get("param", "")), m.get("value"), m.get("n"),
+              json.dumps([float(u) for u in m.get("units", ())]), m.get("setup"), m.get("seconds"))
+             for m in measures])
         return True
 
 
