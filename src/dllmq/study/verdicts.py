@@ -191,13 +191,19 @@ def _beats(ev: ModelEvidence, subject: str, better: tuple[str, str], worse: tupl
     return _v(subject, INCONCLUSIVE, f"{text}: the interval contains 0.", metric)
 
 
-def gptq_beats_awq(ev: ModelEvidence, subject: str = "", ratio: float = DEFAULT_KL_RATIO) -> Verdict:
+def _pair_beats(ev: ModelEvidence, subject: str, ratio: float, better: tuple[str, str], worse: tuple[str, str],
+                bits: tuple[int, int]) -> Verdict:
+    """The finding: `better` degrades less than `worse` at `bits` (each a method and its display name)."""
     met = _Metric(ev, ratio)
-    g, a = _pick(ev, "gptq", W4A16), _pick(ev, "awq", W4A16)
-    if g is None or a is None or met.of(g) is None or met.of(a) is None:
-        which = " and ".join(n for n, v in (("GPTQ", g), ("AWQ", a)) if v is None or met.of(v) is None)
-        return _v(subject, NOT_MEASURED, f"no W4A16 {met.name} for {which}.", f"{met.name}, {_pct()}")
-    return _beats(ev, subject, g, a, met, "the gap")
+    b, w = _pick(ev, better[0], bits), _pick(ev, worse[0], bits)
+    if b is None or w is None or met.of(b) is None or met.of(w) is None:
+        which = " and ".join(n for (_, n), v in ((better, b), (worse, w)) if v is None or met.of(v) is None)
+        return _v(subject, NOT_MEASURED, f"no W{bits[0]}A{bits[1]} {met.name} for {which}.", f"{met.name}, {_pct()}")
+    return _beats(ev, subject, b, w, met, "the gap")
+
+
+def gptq_beats_awq(ev: ModelEvidence, subject: str = "", ratio: float = DEFAULT_KL_RATIO) -> Verdict:
+    return _pair_beats(ev, subject, ratio, ("gptq", "GPTQ"), ("awq", "AWQ"), W4A16)
 
 
 def rotation_beats_smoothing(ev: ModelEvidence, subject: str = "", ratio: float = DEFAULT_KL_RATIO) -> Verdict:
@@ -215,12 +221,7 @@ def rotation_beats_smoothing(ev: ModelEvidence, subject: str = "", ratio: float 
 
 
 def duquant_beats_quarot(ev: ModelEvidence, subject: str = "", ratio: float = DEFAULT_KL_RATIO) -> Verdict:
-    met = _Metric(ev, ratio)
-    d, q = _pick(ev, "duquant", W4A4), _pick(ev, "quarot", W4A4)
-    if d is None or q is None or met.of(d) is None or met.of(q) is None:
-        which = " and ".join(n for n, v in (("DuQuant", d), ("QuaRot", q)) if v is None or met.of(v) is None)
-        return _v(subject, NOT_MEASURED, f"no W4A4 {met.name} for {which}.", f"{met.name}, {_pct()}")
-    return _beats(ev, subject, d, q, met, "the gap")
+    return _pair_beats(ev, subject, ratio, ("duquant", "DuQuant"), ("quarot", "QuaRot"), W4A4)
 
 
 def math_code_degrade_more(ev: ModelEvidence, subject: str = "", ratio: float = DEFAULT_KL_RATIO) -> Verdict:
