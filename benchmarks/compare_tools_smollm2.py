@@ -17,6 +17,7 @@ docs/quantization.md ("Against the field's tools"). Needs `pip install 'dllmq[be
 
     python benchmarks/compare_tools_smollm2.py [--bits 4 3] [--groups 64 128] [--runs dllmq-rtn dllmq-gptq
         dllmq-awq llmc-gptq llmc-awq gptqmodel-gptq] [--threads 2] [--json results.jsonl]
+    python benchmarks/compare_tools_smollm2.py --table results.jsonl   # the table of saved runs
 
 Extra settings for dllmq's runs: `--gptq-settings '{"act_order": false}'` (any GPTQSettings field),
 `--awq-settings '{...}'`; `--layer-errors N` adds each linear's relative output error on N held-out
@@ -204,7 +205,11 @@ def main() -> None:
     p.add_argument("--awq-settings", type=json.loads, default={}, help="extra AWQSettings for dllmq-awq (JSON)")
     p.add_argument("--layer-errors", type=int, default=0, help="held-out windows for per-linear output errors")
     p.add_argument("--json", help="append every result as one JSON line to this file")
+    p.add_argument("--table", metavar="JSONL", help="print the table of results saved with --json (runs nothing)")
     args = p.parse_args()
+    if args.table:
+        print_table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()])
+        return
 
     pythons = {"dllmq": sys.executable, "llmc": args.llmcompressor, "gptqmodel": args.gptqmodel}
     with tempfile.TemporaryDirectory() as tmp:

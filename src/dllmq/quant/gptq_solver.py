@@ -36,7 +36,7 @@ import torch
 
 from dllmq.errors import DllmqError
 from dllmq.quant.block import BlockContext, QuantizedWeight
-from dllmq.quant.primitives import QuantSpec, compute_qparams, quantize_column
+from dllmq.quant.primitives import QuantSpec, compute_qparams
 from dllmq.quant.rounding import round_scales
 from dllmq.quant.specs import MethodSettings, WeightSpec, setting
 
