@@ -124,6 +124,12 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+def test_python_dash_m_dllmq_is_the_command():
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src"))
+    proc = subprocess.run([sys.executable, "-m", "dllmq", "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "quantize" in proc.stdout and "study" in proc.stdout
+
+
 def test_eval_mini_tasks_on_a_builtin_model(capsys, tmp_path):
     out = tmp_path / "mini.json"
     code = main(["eval", "random-llada", "--tasks", "mini_general,mini_math", "--limit", "2", "--out", str(out)])
