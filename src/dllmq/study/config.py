@@ -18,6 +18,7 @@ A YAML file (see default_study.yaml, the paper's grid, which is also what `dllmq
     measures: {text: wiki, windows: 16, seqlen: 128, ratios: [0.1, 0.25, 0.5, 0.75, 1.0], elbo_mc: 2,
                trajectory: 8}                 # distribution measures vs FP; null turns them off
     threads: null                            # torch threads while evaluating (null: the process's own)
+    profile: dllmq                           # or paper: the study code's settings (a method entry may set its own)
 
 Every problem is reported as one DllmqError sentence that names the key, e.g.
 "Study config study.yaml: methods[2].bits has an unknown bit config 'W5A16'; use one of ...".
@@ -31,14 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from dllmq.errors import DllmqError
-from dllmq.quant.config import PRESETS, QuantConfig, settable_names
-from dllmq.quant.registry import method_names
+from dllmq.quant.config import PRESETS, PROFILES, QuantConfig, settable_names
+from dllmq.quant.registry import get_method, method_names
 
 DEFAULT_CONFIG_NAME = "default_study.yaml"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Settings a method entry may not override: the method is the entry's name, the seed comes from `seeds`.
 _RESERVED = ("method", "seed")
-_TOP_KEYS = ("models", "methods", "tasks", "limit", "calibration", "seeds", "dtype", "eval", "measures", "threads")
+_TOP_KEYS = ("models", "methods", "tasks", "limit", "calibration", "seeds", "dtype", "eval", "measures", "threads",
+             "profile")
 _CALIB_KEYS = ("calib", "nsamples", "seqlen", "threads")
 _MEASURE_KEYS = ("text", "windows", "seqlen", "ratios", "elbo_mc", "trajectory", "batch_size")
 _EVAL_KEYS = ("chat", "batch_size", "allow_code_execution", "data_dir", "offline", "harness")
@@ -108,6 +110,10 @@ class MethodSpec:
             return None
         settings: dict[str, Any] = {"calib": calibration.calib, "nsamples": calibration.nsamples,
                                     "seqlen": calibration.seqlen}
+        profile = self.overrides.get("profile", "dllmq")
+        if profile == "paper":  # the study's own calibration windows win over the grid's calibration block
+            for k in get_method(self.name).paper_settings(None):
+                settings.pop(k, None)
         settings.update(PRESETS[preset])
         settings.update(self.overrides)
         return QuantConfig(method=self.name, seed=seed, **settings)
@@ -192,10 +198,12 @@ def _expand_tasks(src: str, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _method(src: str, i: int, entry: Any, calibration: Calibration) -> MethodSpec:
+def _method(src: str, i: int, entry: Any, calibration: Calibration, profile: str = "dllmq") -> MethodSpec:
     where = f"methods[{i}]"
     if isinstance(entry, str):
         entry = {"name": entry}
+    if isinstance(entry, dict) and profile != "dllmq" and "profile" not in entry and str(entry.get("name")) != "fp":
+        entry = {**entry, "profile": profile}   # the grid's profile, unless the entry sets its own
     if not isinstance(entry, dict) or "name" not in entry:
         raise _err(src, where, "must be a mapping with a name (e.g. {name: rtn, bits: [W4A16-g128]}) or the word fp")
     name = str(entry["name"]).lower()
@@ -259,7 +267,10 @@ def parse_study_config(data: Any, source: str = "<config>") -> StudyConfig:
 
     if not isinstance(data["methods"], list) or not data["methods"]:
         raise _err(src, "methods", "must be a non-empty list of methods")
-    methods = tuple(_method(src, i, e, calibration) for i, e in enumerate(data["methods"]))
+    profile = data.get("profile", "dllmq")
+    if profile not in PROFILES:
+        raise _err(src, "profile", f"is {profile!r}; use {' or '.join(PROFILES)}")
+    methods = tuple(_method(src, i, e, calibration, profile) for i, e in enumerate(data["methods"]))
     seen: dict[tuple[str, str], int] = {}
     for i, m in enumerate(methods):
         for b in m.bits:
