@@ -65,6 +65,17 @@ def test_paper_profile_resolves_per_family_and_explicit_settings_win():
     assert not QuantConfig("awq", profile="paper", family="dream").settings.awq_score_block
 
 
+def test_paper_weight_activation_settings_are_the_scripts():
+    """scripts/llada_duquant.sh and llada_smoothquant.sh of the study, as they pass them at W8A8."""
+    duquant = QuantConfig("duquant", profile="paper", family="llada", wbits=8, abits=8, group_size=-1)
+    assert (duquant.settings.alpha, duquant.act.clip, duquant.weight.clip) == (0.5, 0.9, 0.8)
+    ours = QuantConfig("duquant", wbits=8, abits=8, group_size=-1)
+    assert (ours.settings.alpha, ours.act.clip, ours.weight.clip) == (0.6, 1.0, 1.0)
+    sq = QuantConfig("smoothquant", profile="paper", family="llada", wbits=8, abits=8, group_size=-1)
+    assert sq.settings.alpha == 0.5 and sq.settings.smooth_pairs
+    assert not QuantConfig("smoothquant", wbits=8, abits=8, group_size=-1).settings.smooth_pairs
+
+
 def test_bad_profile_and_keep_fp_are_one_sentence():
     with pytest.raises(DllmqError, match="Unknown profile 'papr'; choose dllmq or paper"):
         QuantConfig("gptq", profile="papr")
