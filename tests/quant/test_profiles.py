@@ -74,6 +74,16 @@ def test_paper_weight_activation_settings_are_the_scripts():
     sq = QuantConfig("smoothquant", profile="paper", family="llada", wbits=8, abits=8, group_size=-1)
     assert sq.settings.alpha == 0.5 and sq.settings.smooth_pairs
     assert not QuantConfig("smoothquant", wbits=8, abits=8, group_size=-1).settings.smooth_pairs
+    quarot = QuantConfig("quarot", profile="paper", family="llada", wbits=4, abits=4, group_size=-1)
+    assert (quarot.settings.damp, quarot.settings.act_order, quarot.calibration.seqlen) == (0.01, False, 4096)
+    assert QuantConfig("quarot", profile="paper", family="dream", wbits=4, abits=4).calibration.seqlen == 2048
+
+
+def test_paper_quarot_search_tries_quarots_shrink_factors():
+    """QuaRot's WeightQuantizer (mse, grid 100, maxshrink 0.8): p = 1 - i / 100 for i in range(80)."""
+    st = QuantConfig("quarot", profile="paper", family="dream", wbits=4, abits=4).settings
+    dllmq_factors = [1 - (1 - st.grid_min_shrink) * i / st.grid_points for i in range(st.grid_points + 1)]
+    assert np.allclose(dllmq_factors, [1 - i / 100 for i in range(int(0.8 * 100))])
 
 
 def test_bad_profile_and_keep_fp_are_one_sentence():
