@@ -403,3 +403,25 @@ def test_paper_gptq_on_llada_saves_and_reloads(tmp_path):
     saved = again.config.raw["quantization_config"]["dllmq"]
     assert saved["profile"] == "paper" and saved["family"] == "llada" and saved["keep_fp"] == ["qkv"]
     assert saved["sym"] is True and saved["damp"] == 0.01 and saved["group_order"] == "down-first"
+
+
+def test_keep_fp_inside_a_group_for_gptq_and_awq():
+    """A kept linear inside a group: GPTQ solves the rest of the group without it; AWQ does not search
+    a group whose linears are all kept, and never quantizes or clips a kept one."""
+    model, _, _ = dllmq.load_model("random-dream", dtype="float32")
+    k_before = model.get_blocks()[0].self_attn.k_proj.weight.detach().clone()
+    config = QuantConfig("gptq", keep_fp="k_proj", nsamples=4, seqlen=32)
+    quantize_model(model, config.make_method(), _calib(model, 4, 32), progress=False)
+    attn = model.get_blocks()[0].self_attn
+    assert type(attn.k_proj) is nn.Linear and torch.equal(attn.k_proj.weight, k_before)
+    assert isinstance(attn.q_proj, QuantLinear) and isinstance(attn.v_proj, QuantLinear)
+
+    model, _, _ = dllmq.load_model("random-llada", dtype="float32")
+    gate_before = model.get_blocks()[0].ff_proj.weight.detach().clone()
+    config = QuantConfig("awq", keep_fp="gate_up", nsamples=4, seqlen=32)
+    quantize_model(model, config.make_method(), _calib(model, 4, 32), progress=False)
+    block = model.get_blocks()[0]
+    assert type(block.ff_proj) is nn.Linear and type(block.up_proj) is nn.Linear
+    assert torch.equal(block.ff_proj.weight, gate_before)     # gate/up's own scales were not searched
+    assert all(isinstance(block.get_submodule(n), QuantLinear) for n in ("q_proj", "k_proj", "v_proj", "attn_out",
+                                                                          "ff_out"))
