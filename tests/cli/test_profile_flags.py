@@ -66,3 +66,11 @@ def test_study_profile_global_and_per_entry():
         parse_study_config({**base, "profile": "exact", "methods": ["fp"]})
     with pytest.raises(DllmqError, match=r"methods\[0\] at W4A16-g128 is not a valid setting \(Unknown profile"):
         parse_study_config({**base, "methods": [{"name": "gptq", "bits": ["W4A16-g128"], "profile": "exact"}]})
+
+
+def test_study_global_profile_also_sets_the_evaluation_profile():
+    base = {"models": ["random-dream"], "tasks": ["mini_math"], "methods": ["fp"]}
+    default, paper = parse_study_config(base), parse_study_config({**base, "profile": "paper"})
+    assert default.eval.profile == "dllmq" and "profile" not in default.eval.key_dict()   # old cell keys kept
+    assert paper.eval.profile == "paper" and paper.eval.key_dict()["profile"] == "paper"
+    assert plan_cells(default)[0].cell_key != plan_cells(paper)[0].cell_key

@@ -18,7 +18,8 @@ A YAML file (see default_study.yaml, the paper's grid, which is also what `dllmq
     measures: {text: wiki, windows: 16, seqlen: 128, ratios: [0.1, 0.25, 0.5, 0.75, 1.0], elbo_mc: 2,
                trajectory: 8}                 # distribution measures vs FP; null turns them off
     threads: null                            # torch threads while evaluating (null: the process's own)
-    profile: dllmq                           # or paper: the study code's settings (a method entry may set its own)
+    profile: dllmq                           # or paper: the study code's settings for quantization (a method entry
+                                             # may set its own) and for the harness tasks of every cell
 
 Every problem is reported as one DllmqError sentence that names the key, e.g.
 "Study config study.yaml: methods[2].bits has an unknown bit config 'W5A16'; use one of ...".
@@ -91,9 +92,11 @@ class EvalSettings:
     data_dir: str | None = None       # harness datasets downloaded elsewhere
     offline: bool = False             # harness: never try the network for datasets
     harness: dict = field(default_factory=dict)  # harness overrides (mc_num, gen_length, ...)
+    profile: str = "dllmq"            # the grid's profile: paper runs harness tasks as the study's code did
 
     def key_dict(self) -> dict:
-        return {"chat": self.chat, "batch_size": self.batch_size, "harness": dict(sorted(self.harness.items()))}
+        key = {"chat": self.chat, "batch_size": self.batch_size, "harness": dict(sorted(self.harness.items()))}
+        return key if self.profile == "dllmq" else {**key, "profile": self.profile}   # older keys unchanged
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ def parse_study_config(data: Any, source: str = "<config>") -> StudyConfig:
 
     raw_eval = dict(_mapping(src, "eval", data.get("eval"), _EVAL_KEYS))
     harness = _mapping(src, "eval.harness", raw_eval.pop("harness", None), _harness_keys())
-    ev = EvalSettings(**raw_eval, harness=dict(harness))
+    ev = EvalSettings(**raw_eval, harness=dict(harness), profile=profile)
     if ev.chat is not None and not isinstance(ev.chat, bool):
         raise _err(src, "eval.chat", "must be true, false or null (automatic)")
     if not _is_int(ev.batch_size) or ev.batch_size < 1:
