@@ -167,7 +167,9 @@ def describe_quantization(raw: dict, family=None) -> str | None:
     w, a, cal = config.weight, config.act, config.calibration
     group = "per-channel" if w.group_size == -1 else f"group {w.group_size}"
     calib = "" if not config.needs_calibration else \
-        f", calibrated on {cal.source} ({cal.nsamples} x {cal.seqlen} tokens, seed {config.seed})"
+        f", calibrated on {cal.source} ({cal.nsamples} x {cal.seqlen} tokens, seed {config.seed})" \
+        if cal.windows == "random" else \
+        f", calibrated on {cal.source} ({cal.nsamples} documents cut into {cal.seqlen}-token windows)"
     acts = "" if not config.weight_activation else \
         f", activations per token ({'symmetric' if a.sym else 'asymmetric'}, clip {a.clip})" + \
         (f", KV {config.kv.bits}-bit" if config.kv.enabled else "")
