@@ -121,7 +121,7 @@ def _eval_mini(args, names) -> None:
         print(f"{task:<14} {100 * r['acc']:>7.2f} {100 * r['stderr']:>7.2f} {r['n']:>5} {100 * r['chance']:>7.1f}")
     if args.out:
         write_json_atomic(Path(args.out), {"model": str(args.model), "tasks": results, "limit": limit,
-                                           "seed": args.seed})
+                                           "seed": args.seed, "profile": args.profile})
         print(f"results written to {args.out}")
 
 
