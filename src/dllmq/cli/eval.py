@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from dllmq.evaluate import evaluate_mini
 from dllmq.evaluate.mini import ALIASES, TASKS
 from dllmq.atomic import write_json_atomic
 from dllmq.errors import DllmqError
+from dllmq.evaluate.presets import PROFILES
 from dllmq.evaluate.runner import EvalOptions, run_eval
 
 EPILOG = """\
@@ -65,6 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--remasking", default=None, choices=["low_confidence", "random"], help="LLaDA remasking")
     p.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the chat template")
     p.add_argument("--sandbox-workers", type=int, default=None, help="programs run in parallel (default min(4, cores))")
+    p.add_argument("--profile", default="dllmq",
+                   help="dllmq (default: the presets) or paper (the study's own evaluation where it differs: Dream's "
+                        "likelihood estimator and generation settings; harness tasks; docs/fidelity.md)")
     p.set_defaults(func=run)
 
 
@@ -96,7 +101,12 @@ def run(args) -> None:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     mini = bool(names) and all(t in TASKS or t in ALIASES for t in names)
     check_args(args, mini)
+    if args.profile not in PROFILES:
+        raise DllmqError(f"Unknown --profile {args.profile!r}; choose {' or '.join(PROFILES)}.")
     if mini:
+        if args.profile != "dllmq":
+            print("note: --profile paper changes the harness tasks only; the mini tasks run as they always do",
+                  file=sys.stderr)
         return _eval_mini(args, names)
     _eval_harness(args)
 
@@ -111,7 +121,7 @@ def _eval_mini(args, names) -> None:
         print(f"{task:<14} {100 * r['acc']:>7.2f} {100 * r['stderr']:>7.2f} {r['n']:>5} {100 * r['chance']:>7.1f}")
     if args.out:
         write_json_atomic(Path(args.out), {"model": str(args.model), "tasks": results, "limit": limit,
-                                           "seed": args.seed})
+                                           "seed": args.seed, "profile": args.profile})
         print(f"results written to {args.out}")
 
 
@@ -124,7 +134,7 @@ def _eval_harness(args) -> dict:
     options = EvalOptions(limit=limit, out=args.out, allow_code_execution=args.allow_code_execution,
                           data_dir=args.data_dir, overrides=overrides, dtype=args.dtype, device=args.device,
                           seed=args.seed, offline=True if args.offline else None, include_path=args.include_path,
-                          log_samples=args.log_samples, sandbox_workers=args.sandbox_workers)
+                          log_samples=args.log_samples, sandbox_workers=args.sandbox_workers, profile=args.profile)
     report = run_eval(args.model, args.tasks, options)
     print(format_table(report))
     if args.out:

@@ -29,7 +29,7 @@ def run(args) -> None:
     if directory is not None:  # a truncated or corrupt weights file is reported here, not at the first load
         verify_checkpoint(directory)
     family = get_family(config.family)
-    quantized = describe_quantization(raw)
+    quantized = describe_quantization(raw, family)
     if args.json:
         print(json.dumps({"model": name, **describe(config, family),
                           "quantization_config": raw.get("quantization_config")}, indent=2))

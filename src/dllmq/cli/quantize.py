@@ -15,6 +15,7 @@ from dllmq.data import check_corpus
 from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
 from dllmq.quant import QuantConfig, format_report, preset_settings, quantize, save_quantized
+from dllmq.quant.config import DEFAULT_PROFILE, PROFILES, parse_keep_fp
 from dllmq.quant.api import directory_bytes, theoretical_bytes
 from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, WEIGHT_ONLY, Method
 from dllmq.quant.registry import get_method, methods
@@ -54,12 +55,19 @@ def add_parser(sub) -> None:
     p.add_argument("--weight-clip", type=float, default=None, help="weight clip ratio (default: the method's)")
     p.add_argument("--calib", default="wiki",
                    help="calibration text: wiki (offline, shipped; default), wikitext2, pile, or a .txt/.jsonl file")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--nsamples", type=int, default=None,
+                   help="calibration windows (default 128; AWQ's paper profile: 128 documents)")
     p.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per window (default {DEFAULT_SEQLEN}, or the model's context when that is shorter)")
     add_calib_device_arg(p)
     p.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations on the CPU between blocks (less device memory)")
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help="whose defaults fill the settings not given: dllmq (default) or paper (the study code's, per "
+                        "method and model family; docs/fidelity.md)")
+    p.add_argument("--keep-fp", default=None, metavar="NAMES",
+                   help="linears left in full precision, comma-separated: roles (qkv, attn_out, gate_up, down) or block "
+                        "linear names (q_proj, self_attn.o_proj, ...); weight-only methods")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_method_arguments(p)
@@ -74,19 +82,33 @@ def run(args) -> None:
     flags = dict(wbits=args.wbits, group_size=args.group_size, abits=args.abits, kv_bits=args.kv_bits,
                  act_clip=args.act_clip, weight_clip=args.weight_clip, sym=True if args.sym else None)
     settings.update({k: v for k, v in flags.items() if v is not None})  # explicit flags beat the preset
-    given = dict(method=args.method, calib=args.calib, nsamples=args.nsamples, seed=args.seed, **settings,
+    if args.profile not in PROFILES:
+        raise DllmqError(f"Unknown --profile {args.profile!r}; choose {' or '.join(PROFILES)}.")
+    given = dict(method=args.method, calib=args.calib, seed=args.seed, **settings,
                  **method_settings_from_args(args, args.method))
-    config = QuantConfig(seqlen=DEFAULT_SEQLEN if args.seqlen is None else args.seqlen, **given)
+    if args.nsamples is not None:
+        given["nsamples"] = args.nsamples
+    if args.keep_fp is not None:
+        given["keep_fp"] = parse_keep_fp(args.keep_fp)
+        if not given["keep_fp"]:
+            raise DllmqError("--keep-fp is empty; give linear roles or names separated by commas, or leave it out.")
+    family = model_config(args.model).family if args.profile == "paper" or args.keep_fp is not None else None
+    config = QuantConfig(profile=args.profile, family=family, **given,
+                         **({} if args.seqlen is None else {"seqlen": args.seqlen}))
     if config.needs_calibration:  # the calibration text and window, before the model loads
         check_corpus(args.calib)
         context = model_config(args.model).max_seq_len
         if args.seqlen is None:
-            config = QuantConfig(seqlen=min(DEFAULT_SEQLEN, context), **given)
+            seqlen = config.calibration.seqlen if args.profile == "paper" else DEFAULT_SEQLEN
+            config = QuantConfig(profile=args.profile, family=family, seqlen=min(seqlen, context), **given)
             print(f"note: --seqlen not given: calibration windows of {config.calibration.seqlen} tokens (the smaller "
-                  f"of {DEFAULT_SEQLEN} and the model's context of {context})", file=sys.stderr)
+                  f"of {seqlen} and the model's context of {context})", file=sys.stderr)
         elif config.calibration.seqlen > context:
             raise DllmqError(f"--seqlen {config.calibration.seqlen} is longer than the model's context of {context} "
                              "tokens; use a shorter calibration window.")
+    if args.profile == "paper":
+        for line in paper_lines(config):
+            print(line, file=sys.stderr)
     model, tokenizer, family = load(args)
     report = quantize(model, tokenizer, config, device=args.calib_device or args.device,
                       offload_activations=args.offload_activations, progress=True)
@@ -95,6 +117,20 @@ def run(args) -> None:
     on_disk, target = directory_bytes(out), theoretical_bytes(model)
     print(f"saved {out}: {human_bytes(on_disk)} of safetensors (packed target {human_bytes(target)}, "
           f"{100 * (on_disk / target - 1):+.1f}%)")
+
+
+def paper_lines(config: QuantConfig) -> list[str]:
+    """What a paper run says before it starts: the resolved settings and how its calibration text is cut."""
+    cal = config.calibration
+    flat = config.to_dict()
+    lines = [f"paper profile ({config.method} on {config.family}): " +
+             ", ".join(f"{k}={flat[k]}" for k in config.method_class.paper_settings(config.family) if k in flat)]
+    if config.needs_calibration:
+        cut = (f"the first {cal.nsamples} documents of at most 512 tokens (AWQ's way, shuffled with seed 42) "
+               f"concatenated and cut into {cal.seqlen}-token windows" if cal.windows == "documents" else
+               f"{cal.nsamples} windows of {cal.seqlen} tokens at random starts (GPTQ's way, seed {config.seed})")
+        lines.append(f"note: the study's calibration windowing applied to --calib {cal.source}: {cut}")
+    return lines   # the method's warning, where it has one, is logged when quantization starts
 
 
 # -- the method flags, from the registry -------------------------------------------------------------

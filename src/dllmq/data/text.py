@@ -197,6 +197,48 @@ def calibration_windows(token_ids: Sequence[int] | Tensor, nsamples: int, seqlen
     return torch.stack([ids[i:i + seqlen] for i in starts])
 
 
+AWQ_MAX_DOCUMENT_TOKENS = 512   # AWQ's calibration skips longer documents (whatever the window length)
+AWQ_SHUFFLE_SEED = 42
+
+
+def document_windows(tokenizer, name_or_path: str | os.PathLike = "wiki", ndocs: int = 128,
+                     seqlen: int = 512) -> Tensor:
+    """Calibration windows the way AWQ's reference makes them: the corpus's documents shuffled as
+    `datasets` shuffles with seed 42, each stripped and encoded with the tokenizer's special tokens,
+    documents longer than 512 tokens or empty skipped, the first `ndocs` concatenated and cut into
+    consecutive windows of `seqlen` tokens (the remainder dropped). Returns [n_windows, seqlen];
+    n_windows depends on the text.
+
+    Documents are the Pile's (already in AWQ's order) or a .jsonl file's records; in other text
+    (the shipped Wikipedia, whose articles are far longer than 512 tokens) each non-empty line, i.e.
+    each paragraph."""
+    if ndocs <= 0:
+        raise DllmqError(f"nsamples (documents) must be positive, got {ndocs}.")
+    if seqlen <= 0:
+        raise DllmqError(f"seqlen must be positive, got {seqlen}.")
+    name = os.fspath(name_or_path)
+    records = name == "pile" or name.endswith((".jsonl", ".jsonl.gz"))
+    docs = load_corpus(name_or_path, "train").split("\n\n" if records else "\n")
+    if name != "pile":   # dllmq's Pile text is in AWQ's shuffled order already
+        import numpy as np
+        docs = [docs[i] for i in np.random.default_rng(AWQ_SHUFFLE_SEED).permutation(len(docs))]
+    picked: list[int] = []
+    taken = 0
+    for doc in docs:
+        ids = tokenizer.encode(doc.strip())
+        if not ids or len(ids) > AWQ_MAX_DOCUMENT_TOKENS:
+            continue
+        picked.extend(ids)
+        taken += 1
+        if taken == ndocs:
+            break
+    n = len(picked) // seqlen
+    if n == 0:
+        raise DllmqError(f"The calibration text has too few documents of at most {AWQ_MAX_DOCUMENT_TOKENS} tokens to "
+                         f"fill one window of {seqlen} tokens; give a text with shorter documents or a smaller seqlen.")
+    return torch.tensor(picked[:n * seqlen], dtype=torch.long).reshape(n, seqlen)
+
+
 def _check_mask(mask_ratio: float, mask_token_id: int | None) -> None:
     if not 0.0 < mask_ratio <= 1.0:
         raise DllmqError(f"mask_ratio must be in (0, 1], got {mask_ratio}.")

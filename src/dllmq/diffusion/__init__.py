@@ -8,6 +8,7 @@ from dllmq.diffusion.dream_sampler import ALGORITHMS as DREAM_ALGORITHMS
 from dllmq.diffusion.dream_sampler import dream_generate
 from dllmq.diffusion.generate import default_sampler, generate, generate_text
 from dllmq.diffusion.likelihood import (
+    bernoulli_mc_loglikelihood,
     causal_loglikelihood,
     greedy_matches,
     loglikelihood,
@@ -34,6 +35,7 @@ __all__ = [
     "REMASKING",
     "PerplexityResult",
     "causal_generate",
+    "bernoulli_mc_loglikelihood",
     "causal_loglikelihood",
     "causal_perplexity",
     "decode_generation",

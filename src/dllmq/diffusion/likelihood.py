@@ -123,6 +123,58 @@ def mc_loglikelihood(
 
 
 @torch.no_grad()
+def bernoulli_mc_loglikelihood(
+    model: torch.nn.Module,
+    prompt_ids: TokenIds,
+    answer_ids: TokenIds,
+    *,
+    mc_num: int = 128,
+    batch_size: int = 32,
+    eps: float = 1e-3,
+    seed: int = 0,
+) -> float:
+    """Dream's Monte Carlo estimate of log p(answer | prompt), as Dream's evaluation computes it
+    (its lm-eval model, nll_type "mc", log_type "ftb"; the study ran it for every Dream likelihood).
+
+    Per batch of `batch_size` copies: one u ~ U(0, 1), row i gets t = (u + i / batch_size) mod 1 and
+    p = (1 - eps) t + eps, and every answer token is masked independently with probability p; the
+    sequence's first and last positions are never masked (Dream's evaluation appends EOS to the answer,
+    so pass it as the answer's last token). Each masked token's cross-entropy is weighted 1 / p, rows
+    are summed and divided by batch_size, and max(mc_num // batch_size, 1) batches averaged. Random
+    draws come from a generator seeded with `seed`, in the order Dream's code draws them (u, then the
+    [rows, length] uniforms)."""
+    require_diffusion(model, "Monte Carlo likelihood")
+    prompt, answer = as_ids(prompt_ids, "prompt_ids"), as_ids(answer_ids, "answer_ids")
+    _check_pair(model, prompt, answer)
+    if mc_num < 1 or batch_size < 1:
+        raise DllmqError(f"mc_num ({mc_num}) and batch_size ({batch_size}) must be positive.")
+    if not 0.0 <= eps < 1.0:
+        raise DllmqError(f"eps must be in [0, 1), got {eps}.")
+    mask_id = mask_token_id(model)
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    n_prompt = prompt.numel()
+    seq = torch.cat([prompt, answer]).to(device).repeat(batch_size, 1)
+    length = seq.shape[1]
+    rows = torch.arange(batch_size, dtype=torch.float32)
+    losses = []
+    for _ in range(max(mc_num // batch_size, 1)):
+        u = torch.rand(1, generator=generator)
+        p = (1 - eps) * ((u + rows / batch_size) % 1) + eps                      # [batch]
+        masked = torch.rand(batch_size, length, generator=generator) < p[:, None]
+        masked[:, 0] = False
+        masked[:, -1] = False
+        masked[:, :n_prompt] = False                                              # only the answer is noised
+        masked = masked.to(device)
+        noisy = seq.masked_fill(masked, mask_id)
+        logits = mask_predictor_logits(model, noisy)
+        ce = F.cross_entropy(logits[masked].float(), seq[masked], reduction="none")
+        weights = p.to(device)[:, None].expand(batch_size, length)[masked]
+        losses.append(float((ce / weights).sum()) / batch_size)
+    return -sum(losses) / len(losses)
+
+
+@torch.no_grad()
 def causal_loglikelihood(model: torch.nn.Module, prompt_ids: TokenIds, answer_ids: TokenIds) -> float:
     """Exact log p(answer | prompt) of a causal model: the answer tokens' summed log-probs."""
     prompt, answer = as_ids(prompt_ids, "prompt_ids"), as_ids(answer_ids, "answer_ids")

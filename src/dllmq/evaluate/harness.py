@@ -43,7 +43,9 @@ How requests are answered:
 Model arguments (all optional): pretrained (built-in name, directory, quantized directory or Hub
 id), mc_num, batch_size, gen_batch_size, cfg, gen_length, steps, block_length, remasking,
 temperature, alg, alg_temp, top_p, top_k, sampler, dtype, device, seed, chat, add_bos, greedy,
-max_length, progress.
+max_length, progress, likelihood (llada: the estimator above; dream: Dream's evaluation estimator,
+`bernoulli_mc_loglikelihood`, with EOS appended to every continuation and no greedy flag),
+stop_strings (false: generations are cut at end-of-text only, not at the request's `until`).
 """
 from __future__ import annotations
 
@@ -61,13 +63,14 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from tqdm.auto import tqdm
 
 from dllmq.api import load_model
-from dllmq.diffusion import (decode_generation, default_sampler, encode_prompts, format_prompt, generate,
-                             greedy_matches, loglikelihood)
+from dllmq.diffusion import (bernoulli_mc_loglikelihood, decode_generation, default_sampler, encode_prompts,
+                             format_prompt, generate, greedy_matches, loglikelihood)
 from dllmq.diffusion.text import pad_token_id
 from dllmq.errors import DllmqError
 
 log = logging.getLogger(__name__)
 
+LIKELIHOODS = ("llada", "dream")   # LLaDA's estimator (k of L masked, weight L/k) or Dream's (Bernoulli, 1/p)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -146,6 +149,8 @@ class DllmqLM(TemplateLM):
         greedy: bool | str = "auto",
         max_length: int | None = None,
         progress: bool | str = True,
+        likelihood: str = "llada",
+        stop_strings: bool | str = True,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -192,6 +197,10 @@ class DllmqLM(TemplateLM):
         self.max_length = _as_int("max_length", max_length) or model_limit or 4096
         self.progress = _as_bool("progress", progress)
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if likelihood not in LIKELIHOODS:
+            raise DllmqError(f"likelihood must be {' or '.join(LIKELIHOODS)}, got {likelihood!r}.")
+        self.likelihood = str(likelihood)
+        self.stop_strings = _as_bool("stop_strings", stop_strings)
 
     # ------------------------------------------------------------------ harness plumbing
     @property
@@ -239,7 +248,8 @@ class DllmqLM(TemplateLM):
                 "block_length": self.block_length, "remasking": self.remasking, "temperature": self.temperature,
                 "alg": self.alg, "alg_temp": self.alg_temp, "top_p": self.top_p, "top_k": self.top_k,
                 "sampler": self.sampler, "seed": self.seed, "chat": self.chat, "add_bos": self.add_bos,
-                "greedy": self.greedy, "max_length": self.max_length}
+                "greedy": self.greedy, "max_length": self.max_length, "likelihood": self.likelihood,
+                "stop_strings": self.stop_strings}
 
     # ------------------------------------------------------------------ loglikelihood
     def _wrap_chat(self, context: str) -> str:
@@ -264,6 +274,9 @@ class DllmqLM(TemplateLM):
                 encoded.append(([self.prefix_token_id], cont))
             else:
                 encoded.append(self._encode_pair(context, continuation))
+        if self.likelihood == "dream" and not self.family.causal:
+            # Dream's evaluation appends EOS to the continuation (never masked, so never scored itself)
+            encoded = [(ctx, list(cont) + [self.eot_token_id]) for ctx, cont in encoded]
         out = []
         bar = tqdm(total=len(encoded), desc="dllmq loglikelihood", disable=disable_tqdm or not self.progress)
         for (context, continuation), (ctx_ids, cont_ids), greedy in zip(args, encoded, need_greedy):
@@ -292,6 +305,11 @@ class DllmqLM(TemplateLM):
     def score(self, ctx_ids: Sequence[int], cont_ids: Sequence[int], *, greedy: bool = True) -> tuple[float, bool]:
         """(log p(continuation | context), greedy flag) from token ids: what loglikelihood returns."""
         ctx_ids, cont_ids = self._fit(ctx_ids, cont_ids)
+        if self.likelihood == "dream" and not self.family.causal:
+            # Dream's estimator: max(mc_num // batch, 1) batches of batch_size rows, whatever the answer's length
+            ll = bernoulli_mc_loglikelihood(self.model, ctx_ids, cont_ids, mc_num=self.mc_num,
+                                            batch_size=self.batch_size, seed=self.seed)
+            return float(ll), False   # Dream's evaluation never computes the greedy flag
         mc_num = 1 if len(cont_ids) == 1 else self.mc_num
         batch = min(self.batch_size, mc_num)
         ll = loglikelihood(self.model, ctx_ids, cont_ids, mc_num=mc_num, batch_size=batch, cfg=self.cfg,
@@ -370,7 +388,8 @@ class DllmqLM(TemplateLM):
             out = generate(self.model, self.tokenizer, ids, sampler=self.sampler,
                            attention_mask=None if bool(mask.all()) else mask, **head[4])
             for it, row in zip(batch, range(len(batch))):
-                text = decode_generation(self.tokenizer, out[row:row + 1], ids.shape[1], stop_strings=it[3],
+                stops = it[3] if self.stop_strings else ()   # off: cut at end-of-text only (Dream's study runs)
+                text = decode_generation(self.tokenizer, out[row:row + 1], ids.shape[1], stop_strings=stops,
                                          model=self.model)[0]
                 results[it[0]] = text
                 self.cache_hook.add_partial("generate_until", requests[it[0]].args, text)

@@ -102,10 +102,17 @@ FAMILY_GENERATION = {
     "llada": {"remasking": "low_confidence", "temperature": 0.0, "cfg": 0.0},
     "dream": {"alg": "entropy", "temperature": 0.1, "top_p": 0.9},
 }
+# The study's own evaluation where it differs from the presets (`--profile paper`; docs/fidelity.md items
+# 9, 10): Dream's likelihood estimator (per-token Bernoulli masks, EOS appended, 32 rows per batch) and
+# Dream's generation as the study's lm-eval model ran it (temperature 0, top_p 0.95, entropy order, the
+# answer cut at EOS only). LLaDA's presets are the study's already.
+PROFILES = ("dllmq", "paper")
+PAPER_LIKELIHOOD = {"dream": {"likelihood": "dream", "batch_size": 32}}
+PAPER_GENERATION = {"dream": {"alg": "entropy", "temperature": 0.0, "top_p": 0.95, "stop_strings": False}}
 # Model settings a caller may override (the DllmqLM argument names), plus num_fewshot.
 OVERRIDABLE = ("mc_num", "batch_size", "gen_batch_size", "cfg", "gen_length", "steps", "block_length",
                "remasking", "temperature", "alg", "alg_temp", "top_p", "top_k", "sampler", "chat", "greedy",
-               "num_fewshot")
+               "likelihood", "stop_strings", "num_fewshot")
 
 
 def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
@@ -140,22 +147,31 @@ def preset_for(task: str) -> TaskPreset:
     return TaskPreset(task, task, "other", "unknown", None, "", mc_num=128, note="no dllmq preset")
 
 
-def model_settings(preset: TaskPreset, family: str, overrides: Mapping | None = None) -> dict:
+def model_settings(preset: TaskPreset, family: str, overrides: Mapping | None = None,
+                   profile: str = "dllmq") -> dict:
     """The DllmqLM arguments for one task on one family: preset values, the family's sampler
-    settings, then `overrides` (keys of OVERRIDABLE; None values are ignored)."""
+    settings (with `profile` paper, the study's own where they differ), then `overrides` (keys of
+    OVERRIDABLE; None values are ignored)."""
+    if profile not in PROFILES:
+        raise DllmqError(f"Unknown profile {profile!r}; choose {' or '.join(PROFILES)}.")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None and k != "num_fewshot"}
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise DllmqError(f"Unknown evaluation setting(s) {', '.join(unknown)}; known: {', '.join(OVERRIDABLE)}.")
+    paper = profile == "paper"
     settings: dict = {}
     if preset.mc_num is not None:
         settings["mc_num"] = preset.mc_num
     if preset.kind == "likelihood":
         settings["batch_size"] = min(32, preset.mc_num or 32)
+        if paper:
+            settings.update(PAPER_LIKELIHOOD.get(family_key(family), {}))
     if preset.kind == "generation" or preset.gen_length:
         if preset.gen_length:
             settings.update(gen_length=preset.gen_length, steps=preset.steps, block_length=preset.block_length)
         settings.update(FAMILY_GENERATION[family_key(family)])
+        if paper:
+            settings.update(PAPER_GENERATION.get(family_key(family), {}))
     if "gen_length" in overrides:
         # a new length: steps follow it (one token per step) and a block never exceeds it
         settings["steps"] = overrides["gen_length"]
@@ -180,5 +196,5 @@ def describe(family: str = "llada") -> list[dict]:
              **model_settings(p, family)} for p in PRESETS.values()]
 
 
-__all__ = ["FAMILIES", "GROUPS", "PRESETS", "TaskPreset", "describe", "family_key", "model_settings",
+__all__ = ["FAMILIES", "GROUPS", "PRESETS", "PROFILES", "TaskPreset", "describe", "family_key", "model_settings",
            "num_fewshot", "preset_for", "resolve_tasks"]

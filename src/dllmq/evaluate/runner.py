@@ -74,6 +74,7 @@ class EvalOptions:
     allow_code_execution: bool = False
     data_dir: str | os.PathLike | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    profile: str = "dllmq"   # paper: the study's own evaluation where it differs (presets.PAPER_*)
     dtype: str = "auto"
     device: str = "cpu"
     seed: int = 0
@@ -127,7 +128,7 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
     if isinstance(limit, float) and limit > 1:
         limit = int(limit)
     overrides = {k: v for k, v in (o.overrides or {}).items() if v is not None}
-    P.model_settings(preset_list[0], "llada", overrides)  # validate override names early
+    P.model_settings(preset_list[0], "llada", overrides, o.profile)  # validate override names early
 
     sandbox_info = isolation() if needs_code else None
     include = o.include_path
@@ -149,7 +150,7 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
         model_label = o.model_name or path or type(model).__name__
         with keep_dequantized_weights(model):  # fake-quantized weights dequantized once, not per forward
             for preset, objs in built:
-                settings = P.model_settings(preset, family, overrides)
+                settings = P.model_settings(preset, family, overrides, o.profile)
                 shots = P.num_fewshot(preset, overrides)
                 lm = harness.DllmqLM(model_label, model=model, tokenizer=tok, seed=o.seed, progress=o.progress,
                                      **settings)
@@ -176,6 +177,7 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
             "tasks": names,
             "limit": limit,
             "overrides": overrides,
+            "profile": o.profile,
             "seed": o.seed,
             "fewshot_seed": o.fewshot_seed,
             "data_dir": str(o.data_dir) if o.data_dir else None,

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
-from dllmq.data import calibration_set
+from dllmq.data import calibration_set, document_windows
 from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
 from dllmq.models.loading import save_model, state_dict_for_saving
@@ -16,6 +17,8 @@ from dllmq.quant.config import QuantConfig
 from dllmq.quant.format import quantization_config, read_quantization, tool_config
 from dllmq.quant.pipeline import QuantReport, quantize_model
 from dllmq.quant.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
 
 
 def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> torch.Tensor | None:
@@ -27,14 +30,21 @@ def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> tor
                          f"{model.config.max_seq_len} tokens; use a shorter calibration window.")
     if tokenizer is None:
         raise DllmqError("Calibration needs the model's tokenizer, and this model directory has none.")
+    if cal.windows == "documents":
+        return document_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen)
     return calibration_set(tokenizer, cal.source, cal.nsamples, cal.seqlen, config.seed)
 
 
 def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: str | torch.device = "cpu",
              offload_activations: bool = False, progress: bool = True) -> QuantReport:
-    """Quantize `model`'s block linears in place with `config`; records the quantization_config on it."""
+    """Quantize `model`'s block linears in place with `config`; records the quantization_config on it.
+    A paper-profile config is first resolved for the model's family (`QuantConfig.for_family`)."""
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise DllmqError("This model is already quantized; start from the full-precision checkpoint.")
+    config = config.for_family(model.family.name)
+    note = config.paper_note()
+    if note:
+        log.warning(note)
     calib = calibration_ids(model, tokenizer, config)
     report = quantize_model(model, config.make_method(), calib, device=device,
                             offload_activations=offload_activations, progress=progress)

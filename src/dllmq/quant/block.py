@@ -57,9 +57,15 @@ class BlockContext:
         self._heads: list[torch.Tensor] | None = None  # the out projection's inputs, to build _mid from
         self._sequential_done = False
         self._recorded: dict[Role, list[torch.Tensor]] | None = None   # group inputs from fp_outputs()
+        # block linears left in full precision (--keep-fp): a method leaves their weights as they are
+        self.keep_fp: frozenset[str] = frozenset(config.keep_fp_linears(block.family)) if config is not None else frozenset()
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
+
+    def quantized(self, names) -> list[str]:
+        """The names among `names` that are quantized (not kept in full precision)."""
+        return [n for n in names if n not in self.keep_fp]
 
     def run(self, hooks: dict[str, Callable[[torch.Tensor], None]] | None = None,
             keep_outputs: bool = False) -> list[torch.Tensor] | None:
@@ -109,6 +115,14 @@ class BlockContext:
         for group in self.family.groups:
             yield group, (lambda fn, group=group: self._feed(group, fn))
         self._sequential_done = True
+
+    def feed_ahead(self, group: LinearGroup, fn: Callable[[torch.Tensor], None]) -> None:
+        """Inside a `sequential()` pass: feed a later MLP group's input as the block stands now, before
+        the groups between are final (the study's LLaDA GPTQ calibrated down on full-precision gate/up
+        outputs). The attention half must be final already."""
+        if group.role in ATTENTION_HALF:
+            raise ValueError("only an MLP group can be fed ahead, once the attention half is final")
+        self._feed(group, fn)
 
     def _feed(self, group: LinearGroup, fn: Callable[[torch.Tensor], None]) -> None:
         first = self.linear(group.linears[0])

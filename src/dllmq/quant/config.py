@@ -8,12 +8,14 @@ calibration specs; every other keyword is one of the method's own settings (its 
 see dllmq.quant.methods). What a config leaves unset takes the method's preference (QuaRot is
 symmetric, DuQuant clips at 4 bits, ...) and then the study's defaults: group 128 for
 weight-only, per-channel weights for weight-activation, 128 calibration windows of 2048 tokens.
+A profile (`paper`) fills what is left unset with the study code's settings instead.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from dllmq.errors import DllmqError
+from dllmq.models.family import Family, Role
 from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, Method
 from dllmq.quant.registry import get_method, methods
 from dllmq.quant.specs import NOT_QUANTIZED, ActSpec, CalibSpec, KVSpec, MethodSettings, WeightSpec
@@ -21,18 +23,70 @@ from dllmq.quant.specs import NOT_QUANTIZED, ActSpec, CalibSpec, KVSpec, MethodS
 # The flat names of the shared settings, in the order saved configs list them.
 SHARED = ("wbits", "group_size", "sym", "weight_clip", "abits", "act_sym", "act_clip", "kv_bits", "kv_group_size",
           "kv_clip", "calib", "nsamples", "seqlen", "seed")
+# Settings a flat config lists after the method's own only where they differ from these defaults, so
+# the configs (and study keys) of runs that do not use them read exactly as before they existed.
+OPTIONAL = {"profile": "dllmq", "family": None, "keep_fp": [], "calib_windows": "random", "group_order": "execution"}
+
+PROFILES = ("dllmq", "paper")   # dllmq's defaults, or the study code's (docs/fidelity.md)
+DEFAULT_PROFILE = "dllmq"
+# How calibration text becomes windows: `random` starts (GPTQ's reference, dllmq's default) or
+# `documents` (AWQ's: short documents concatenated and cut into consecutive windows).
+CALIB_WINDOWS = ("random", "documents")
+# The order a sequential method (GPTQ) calibrates a block's groups in: `execution` (true-sequential) or
+# `down-first` (down on the full-precision gate/up outputs before gate/up are quantized: the study's
+# LLaDA layer list).
+GROUP_ORDERS = ("execution", "down-first")
 
 
 class QuantConfig:
     """What to quantize and how, resolved: `method` (its registry name), the shared specs `weight`,
-    `act`, `kv` and `calibration`, the `seed` of every random choice, and `settings`, the method's own."""
+    `act`, `kv` and `calibration`, the `seed` of every random choice, `settings` (the method's own),
+    `profile` and `keep_fp`.
 
-    def __init__(self, method: str = "rtn", *, wbits: int = 4, group_size: int | None = None,
-                 sym: bool | None = None, weight_clip: float | None = None, abits: int = NOT_QUANTIZED,
-                 act_sym: bool | None = None, act_clip: float | None = None, kv_bits: int = NOT_QUANTIZED,
-                 kv_group_size: int = 128, kv_clip: float = 0.95, calib: str = "wiki", nsamples: int = 128,
-                 seqlen: int = 2048, seed: int = 0, **settings: Any):
+    `profile` chooses whose defaults fill what the caller leaves unset: dllmq's (`dllmq`) or the study
+    code's (`paper`, per method and model `family`: each method's `paper_settings`). Settings given
+    explicitly always win over the profile. A paper config made without a family resolves what does
+    not depend on it; `for_family` completes it once the model is known (quantize() does).
+    `keep_fp` names linears (roles such as qkv, or block linear names such as q_proj) left in full
+    precision."""
+
+    def __init__(self, method: str = "rtn", *, profile: str = DEFAULT_PROFILE, family: str | None = None,
+                 **given: Any):
         cls = get_method(str(method))
+        if profile not in PROFILES:
+            raise DllmqError(f"Unknown profile {profile!r}; choose {' or '.join(PROFILES)}.")
+        self.profile = profile
+        # the family matters to (and is recorded by) the paper profile only
+        self.family = None if family is None or profile != "paper" else str(family)
+        self._given = dict(given)
+        profiled = cls.paper_settings(self.family) if profile == "paper" else {}
+        self._build(cls, **{**profiled, **given})
+        if self.keep_fp and family is not None:
+            keep_fp_linears(_family(str(family)), self.keep_fp)   # unknown names fail now, not after loading
+
+    def for_family(self, family: str) -> "QuantConfig":
+        """This config for a model of `family`: a paper config is resolved for it (the settings given
+        explicitly still win), any other config is returned as it is; keep_fp is checked against it."""
+        if self.profile == "paper" and self.family != family:
+            return QuantConfig(self.method, profile=self.profile, family=family, **self._given)
+        if self.keep_fp:
+            keep_fp_linears(_family(family), self.keep_fp)
+        return self
+
+    def keep_fp_linears(self, family: Family) -> tuple[str, ...]:
+        """The block linears this config leaves in full precision on a model of `family`."""
+        return keep_fp_linears(family, self.keep_fp) if self.keep_fp else ()
+
+    def paper_note(self) -> str | None:
+        """The one-line warning a paper config carries where it reproduces a quirk of the study's runs."""
+        return self.method_class.paper_note(self.family) if self.profile == "paper" else None
+
+    def _build(self, cls: type[Method], wbits: int = 4, group_size: int | None = None,
+               sym: bool | None = None, weight_clip: float | None = None, abits: int = NOT_QUANTIZED,
+               act_sym: bool | None = None, act_clip: float | None = None, kv_bits: int = NOT_QUANTIZED,
+               kv_group_size: int = 128, kv_clip: float = 0.95, calib: str = "wiki", nsamples: int = 128,
+               seqlen: int = 2048, seed: int = 0, keep_fp: Any = (), calib_windows: str = "random",
+               group_order: str = "execution", **settings: Any) -> None:
         self.method_class: type[Method] = cls
         self.method = cls.name
         self.settings: MethodSettings = cls.Settings.build(cls.name, settings)
@@ -62,7 +116,15 @@ class QuantConfig:
         self.act = ActSpec(abits, bool(cls.act_sym if act_sym is None else act_sym),
                            1.0 if act_clip is None else act_clip)
         self.kv = KVSpec(kv_bits, kv_group_size, kv_clip)
-        self.calibration = CalibSpec(calib, nsamples, seqlen)
+        if calib_windows not in CALIB_WINDOWS:
+            raise DllmqError(f"calib_windows must be {' or '.join(CALIB_WINDOWS)}, got {calib_windows!r}.")
+        if group_order not in GROUP_ORDERS:
+            raise DllmqError(f"group_order must be {' or '.join(GROUP_ORDERS)}, got {group_order!r}.")
+        self.calibration = CalibSpec(calib, nsamples, seqlen, calib_windows, group_order)
+        self.keep_fp = parse_keep_fp(keep_fp)
+        if self.keep_fp and self.weight_activation:
+            raise DllmqError(f"--keep-fp works with weight-only quantization; {cls.name} with activation bits runs "
+                             "online transforms and activation quantizers on every linear, so leave --keep-fp out.")
         self.seed = seed
         if self.needs_calibration:
             if nsamples <= 0:
@@ -87,15 +149,20 @@ class QuantConfig:
         w, a, kv, cal = self.weight, self.act, self.kv, self.calibration
         shared = (w.bits, w.group_size, w.sym, w.clip, a.bits, a.sym, a.clip, kv.bits, kv.group_size, kv.clip,
                   cal.source, cal.nsamples, cal.seqlen, self.seed)
-        return {"method": self.method, **dict(zip(SHARED, shared)), **self.settings.to_dict()}
+        optional = {"profile": self.profile, "family": self.family, "keep_fp": list(self.keep_fp),
+                    "calib_windows": cal.windows, "group_order": cal.group_order}
+        return {"method": self.method, **dict(zip(SHARED, shared)), **self.settings.to_dict(),
+                **{k: v for k, v in optional.items() if v != OPTIONAL[k]}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
         """A config from its flat form. Keys that are neither shared nor the method's are ignored, so the
         configs of older dllmq versions (which listed every method's settings) still read."""
         method = get_method(str(d.get("method", "rtn")))
-        known = set(SHARED) | set(method.Settings.names())
-        return cls(method.name, **{**method.Settings.STORED_BEFORE, **{k: v for k, v in d.items() if k in known}})
+        known = set(SHARED) | set(OPTIONAL) | set(method.Settings.names())
+        given = {**method.Settings.STORED_BEFORE, **{k: v for k, v in d.items() if k in known}}
+        return cls(method.name, profile=given.pop("profile", DEFAULT_PROFILE), family=given.pop("family", None),
+                   **given)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, QuantConfig) and self.to_dict() == other.to_dict()
@@ -105,8 +172,46 @@ class QuantConfig:
 
 
 def settable_names(method: str) -> tuple[str, ...]:
-    """Every flat setting a config of `method` takes (the shared ones, then the method's own)."""
-    return SHARED + get_method(method).Settings.names()
+    """Every flat setting a config of `method` takes (the shared ones, the method's own, then the optional
+    ones but the family, which comes from the model)."""
+    return SHARED + get_method(method).Settings.names() + tuple(k for k in OPTIONAL if k != "family")
+
+
+def parse_keep_fp(value: Any) -> tuple[str, ...]:
+    """keep_fp as a tuple of names: from "a,b", ["a", "b"] or ()."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(v, str) for v in items):
+        raise DllmqError(f"--keep-fp takes linear roles or names separated by commas, got {value!r}.")
+    names = tuple(dict.fromkeys(v.strip() for v in items if v.strip()))
+    return names
+
+
+def keep_fp_linears(family: Family, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The block linears (paths relative to a block, execution order) that `names` keep in full precision.
+    A name is a role (qkv, attn_out, gate_up, down; or attn_in, mlp_in, mlp_out), a block linear's path
+    (self_attn.q_proj) or its last part when that is unique in the block (q_proj)."""
+    roles = {r.value: r for r in Role} | {r.name.lower(): r for r in Role}
+    linears = family.block_linears
+    keep: set[str] = set()
+    for name in names:
+        key = name.strip()
+        if key.lower() in roles:
+            keep.update(family.group(roles[key.lower()]).linears)
+            continue
+        matches = [l for l in linears if l == key] or [l for l in linears if l.rsplit(".", 1)[-1] == key]
+        if len(matches) != 1:
+            raise DllmqError(f"--keep-fp names {key!r}, which is neither a linear role ({', '.join(r.value for r in Role)}) "
+                             f"nor a linear of a {family.name} block ({', '.join(linears)}); give those, separated by "
+                             "commas.")
+        keep.add(matches[0])
+    return tuple(l for l in linears if l in keep)
+
+
+def _family(name: str) -> Family:
+    from dllmq.models.registry import get_family
+    return get_family(name)
 
 
 def _activation_methods() -> str:

@@ -60,7 +60,8 @@ def quantization_config(model: TransformerLM, config: QuantConfig, source: Forei
                          and not getattr(config.settings, "static_groups", True)),
         "modules_in_block_to_quantize": quantized_linears(model),
         "meta": {"quantizer": [QUANTIZER]},
-        "dllmq": {"version": __version__, **config.to_dict()},
+        # the profile is always recorded (the flat form lists it only where it is not dllmq's)
+        "dllmq": {"version": __version__, "profile": config.profile, **config.to_dict()},
     }
     if source is not None:
         qc["source"] = {"format": source.format, "quantizer": source.quantizer}
@@ -110,11 +111,14 @@ def prepare_quantized(model: TransformerLM, raw: dict, tensors: dict[str, torch.
         return
     method, spec, reader = saved.config.make_method(), saved.config.weight, saved.reader
     family = model.family
+    listed = _listed_linears(raw)
     for i, block in enumerate(model.get_blocks()):
         for name in family.block_linears:
             path = f"{family.blocks}.{i}.{name}"
             if tensors is not None and not (reader or gptq_layout).is_quantized(tensors, path):
                 continue  # left in full precision by the tool that quantized the checkpoint
+            if tensors is None and listed is not None and name not in listed:
+                continue  # dllmq's config lists the linears it quantized (--keep-fp left the others)
             linear = block.get_submodule(name)
             if reader is not None and tensors is not None:
                 with torch.device("cpu"):  # the loader builds the model on the meta device; tensors are real
@@ -130,14 +134,30 @@ def prepare_quantized(model: TransformerLM, raw: dict, tensors: dict[str, torch.
                                                    "modules_in_block_to_quantize": quantized_linears(model)}
 
 
+def _listed_linears(raw: dict) -> set[str] | None:
+    """The block linears a dllmq config lists as quantized (None for another tool's config)."""
+    qc = raw.get("quantization_config") or {}
+    groups = qc.get("modules_in_block_to_quantize")
+    if "dllmq" not in qc or not isinstance(groups, list):
+        return None
+    return {name for group in groups for name in group}
+
+
+def full_precision_linears(raw: dict, family) -> tuple[str, ...]:
+    """The block linears a dllmq-quantized model left in full precision (--keep-fp), in execution order."""
+    listed = _listed_linears(raw)
+    return () if listed is None else tuple(n for n in family.block_linears if n not in listed)
+
+
 def _convert(tensors: dict[str, torch.Tensor], path: str, converted: dict[str, torch.Tensor]) -> None:
     for key in [k for k in tensors if k.startswith(path + ".")]:
         del tensors[key]
     tensors.update({f"{path}.{k}": v for k, v in converted.items()})
 
 
-def describe_quantization(raw: dict) -> str | None:
-    """One line for `dllmq inspect`: what a saved quantized model holds."""
+def describe_quantization(raw: dict, family=None) -> str | None:
+    """A few lines for `dllmq inspect`: what a saved quantized model holds and, given its family, which
+    block linears are quantized and which stayed in full precision."""
     saved = read_quantization(raw)
     if saved is None:
         return None
@@ -147,9 +167,19 @@ def describe_quantization(raw: dict) -> str | None:
     w, a, cal = config.weight, config.act, config.calibration
     group = "per-channel" if w.group_size == -1 else f"group {w.group_size}"
     calib = "" if not config.needs_calibration else \
-        f", calibrated on {cal.source} ({cal.nsamples} x {cal.seqlen} tokens, seed {config.seed})"
+        f", calibrated on {cal.source} ({cal.nsamples} x {cal.seqlen} tokens, seed {config.seed})" \
+        if cal.windows == "random" else \
+        f", calibrated on {cal.source} ({cal.nsamples} documents cut into {cal.seqlen}-token windows)"
     acts = "" if not config.weight_activation else \
         f", activations per token ({'symmetric' if a.sym else 'asymmetric'}, clip {a.clip})" + \
         (f", KV {config.kv.bits}-bit" if config.kv.enabled else "")
-    return f"quantized    {config.method.upper()} W{w.bits}A{a.bits}, {group} weights " \
-           f"({'symmetric' if w.sym else 'asymmetric'}){acts}{calib}; weights stored in the GPTQ layout"
+    profile = raw["quantization_config"].get("dllmq", {}).get("profile", config.profile)
+    line = f"quantized    {config.method.upper()} W{w.bits}A{a.bits}, {group} weights " \
+           f"({'symmetric' if w.sym else 'asymmetric'}){acts}{calib}; weights stored in the GPTQ layout" \
+           f"; profile {profile}"
+    listed = _listed_linears(raw)
+    if listed is None or family is None:
+        return line
+    kept = full_precision_linears(raw, family)
+    return "\n".join([line, f"linears      quantized: {', '.join(n for n in family.block_linears if n in listed) or 'none'}",
+                       f"             full precision: {', '.join(kept) or 'none'}"])

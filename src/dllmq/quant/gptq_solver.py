@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from dllmq.errors import DllmqError
+from dllmq.models.family import Role
 from dllmq.quant.block import BlockContext, QuantizedWeight
 from dllmq.quant.primitives import QuantSpec, compute_qparams
 from dllmq.quant.rounding import round_scales
@@ -302,17 +303,30 @@ def gptq_block(ctx: BlockContext, spec: WeightSpec, settings: GPTQSettings) -> d
     the already-quantized groups before it. The linears of a group share one Hessian and are solved
     together (their rows stacked: every row's grid and codes are its own)."""
     results: dict[str, QuantizedWeight] = {}
+    ahead: dict[Role, HessianAccumulator] = {}
+    down_first = ctx.config is not None and ctx.config.calibration.group_order == "down-first"
     for group, feed in ctx.sequential():
-        linears = [ctx.linear(name) for name in group.linears]
-        hessian = HessianAccumulator(linears[0].in_features, ctx.device)
-        feed(hessian.add)
+        names = ctx.quantized(group.linears)      # linears kept in full precision are left as they are
+        if down_first and group.role == Role.MLP_IN:
+            # the study's LLaDA order: down's Hessian from gate/up as they are now, before they are quantized
+            down = ctx.family.group(Role.MLP_OUT)
+            if ctx.quantized(down.linears):
+                ahead[Role.MLP_OUT] = HessianAccumulator(ctx.linear(down.linears[0]).in_features, ctx.device)
+                ctx.feed_ahead(down, ahead[Role.MLP_OUT].add)
+        if not names:
+            continue
+        linears = [ctx.linear(name) for name in names]
+        hessian = ahead.pop(group.role, None)
+        if hessian is None:
+            hessian = HessianAccumulator(linears[0].in_features, ctx.device)
+            feed(hessian.add)
         H = hessian.H
         W = torch.cat([l.weight.detach().float() for l in linears])
         with one_thread():
             Q, scale, zero, g_idx = gptq_quantize(W, H, spec.bits, spec.group_size, spec.sym,
                                                   **settings.solver_options())
         row = 0
-        for name, linear in zip(group.linears, linears):
+        for name, linear in zip(names, linears):
             rows = slice(row, row + linear.out_features)
             row += linear.out_features
             err = relative_output_error(W[rows], Q[rows], H)

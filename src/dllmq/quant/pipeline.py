@@ -105,7 +105,7 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
         fp_outputs = None
         if inputs is not None and not method.propagate_quantized:
             fp_outputs = ctx.fp_outputs()
-        results = method.quantize_block(ctx)
+        results = {name: r for name, r in method.quantize_block(ctx).items() if name not in ctx.keep_fp}
         next_inputs = fp_outputs
         if inputs is not None and next_inputs is None and not method.config.weight_activation:
             # weight-only: the quantized block computes its linears with the dequantized weights, so

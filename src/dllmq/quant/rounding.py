@@ -31,4 +31,4 @@ def rtn_weight(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
 
 def round_block(ctx: BlockContext, spec: WeightSpec) -> dict[str, QuantizedWeight]:
     """Every linear of the block rounded to nearest, as it stands now (after any transform)."""
-    return {name: rtn_weight(ctx.linear(name).weight, spec) for name in ctx.family.block_linears}
+    return {name: rtn_weight(ctx.linear(name).weight, spec) for name in ctx.quantized(ctx.family.block_linears)}

@@ -61,11 +61,14 @@ class KVSpec:
 
 @dataclass(frozen=True)
 class CalibSpec:
-    """The calibration text: a source name or file, and how many windows of how many tokens."""
+    """The calibration text: a source name or file, and how many windows of how many tokens, cut at random
+    starts (`random`) or, with `documents`, from `nsamples` short documents concatenated (AWQ's way)."""
 
     source: str = "wiki"
     nsamples: int = 128
     seqlen: int = 2048
+    windows: str = "random"
+    group_order: str = "execution"   # the order a sequential method calibrates a block's groups in
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, invert: bool = False,

@@ -76,6 +76,27 @@ def model_identity(name: str) -> str:
     return json.dumps({"name": name, **ident}, sort_keys=True)
 
 
+def model_family(name: str) -> str | None:
+    """The family of `name` from its config alone (None where it cannot be read without a download)."""
+    from dllmq.models.config import read_config_json
+    from dllmq.models.random_models import RANDOM_MODELS, random_config
+    from dllmq.models.registry import parse_model_config
+    from dllmq.tiny import NAMES, checkpoint_dir
+    try:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            raw = read_config_json(path)
+        elif name in RANDOM_MODELS:
+            raw = random_config(name)
+        elif name in NAMES:
+            raw = read_config_json(checkpoint_dir(name))
+        else:
+            return None
+        return parse_model_config(raw).family
+    except (DllmqError, OSError, ValueError):
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def _wiki_sha256() -> str:
     return hashlib.sha256(resources.files("dllmq.data").joinpath("wiki", "enwiki_train.txt.gz").read_bytes()).hexdigest()
@@ -171,10 +192,13 @@ def plan_cells(config: StudyConfig, device: str = "cpu",
     cells: list[StudyCell] = []
     for model in config.models:
         ident = (model_identities or {}).get(model) or model_identity(model)
+        family = model_family(model)
         for seed in config.seeds:
             for spec in config.methods:
                 for preset in spec.bits:
                     qc = spec.quant_config(preset, config.calibration, seed)
+                    if qc is not None and family is not None:
+                        qc = qc.for_family(family)   # a paper entry resolves per model family
                     settings = qc.to_dict() if qc is not None else {}
                     qkey = quant_key(ident, settings, dtype, config.calibration.threads) if qc is not None else None
                     label = "FP" if qc is None else bits_label(preset)

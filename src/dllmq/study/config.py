@@ -18,6 +18,8 @@ A YAML file (see default_study.yaml, the paper's grid, which is also what `dllmq
     measures: {text: wiki, windows: 16, seqlen: 128, ratios: [0.1, 0.25, 0.5, 0.75, 1.0], elbo_mc: 2,
                trajectory: 8}                 # distribution measures vs FP; null turns them off
     threads: null                            # torch threads while evaluating (null: the process's own)
+    profile: dllmq                           # or paper: the study code's settings for quantization (a method entry
+                                             # may set its own) and for the harness tasks of every cell
 
 Every problem is reported as one DllmqError sentence that names the key, e.g.
 "Study config study.yaml: methods[2].bits has an unknown bit config 'W5A16'; use one of ...".
@@ -31,14 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from dllmq.errors import DllmqError
-from dllmq.quant.config import PRESETS, QuantConfig, settable_names
-from dllmq.quant.registry import method_names
+from dllmq.quant.config import PRESETS, PROFILES, QuantConfig, settable_names
+from dllmq.quant.registry import get_method, method_names
 
 DEFAULT_CONFIG_NAME = "default_study.yaml"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Settings a method entry may not override: the method is the entry's name, the seed comes from `seeds`.
 _RESERVED = ("method", "seed")
-_TOP_KEYS = ("models", "methods", "tasks", "limit", "calibration", "seeds", "dtype", "eval", "measures", "threads")
+_TOP_KEYS = ("models", "methods", "tasks", "limit", "calibration", "seeds", "dtype", "eval", "measures", "threads",
+             "profile")
 _CALIB_KEYS = ("calib", "nsamples", "seqlen", "threads")
 _MEASURE_KEYS = ("text", "windows", "seqlen", "ratios", "elbo_mc", "trajectory", "batch_size")
 _EVAL_KEYS = ("chat", "batch_size", "allow_code_execution", "data_dir", "offline", "harness")
@@ -89,9 +92,11 @@ class EvalSettings:
     data_dir: str | None = None       # harness datasets downloaded elsewhere
     offline: bool = False             # harness: never try the network for datasets
     harness: dict = field(default_factory=dict)  # harness overrides (mc_num, gen_length, ...)
+    profile: str = "dllmq"            # the grid's profile: paper runs harness tasks as the study's code did
 
     def key_dict(self) -> dict:
-        return {"chat": self.chat, "batch_size": self.batch_size, "harness": dict(sorted(self.harness.items()))}
+        key = {"chat": self.chat, "batch_size": self.batch_size, "harness": dict(sorted(self.harness.items()))}
+        return key if self.profile == "dllmq" else {**key, "profile": self.profile}   # older keys unchanged
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,10 @@ class MethodSpec:
             return None
         settings: dict[str, Any] = {"calib": calibration.calib, "nsamples": calibration.nsamples,
                                     "seqlen": calibration.seqlen}
+        profile = self.overrides.get("profile", "dllmq")
+        if profile == "paper":  # the study's own calibration windows win over the grid's calibration block
+            for k in get_method(self.name).paper_settings(None):
+                settings.pop(k, None)
         settings.update(PRESETS[preset])
         settings.update(self.overrides)
         return QuantConfig(method=self.name, seed=seed, **settings)
@@ -192,10 +201,12 @@ def _expand_tasks(src: str, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _method(src: str, i: int, entry: Any, calibration: Calibration) -> MethodSpec:
+def _method(src: str, i: int, entry: Any, calibration: Calibration, profile: str = "dllmq") -> MethodSpec:
     where = f"methods[{i}]"
     if isinstance(entry, str):
         entry = {"name": entry}
+    if isinstance(entry, dict) and profile != "dllmq" and "profile" not in entry and str(entry.get("name")) != "fp":
+        entry = {**entry, "profile": profile}   # the grid's profile, unless the entry sets its own
     if not isinstance(entry, dict) or "name" not in entry:
         raise _err(src, where, "must be a mapping with a name (e.g. {name: rtn, bits: [W4A16-g128]}) or the word fp")
     name = str(entry["name"]).lower()
@@ -259,7 +270,10 @@ def parse_study_config(data: Any, source: str = "<config>") -> StudyConfig:
 
     if not isinstance(data["methods"], list) or not data["methods"]:
         raise _err(src, "methods", "must be a non-empty list of methods")
-    methods = tuple(_method(src, i, e, calibration) for i, e in enumerate(data["methods"]))
+    profile = data.get("profile", "dllmq")
+    if profile not in PROFILES:
+        raise _err(src, "profile", f"is {profile!r}; use {' or '.join(PROFILES)}")
+    methods = tuple(_method(src, i, e, calibration, profile) for i, e in enumerate(data["methods"]))
     seen: dict[tuple[str, str], int] = {}
     for i, m in enumerate(methods):
         for b in m.bits:
@@ -282,7 +296,7 @@ def parse_study_config(data: Any, source: str = "<config>") -> StudyConfig:
 
     raw_eval = dict(_mapping(src, "eval", data.get("eval"), _EVAL_KEYS))
     harness = _mapping(src, "eval.harness", raw_eval.pop("harness", None), _harness_keys())
-    ev = EvalSettings(**raw_eval, harness=dict(harness))
+    ev = EvalSettings(**raw_eval, harness=dict(harness), profile=profile)
     if ev.chat is not None and not isinstance(ev.chat, bool):
         raise _err(src, "eval.chat", "must be true, false or null (automatic)")
     if not _is_int(ev.batch_size) or ev.batch_size < 1:

@@ -165,7 +165,8 @@ def _evaluate_task(model, tokenizer, task: str, cell: StudyCell, config: StudyCo
     overrides = {"chat": ev.chat, **ev.harness}  # eval.chat applies to harness tasks too, unless harness sets it
     options = EvalOptions(limit=cell.limit, allow_code_execution=ev.allow_code_execution, data_dir=ev.data_dir,
                           overrides=overrides, seed=cell.seed, offline=True if ev.offline else None,
-                          progress=progress, model_name=cell.model, return_samples=items is not None)
+                          progress=progress, model_name=cell.model, return_samples=items is not None,
+                          profile=ev.profile)
     report = run_eval((model, tokenizer), [task], options)
     t = report["tasks"][task]
     if items is not None and t.get("metric"):

@@ -40,7 +40,12 @@ class AWQSettings(MethodSettings):
     awq_search_tokens: int = setting(4096, "calibration tokens a scale search scores on when the scored output "
                                            "is not the group's own linear (whole windows for attention); 0 = all")
 
-    STORED_BEFORE = {"awq_search_tokens": 0}   # earlier versions scored every search on all tokens
+    awq_score_block: bool = setting(False, "score the scales of the groups that read a norm (q/k/v, gate/up) on the "
+                                           "whole block's output with the group's input fed as the block's input "
+                                           "(the study's LLaDA AWQ)")
+
+    # earlier versions scored every search on all tokens, on the family's scored outputs
+    STORED_BEFORE = {"awq_search_tokens": 0, "awq_score_block": False}
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -68,19 +73,32 @@ class AWQ(Method):
     Settings = AWQSettings
     propagate_quantized = False
 
+    @classmethod
+    def paper_settings(cls, family: str | None) -> dict:
+        # The study's llm-awq fork (entry.py, quantize/auto_scale.py, auto_clip.py, utils/calib_data.py):
+        # asymmetric (zero_point), scales x_max^alpha without duo scaling, 20-point grids, every search on
+        # every calibration token, clip on 512 tokens down to 0.5; Pile validation shuffled with seed 42,
+        # 128 documents of at most 512 tokens concatenated and cut into 512-token windows.
+        settings = dict(sym=False, awq_grid=20, awq_duo_scaling=False, awq_clip=True, awq_max_shrink=0.5,
+                        awq_clip_tokens=512, awq_search_tokens=0, calib_windows="documents", nsamples=128, seqlen=512)
+        if family == "llada":
+            settings["awq_score_block"] = True   # auto_scale.py's LLaDALlamaBlock: module2inspect=module
+        return settings
+
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         st = self.settings
         spec = replace(self.config.weight, clip=1.0)  # the clip search replaces a fixed clip ratio
         feats = ctx.group_inputs()
         # search every group on the original block, then fold all scales (as the reference does)
-        chosen = [(g, self.search_scale(ctx, g, feats[g.role])[0]) for g in ctx.family.groups if can_fold(ctx, g)]
+        chosen = [(g, self.search_scale(ctx, g, feats[g.role])[0]) for g in ctx.family.groups
+                  if can_fold(ctx, g) and ctx.quantized(g.linears)]
         for group, scales in chosen:
             fold_scales(ctx, group, scales)
             feats[group.role] = [x / scales.to(x.dtype) for x in feats[group.role]]
         results = {}
         for group in ctx.family.groups:
             x = sample_tokens(feats[group.role], st.awq_clip_tokens).float()
-            for name in group.linears:
+            for name in ctx.quantized(group.linears):   # kept linears keep their (scaled) full-precision weights
                 linear = ctx.linear(name)
                 if st.awq_clip and group.clip_search(name):
                     clip_weight(linear, x, spec, st.awq_grid, st.awq_max_shrink)
@@ -107,14 +125,21 @@ class AWQ(Method):
             if group.scored_on == SCORE_LINEAR and len(linears) == 1:
                 losses = _linear_losses(originals[0].float(), inputs, candidates, spec)
             else:
-                fn = ctx.scored_output(group)
-                search = _search_inputs(inputs, st.awq_search_tokens, group.scored_on == SCORE_ATTENTION)
+                whole_block = st.awq_score_block and group.reads_norm
+                if whole_block:   # the group's input (a norm's output) run through the whole block
+                    fn = lambda h: ctx.block(h, ctx.rope, ctx.mask)    # noqa: E731
+                else:
+                    fn = ctx.scored_output(group)
+                search = _search_inputs(inputs, st.awq_search_tokens,
+                                        whole_block or group.scored_on == SCORE_ATTENTION)
                 reference = [fn(x) for x in search]
                 count = sum(r.numel() for r in reference)
                 losses = []
+                quantized = set(ctx.quantized(group.linears))   # a linear kept in full precision stays exact
                 for s in candidates:
-                    for l, w in zip(linears, originals):
-                        l.weight.data = (rtn_weight(w.float() * s, spec).weight / s).to(w.dtype)
+                    for name, l, w in zip(group.linears, linears, originals):
+                        if name in quantized:
+                            l.weight.data = (rtn_weight(w.float() * s, spec).weight / s).to(w.dtype)
                     losses.append(sum(F.mse_loss(fn(x).float(), r.float(), reduction="sum").item()
                                       for x, r in zip(search, reference)) / count)
                 for l, w in zip(linears, originals):

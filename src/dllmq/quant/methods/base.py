@@ -57,6 +57,19 @@ class Method:
     def quantizes_activations(cls, act: ActSpec) -> bool:
         return cls.kind == WEIGHT_ACTIVATION or (cls.kind == EITHER and act.enabled)
 
+    # -- the paper profile ------------------------------------------------------------------------
+    @classmethod
+    def paper_settings(cls, family: str | None) -> dict:
+        """The study code's settings for this method on a model of `family` (flat QuantConfig names),
+        which `--profile paper` uses where the caller leaves a setting unset. With family None, only
+        what does not depend on the family. docs/fidelity.md says where each comes from."""
+        return {}
+
+    @classmethod
+    def paper_note(cls, family: str | None) -> str | None:
+        """One line a paper run prints where it reproduces a quirk of the study's runs (None: none)."""
+        return None
+
     # -- calibration ------------------------------------------------------------------------------
     def prepare_model(self, model: TransformerLM) -> None:
         """Model-level work before calibration (QuaRot's rotation of the residual stream)."""

@@ -119,6 +119,19 @@ class QuaRot(Method):
     rotate_qk = True
 
     @classmethod
+    def paper_settings(cls, family: str | None) -> dict:
+        # QuaRot/fake_quant (utils.py defaults, scripts/llada_quarot.sh --w_clip): GPTQ with percdamp 0.01,
+        # no act-order, and an MSE search over the shrink factors 1, 0.99, ..., 0.21 (grid 100, maxshrink
+        # 0.8, norm 2.4 in quant_utils.py); calibration windows of model.seqlen tokens, 4096 on LLaDA
+        # (model_utils.py). Its symmetric grid (max / (2^(b-1) - 1)) and K/V settings are not reproduced
+        # yet (docs/fidelity.md, item 8).
+        settings = dict(weight_method="gptq", damp=0.01, act_order=False, static_groups=False, grid_search=True,
+                        grid_points=79, grid_min_shrink=0.21)
+        if family == "llada":
+            settings["seqlen"] = 4096
+        return settings
+
+    @classmethod
     def needs_calibration(cls, settings: QuaRotSettings) -> bool:
         return settings.weight_method == "gptq"
 

@@ -33,6 +33,14 @@ class SmoothQuant(Method):
     Settings = SmoothQuantSettings
     propagate_quantized = False  # act scales come from the full-precision model, as in the reference
 
+    @classmethod
+    def paper_settings(cls, family: str | None) -> dict:
+        # scripts/*_smoothquant.sh: DuQuant's code with --smooth --alpha 0.5; its pairs (quantize/duquant.py)
+        # also smooth v -> attention out and up -> down. Where shapes differ (Dream's GQA) the study divides
+        # online, which dllmq does not yet do; nor does it take the weight max from one linear as the study
+        # does (docs/fidelity.md, item 5).
+        return dict(alpha=0.5, smooth_pairs=True)
+
     def smooth(self, ctx: BlockContext) -> None:
         feats = ctx.group_inputs()
         for group in ctx.family.groups:
