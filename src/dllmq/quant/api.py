@@ -16,6 +16,7 @@ from dllmq.quant.config import QuantConfig
 from dllmq.quant.format import quantization_config, read_quantization, tool_config
 from dllmq.quant.pipeline import QuantReport, quantize_model
 from dllmq.quant.qlinear import QuantLinear
+from dllmq.quant.qlinear_fp import FPQuantLinear
 
 
 def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> torch.Tensor | None:
@@ -33,7 +34,7 @@ def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> tor
 def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: str | torch.device = "cpu",
              offload_activations: bool = False, progress: bool = True) -> QuantReport:
     """Quantize `model`'s block linears in place with `config`; records the quantization_config on it."""
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    if any(isinstance(m, (QuantLinear, FPQuantLinear)) for m in model.modules()):
         raise DllmqError("This model is already quantized; start from the full-precision checkpoint.")
     calib = calibration_ids(model, tokenizer, config)
     report = quantize_model(model, config.make_method(), calib, device=device,

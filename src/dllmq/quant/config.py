@@ -15,27 +15,48 @@ from typing import Any
 
 from dllmq.errors import DllmqError
 from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, Method
+from dllmq.quant.formats import FP8, INT, MXFP4, NVFP4, Format, get_format
 from dllmq.quant.registry import get_method, methods
 from dllmq.quant.specs import NOT_QUANTIZED, ActSpec, CalibSpec, KVSpec, MethodSettings, WeightSpec
 
 # The flat names of the shared settings, in the order saved configs list them.
 SHARED = ("wbits", "group_size", "sym", "weight_clip", "abits", "act_sym", "act_clip", "kv_bits", "kv_group_size",
           "kv_clip", "calib", "nsamples", "seqlen", "seed")
+# The number formats (dllmq.quant.formats); a config saved without them is integer.
+FORMAT_KEYS = ("wformat", "aformat")
 
 
 class QuantConfig:
     """What to quantize and how, resolved: `method` (its registry name), the shared specs `weight`,
     `act`, `kv` and `calibration`, the `seed` of every random choice, and `settings`, the method's own."""
 
-    def __init__(self, method: str = "rtn", *, wbits: int = 4, group_size: int | None = None,
-                 sym: bool | None = None, weight_clip: float | None = None, abits: int = NOT_QUANTIZED,
+    def __init__(self, method: str = "rtn", *, wbits: int | None = None, group_size: int | None = None,
+                 sym: bool | None = None, weight_clip: float | None = None, abits: int | None = None,
                  act_sym: bool | None = None, act_clip: float | None = None, kv_bits: int = NOT_QUANTIZED,
                  kv_group_size: int = 128, kv_clip: float = 0.95, calib: str = "wiki", nsamples: int = 128,
-                 seqlen: int = 2048, seed: int = 0, **settings: Any):
+                 seqlen: int = 2048, seed: int = 0, wformat: str = INT, aformat: str = INT, **settings: Any):
         cls = get_method(str(method))
         self.method_class: type[Method] = cls
         self.method = cls.name
         self.settings: MethodSettings = cls.Settings.build(cls.name, settings)
+        wfmt, afmt = get_format(wformat, "--wformat"), get_format(aformat, "--aformat")
+        for flag, fmt, allowed in (("--wformat", wfmt, cls.weight_formats), ("--aformat", afmt, cls.act_formats)):
+            if fmt.name not in allowed:
+                raise DllmqError(f"{cls.name} does not take {flag} {fmt.name}"
+                                 f"{' (' + cls.format_note + ')' if cls.format_note else ''}; it takes "
+                                 f"{', '.join(allowed)}.")
+        if wfmt.is_float:
+            wbits = _implied_bits("--wbits", wbits, "--wformat", wfmt)
+            if group_size is not None and group_size != wfmt.group_size:
+                fixed = "one scale per output channel" if wfmt.block == 0 else f"blocks of {wfmt.block} values"
+                raise DllmqError(f"--wformat {wfmt.name} fixes its own scale groups ({fixed}); --group-size {group_size} "
+                                 f"contradicts it, so leave --group-size out or give {wfmt.group_size}.")
+            group_size, sym, weight_clip = wfmt.group_size, True, _no_clip("--weight-clip", weight_clip, wfmt)
+        if afmt.is_float:
+            abits = _implied_bits("--abits", abits, "--aformat", afmt)
+            act_sym, act_clip = True, _no_clip("--act-clip", act_clip, afmt)
+        wbits = 4 if wbits is None else wbits
+        abits = NOT_QUANTIZED if abits is None else abits
         if not 2 <= wbits <= 8:
             raise DllmqError(f"Weight bits must be between 2 and 8, got {wbits}.")
         for flag, bits in (("abits", abits), ("kv-bits", kv_bits)):
@@ -58,9 +79,9 @@ class QuantConfig:
         if group_size == 0 or group_size < -1:
             raise DllmqError(f"Group size must be positive (or -1 for per-channel), got {group_size}.")
         self.weight = WeightSpec(wbits, group_size, bool(cls.weight_sym if sym is None else sym),
-                                 1.0 if weight_clip is None else weight_clip)
+                                 1.0 if weight_clip is None else weight_clip, wfmt.name)
         self.act = ActSpec(abits, bool(cls.act_sym if act_sym is None else act_sym),
-                           1.0 if act_clip is None else act_clip)
+                           1.0 if act_clip is None else act_clip, afmt.name)
         self.kv = KVSpec(kv_bits, kv_group_size, kv_clip)
         self.calibration = CalibSpec(calib, nsamples, seqlen)
         self.seed = seed
@@ -87,14 +108,17 @@ class QuantConfig:
         w, a, kv, cal = self.weight, self.act, self.kv, self.calibration
         shared = (w.bits, w.group_size, w.sym, w.clip, a.bits, a.sym, a.clip, kv.bits, kv.group_size, kv.clip,
                   cal.source, cal.nsamples, cal.seqlen, self.seed)
-        return {"method": self.method, **dict(zip(SHARED, shared)), **self.settings.to_dict()}
+        formats = {}
+        if (w.format, a.format) != (INT, INT):   # integer configs read exactly as before the formats existed
+            formats = {"wformat": w.format, "aformat": a.format}
+        return {"method": self.method, **dict(zip(SHARED, shared)), **formats, **self.settings.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
         """A config from its flat form. Keys that are neither shared nor the method's are ignored, so the
         configs of older dllmq versions (which listed every method's settings) still read."""
         method = get_method(str(d.get("method", "rtn")))
-        known = set(SHARED) | set(method.Settings.names())
+        known = set(SHARED) | set(FORMAT_KEYS) | set(method.Settings.names())
         return cls(method.name, **{**method.Settings.STORED_BEFORE, **{k: v for k, v in d.items() if k in known}})
 
     def __eq__(self, other: object) -> bool:
@@ -106,7 +130,32 @@ class QuantConfig:
 
 def settable_names(method: str) -> tuple[str, ...]:
     """Every flat setting a config of `method` takes (the shared ones, then the method's own)."""
-    return SHARED + get_method(method).Settings.names()
+    return SHARED + FORMAT_KEYS + get_method(method).Settings.names()
+
+
+def _implied_bits(bits_flag: str, bits: int | None, format_flag: str, fmt: Format) -> int:
+    if bits is not None and bits != fmt.bits:
+        raise DllmqError(f"{bits_flag} {bits} contradicts {format_flag} {fmt.name}, which is {fmt.bits}-bit; "
+                         f"leave {bits_flag} out or give {fmt.bits}.")
+    return fmt.bits
+
+
+def _no_clip(flag: str, clip: float | None, fmt: Format) -> float:
+    if clip is not None and clip != 1.0:
+        raise DllmqError(f"{flag} applies to the int format only; {fmt.name}'s scales are fixed by the format, "
+                         f"so leave {flag} out.")
+    return 1.0
+
+
+def merge_preset(preset: dict, given: dict) -> dict:
+    """A preset's settings overridden by the given ones. A floating-point format chosen over an integer
+    preset fixes its own scale groups, so the preset's group size is dropped then (its bits are kept and
+    checked: `--preset W4A4 --wformat fp8` is a contradiction)."""
+    merged = {**preset, **given}
+    if "group_size" in preset and "group_size" not in given and \
+            merged.get("wformat", INT) != preset.get("wformat", INT) and get_format(merged["wformat"]).is_float:
+        del merged["group_size"]
+    return merged
 
 
 def _activation_methods() -> str:
@@ -123,6 +172,13 @@ PRESETS = {
     "W3A16": dict(wbits=3, group_size=-1),
     "W8A8": dict(wbits=8, abits=8, group_size=-1),
     "W4A4": dict(wbits=4, abits=4, group_size=-1),
+    # floating-point formats (dllmq.quant.formats): the bits and the scale groups come with the format
+    "W8A8-fp8": dict(wformat=FP8, aformat=FP8),
+    "W8A16-fp8": dict(wformat=FP8),
+    "W4A4-mxfp4": dict(wformat=MXFP4, aformat=MXFP4),
+    "W4A16-mxfp4": dict(wformat=MXFP4),
+    "W4A4-nvfp4": dict(wformat=NVFP4, aformat=NVFP4),
+    "W4A16-nvfp4": dict(wformat=NVFP4),
 }
 
 
