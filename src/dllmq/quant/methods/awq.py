@@ -67,6 +67,8 @@ class AWQ(Method):
     kind = WEIGHT_ONLY
     Settings = AWQSettings
     propagate_quantized = False
+    weight_formats = ("int",)
+    format_note = "its scale and clip searches are written for the integer grid; GPTQ and RTN take the float formats"
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         st = self.settings
