@@ -45,6 +45,7 @@ class QuantConfig:
                 raise DllmqError(f"{cls.name} does not take {flag} {fmt.name}"
                                  f"{' (' + cls.format_note + ')' if cls.format_note else ''}; it takes "
                                  f"{', '.join(allowed)}.")
+        cls.check_weight_format(self.settings, wfmt)
         if wfmt.is_float:
             wbits = _implied_bits("--wbits", wbits, "--wformat", wfmt)
             if group_size is not None and group_size != wfmt.group_size:

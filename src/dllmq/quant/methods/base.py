@@ -13,7 +13,7 @@ from dllmq.models.family import Role
 from dllmq.models.modeling import Block, TransformerLM
 from dllmq.quant.activations import attach_quantizers
 from dllmq.quant.block import BlockContext, QuantizedWeight
-from dllmq.quant.formats import FORMAT_NAMES
+from dllmq.quant.formats import FORMAT_NAMES, Format
 from dllmq.quant.specs import ActSpec, MethodSettings
 
 WEIGHT_ONLY = "weight-only"
@@ -58,6 +58,10 @@ class Method:
     @classmethod
     def needs_calibration(cls, settings: MethodSettings) -> bool:
         return True
+
+    @classmethod
+    def check_weight_format(cls, settings: MethodSettings, fmt: Format) -> None:
+        """Raise DllmqError when the method's settings cannot put weights in the (floating-point) format."""
 
     @classmethod
     def quantizes_activations(cls, act: ActSpec) -> bool:
