@@ -261,7 +261,8 @@ class FP8ScaledMMLinear(KernelLinear):
         self.input_transform, self.act_quantizer = source.input_transform, source.act_quantizer
         self.register_buffer("bias", None if source.bias is None else source.bias.detach().clone(), persistent=False)
         self.register_buffer("weight", source.codes.detach().clone().view(torch.float8_e4m3fn), persistent=False)
-        self.register_buffer("scales", source.scales.detach().clone(), persistent=False)   # float32 [N, 1]
+        # float32 [N, 1] (torch._scaled_mm's row-wise scales), even if the model was cast to bf16
+        self.register_buffer("scales", source.scales.detach().float().clone(), persistent=False)
 
     def to_quantlinear(self) -> FPQuantLinear:
         q = FPQuantLinear(self.in_features, self.out_features, self.format, bias=self.bias is not None,
