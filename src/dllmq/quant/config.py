@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from dllmq.errors import DllmqError
-from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, Method
 from dllmq.quant.formats import FP8, INT, MXFP4, NVFP4, Format, get_format
+from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, Method
 from dllmq.quant.registry import get_method, methods
 from dllmq.quant.specs import NOT_QUANTIZED, ActSpec, CalibSpec, KVSpec, MethodSettings, WeightSpec
 

@@ -203,21 +203,19 @@ def nvfp4_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def block_scales(x: torch.Tensor, fmt: Format, tensor_scale: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The scales of x [..., n] under a float format: (effective scale [..., n_blocks] float32, stored block
-    codes or None, tensor scale or None). NVFP4 takes its tensor scale (broadcastable to [..., 1]) or uses
-    one per row."""
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales of x [..., n] under a float format: (effective scale [..., n_blocks] float32, tensor scale
+    or None). NVFP4 takes its tensor scale (broadcastable to [..., 1]) or uses one per row."""
     amax = _blocks(x.detach().float(), fmt).abs().amax(dim=-1)         # [..., n_blocks]
     if fmt.scale == "fp32":
-        return torch.where(amax > 0, amax / fmt.element.max_value, torch.ones_like(amax)), None, None
+        return torch.where(amax > 0, amax / fmt.element.max_value, torch.ones_like(amax)), None
     if fmt.scale == "e8m0":
-        scale, stored = e8m0_scale(amax)
-        return scale, stored, None
+        return e8m0_scale(amax)[0], None
     if tensor_scale is None:
         tensor_scale = nvfp4_tensor_scale(amax.amax(dim=-1, keepdim=True))
     tensor_scale = tensor_scale.float()
     block = E4M3.round(amax / fmt.element.max_value / tensor_scale)    # in E4M3, saturating at 448
-    return block * tensor_scale, E4M3.encode(block), tensor_scale
+    return block * tensor_scale, tensor_scale
 
 
 def dequantize(fmt: Format, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -237,17 +235,15 @@ def quantize(x: torch.Tensor, fmt: Format, tensor_scale: torch.Tensor | None = N
     """x [..., n] in the float format `fmt`: codes and scales along the last dim."""
     if not fmt.is_float:
         raise DllmqError(f"{fmt.name} is not a floating-point format.")
-    scales, stored, ts = block_scales(x, fmt, tensor_scale)
-    s = expand_blocks(scales, fmt, x.shape[-1])
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    elements = torch.where(s > 0, fmt.element.round(x.float() / safe), torch.zeros_like(s))
-    return FPTensor(fmt, fmt.element.encode(elements), scales, stored, ts)
+    scales, ts = block_scales(x, fmt, tensor_scale)
+    stored = None if fmt.scale == "fp32" else stored_block_scales(scales, fmt, ts)
+    return FPTensor(fmt, element_codes(round_to(x, fmt, scales), scales, fmt), scales, stored, ts)
 
 
 def fake_quantize(x: torch.Tensor, fmt: Format, tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x quantized to `fmt` and back, in x's dtype (scales along the last dim; per row unless NVFP4 is given
     a tensor scale)."""
-    scales, _, _ = block_scales(x, fmt, tensor_scale)
+    scales, _ = block_scales(x, fmt, tensor_scale)
     return round_to(x, fmt, scales).to(x.dtype)
 
 
@@ -280,7 +276,7 @@ def quantize_weight(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.T
     """A weight [out, in] on the format's grid: (values float32, effective scales [out, n_blocks], tensor
     scale or None). Blocks run along the input channels; FP8 has one scale per output channel."""
     ts = weight_tensor_scale(w, fmt)
-    scales, _, _ = block_scales(w, fmt, ts)
+    scales, _ = block_scales(w, fmt, ts)
     return round_to(w, fmt, scales), scales, ts
 
 
