@@ -163,7 +163,7 @@ def describe_quantization(raw: dict) -> str | None:
     w, a, cal = config.weight, config.act, config.calibration
     group = "per-channel" if w.group_size == -1 else f"group {w.group_size}"
     if w.fmt.is_float or a.fmt.is_float:
-        wdesc = f"{w.fmt.title} weights" if w.fmt.is_float else \
+        wdesc = f"{w.fmt.title} weights" + (" per output channel" if w.fmt.block == 0 else "") if w.fmt.is_float else \
             f"int {group} weights ({'symmetric' if w.sym else 'asymmetric'})"
         adesc = "" if not config.weight_activation else \
             (f", {a.fmt.title} activations per token" if a.fmt.is_float else

@@ -134,9 +134,9 @@ class Format:
 
 FORMATS: dict[str, Format] = {
     INT: Format(INT, None, None, 0, "minmax", "INT (uniform grid)"),
-    FP8: Format(FP8, 8, E4M3, 0, "fp32", "FP8 E4M3, per-channel / per-token FP32 scales"),
-    MXFP4: Format(MXFP4, 4, E2M1, 32, "e8m0", "MXFP4 (OCP MX): E2M1, E8M0 scale per 32"),
-    NVFP4: Format(NVFP4, 4, E2M1, 16, "e4m3", "NVFP4: E2M1, E4M3 scale per 16 x FP32 tensor scale"),
+    FP8: Format(FP8, 8, E4M3, 0, "fp32", "FP8 E4M3 (FP32 scales)"),
+    MXFP4: Format(MXFP4, 4, E2M1, 32, "e8m0", "MXFP4 (E2M1, E8M0 scale per 32)"),
+    NVFP4: Format(NVFP4, 4, E2M1, 16, "e4m3", "NVFP4 (E2M1, E4M3 scale per 16 x FP32 tensor scale)"),
 }
 
 
