@@ -9,7 +9,7 @@ import torch
 import dllmq
 from dllmq.cli import main
 from dllmq.errors import DllmqError
-from dllmq.quant import QuantConfig, quantize, save_quantized
+from dllmq.quant import PRESETS, QuantConfig, quantize, save_quantized
 from dllmq.quant import formats as fm
 from dllmq.quant.qlinear_fp import FPQuantLinear
 
@@ -192,33 +192,39 @@ def test_cli_bad_format_combination_exits_2_with_one_sentence(capsys, tmp_path):
 
 # --- quantize -> save -> load ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, preset", [("rtn", "W8A8-fp8"), ("rtn", "W4A16-nvfp4"), ("rtn", "W4A4-mxfp4"),
-                                            ("gptq", "W4A16-mxfp4"), ("awq", "W4A16-nvfp4")])
-def test_quantize_save_load_gives_identical_logits(tmp_path, capsys, method, preset):
+@pytest.mark.parametrize("method, preset", [("rtn", "W8A8-fp8"), ("rtn", "W4A16-nvfp4"), ("rtn", "W4A4-mxfp4")])
+def test_cli_quantize_save_load_gives_identical_logits(tmp_path, capsys, method, preset):
     out = tmp_path / "q"
-    assert main(["quantize", "random-llada", "--method", method, "--preset", preset, "--nsamples", "2",
-                 "--seqlen", "32", "--out", str(out)]) == 0
+    assert main(["quantize", "random-llada", "--method", method, "--preset", preset, "--out", str(out)]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "dllmq_fp" and not (out / "quantize_config.json").exists()
     config = QuantConfig.from_dict(qc["dllmq"])
+    assert config == QuantConfig(method, **PRESETS[preset], nsamples=128, seqlen=2048)
     model, tokenizer, _ = dllmq.load_model("random-llada")
-    quantize(model, tokenizer, config, progress=False)
+    quantize(model, tokenizer, config, progress=False)       # RTN: the same weights as the command's
     ids = torch.randint(0, 100, (2, 24))
     with torch.no_grad():
-        before = model(ids)
         loaded, _, _ = dllmq.load_model(str(out))
         assert any(isinstance(m, FPQuantLinear) for m in loaded.modules())
-        assert torch.equal(loaded(ids), before)
-        save_quantized(model, tokenizer, tmp_path / "again")
-        assert torch.equal(dllmq.load_model(str(tmp_path / "again"))[0](ids), before)
+        assert torch.equal(loaded(ids), model(ids))
     assert main(["inspect", str(out)]) == 0
     assert config.weight.format in capsys.readouterr().out.lower()
 
 
+@pytest.mark.parametrize("method, preset", [("gptq", "W4A16-mxfp4"), ("awq", "W4A16-nvfp4"), ("gptq", "W8A16-fp8")])
+def test_calibrated_float_weights_reload_to_identical_logits(tmp_path, method, preset):
+    model, tokenizer, _ = dllmq.load_model("random-llada")
+    quantize(model, tokenizer, QuantConfig(method, **PRESETS[preset], nsamples=2, seqlen=32), progress=False)
+    save_quantized(model, tokenizer, tmp_path / "q")
+    ids = torch.randint(0, 100, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(dllmq.load_model(str(tmp_path / "q"))[0](ids), model(ids))
+
+
 def test_weight_activation_methods_take_the_formats():
     ids = torch.randint(0, 100, (1, 16))
-    for method, extra in (("smoothquant", {}), ("quarot", {"weight_method": "rtn"}), ("duquant", {}),
-                          ("quarot", {"nsamples": 2, "seqlen": 32})):
+    for method, extra in (("smoothquant", {}), ("quarot", {"weight_method": "rtn"}), ("duquant", {"rotation_steps": 4}),
+                          ("quarot", {})):
         model, tokenizer, _ = dllmq.load_model("random-dream")
         with torch.no_grad():
             reference = model(ids)
