@@ -11,10 +11,11 @@ Sections (each row: what ran, the number it measured, PASS / FAIL where there is
    blocks (d_model 4096, 32 heads, FFN 12288; random weights, bf16), weights kept on the CPU and one
    block at a time on the GPU: seconds, peak device memory, and PASS when every quantized output is finite;
 2. kernel vs fake quantization at LLaDA-8B layer shapes (4096x4096, 4096x12288, 12288x4096): int8 W8A8
-   (torch._int_mm) and int4 W4A16 (the int4 CUDA op), max |kernel - fake| / max |fake| against a bf16
-   tolerance, and each path's time per call;
-3. generation tokens/s on a ~1B random LLaDA (256 prompt + 256 new tokens, 32 steps): bf16, W8A8 and
-   W4A16 on real kernels;
+   (torch._int_mm), int4 W4A16 (the int4 CUDA op) and FP8 W8A8 (torch._scaled_mm, row-wise scales;
+   on the dry run's CPU it has no kernel and only the fake path is timed), max |kernel - fake| / max
+   |fake| against a bf16 tolerance, and each path's time per call;
+3. generation tokens/s on a ~1B random LLaDA (256 prompt + 256 new tokens, 32 steps): bf16, W8A8,
+   W4A16 and W8A8-fp8 on real kernels;
 4. evaluation cost per item on the same model: one Monte Carlo likelihood item (mc_num 128) and one
    generation item (256 tokens, 256 steps, blocks of 32), as the study's presets run them.
 A step that fails prints its error in the table and the script goes on; the exit code is 1 when any
@@ -36,6 +37,8 @@ from dllmq.models.random_models import random_model
 from dllmq.quant import QuantConfig, QuantLinear, quantize
 from dllmq.quant.activations import ActQuantizer
 from dllmq.quant.backend import choose_kernel, set_backend, to_kernel
+from dllmq.quant.formats import FORMATS, quantize_weight
+from dllmq.quant.qlinear_fp import FPQuantLinear
 from dllmq.quant.primitives import QuantSpec, compute_qparams
 
 # LLaDA-8B block shapes, and a ~1B model (the 8B config scaled down) for generation and evaluation.
@@ -143,6 +146,39 @@ def quant_linear(out_f: int, in_f: int, bits: int, group: int, act_bits: int | N
     return q.to(device=device, dtype=dtype)
 
 
+def fp8_linear(out_f: int, in_f: int, device: str) -> FPQuantLinear:
+    """A random linear in FP8 E4M3 (per-channel scales) with per-token FP8 activations, as W8A8-fp8 makes it."""
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f + in_f)) * 0.02
+    linear = torch.nn.Linear(in_f, out_f, bias=False)
+    linear.weight.data = w
+    values, scales, _ = quantize_weight(w, FORMATS["fp8"])
+    q = FPQuantLinear.from_values(linear, values, scales, "fp8")
+    q.act_quantizer = ActQuantizer(8, symmetric=True, format="fp8")
+    return q.to(device=device)     # codes stay uint8 and scales float32
+
+
+def compare_kernel(table: Table, check: str, q, device: str, dtype: torch.dtype, tokens: int, in_f: int,
+                   cpu_may_lack: bool = False) -> None:
+    choice = choose_kernel(q)
+    kernel = to_kernel(q, choice)
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    if kernel is None:
+        if cpu_may_lack and device == "cpu":   # the FP8 kernel needs a GPU: the dry run times the fake path only
+            with torch.no_grad():
+                t_fake = timed(lambda: q(x), device)
+            table.add(check, f"fake only here ({choice.reason}); fake {t_fake * 1e3:.2f} ms")
+        else:
+            table.add(check, f"no kernel: {choice.reason}", "FAIL")
+        return
+    with torch.no_grad():
+        fake, real = q(x).float(), kernel(x).float()
+        rel = ((real - fake).abs().max() / fake.abs().max().clamp_min(1e-12)).item()
+        t_fake = timed(lambda: q(x), device)
+        t_kernel = timed(lambda: kernel(x), device)
+    table.add(check, f"{choice.kernel}: rel diff {rel:.1e}, {t_kernel * 1e3:.2f} ms "
+                     f"(fake {t_fake * 1e3:.2f} ms)", "PASS" if rel < TOLERANCE else "FAIL")
+
+
 def check_kernels(table: Table, device: str, layers: tuple, dtype: torch.dtype, tokens: int):
     paths = {"int8 W8A8": dict(bits=8, group=-1, act_bits=8), "int4 W4A16-g128": dict(bits=4, group=128, act_bits=None)}
     for label, kw in paths.items():
@@ -151,19 +187,12 @@ def check_kernels(table: Table, device: str, layers: tuple, dtype: torch.dtype, 
             with step(table, check):
                 q = quant_linear(out_f, in_f, kw["bits"], min(kw["group"], in_f) if kw["group"] > 0 else -1,
                                  kw["act_bits"], device, dtype)
-                choice = choose_kernel(q)
-                kernel = to_kernel(q, choice)
-                if kernel is None:
-                    table.add(check, f"no kernel: {choice.reason}", "FAIL")
-                    continue
-                x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
-                with torch.no_grad():
-                    fake, real = q(x).float(), kernel(x).float()
-                    rel = ((real - fake).abs().max() / fake.abs().max().clamp_min(1e-12)).item()
-                    t_fake = timed(lambda: q(x), device)
-                    t_kernel = timed(lambda: kernel(x), device)
-                table.add(check, f"{choice.kernel}: rel diff {rel:.1e}, {t_kernel * 1e3:.2f} ms "
-                                 f"(fake {t_fake * 1e3:.2f} ms)", "PASS" if rel < TOLERANCE else "FAIL")
+                compare_kernel(table, check, q, device, dtype, tokens, in_f)
+    for out_f, in_f in layers:
+        check = f"kernel fp8 W8A8 {out_f}x{in_f}"
+        with step(table, check):
+            compare_kernel(table, check, fp8_linear(out_f, in_f, device), device, dtype, tokens, in_f,
+                           cpu_may_lack=True)
 
 
 def generation_model(shapes: dict, device: str, dtype: torch.dtype, quant: dict | None):
@@ -178,7 +207,8 @@ def generation_model(shapes: dict, device: str, dtype: torch.dtype, quant: dict 
 
 def check_generation(table: Table, device: str, shapes: dict, dtype: torch.dtype, prompt: int, new: int, steps: int):
     configs = {"bf16" if dtype == torch.bfloat16 else "full precision": None,
-               "W8A8 kernel": dict(wbits=8, abits=8), "W4A16-g128 kernel": dict(wbits=4, group_size=128)}
+               "W8A8 kernel": dict(wbits=8, abits=8), "W4A16-g128 kernel": dict(wbits=4, group_size=128),
+               "W8A8-fp8 kernel": dict(wformat="fp8", aformat="fp8")}   # fake on the CPU (dry run)
     ids = torch.randint(0, 200, (1, prompt), generator=torch.Generator().manual_seed(2)).to(device)
     for label, quant in configs.items():
         check = f"generation {label}"

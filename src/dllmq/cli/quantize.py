@@ -15,13 +15,15 @@ from dllmq.data import check_corpus
 from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
 from dllmq.quant import QuantConfig, format_report, preset_settings, quantize, save_quantized
-from dllmq.quant.config import DEFAULT_PROFILE, PROFILES, parse_keep_fp
 from dllmq.quant.api import directory_bytes, theoretical_bytes
+from dllmq.quant.config import DEFAULT_PROFILE, PROFILES, merge_preset, parse_keep_fp
+from dllmq.quant.formats import FORMAT_NAMES
 from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, WEIGHT_ONLY, Method
 from dllmq.quant.registry import get_method, methods
 
 EPILOG = ("presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-channel), "
-          "W8A8, W4A4 (weight-activation, per-channel weights, per-token activations)\n"
+          "W8A8, W4A4 (weight-activation, per-channel weights, per-token activations); floating point: "
+          "W8A8-fp8, W8A16-fp8, W4A4-mxfp4, W4A16-mxfp4, W4A4-nvfp4, W4A16-nvfp4\n"
           "examples:\n"
           "  dllmq quantize MODEL --method gptq --wbits 4 --group-size 128 --calib wikitext2 "
           "--nsamples 128 --seqlen 2048 --out q/\n"
@@ -30,7 +32,9 @@ EPILOG = ("presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-chan
           "  dllmq quantize MODEL --method smoothquant --wbits 8 --abits 8 --alpha 0.5 --out sq/\n"
           "  dllmq quantize MODEL --method quarot --wbits 4 --abits 4 --kv-bits 4 "
           "--weight-method gptq --out qr/\n"
-          "  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/")
+          "  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/\n"
+          "  dllmq quantize MODEL --method rtn --wformat fp8 --aformat fp8 --out f8/   # = --preset W8A8-fp8\n"
+          "  dllmq quantize MODEL --method quarot --preset W4A4-nvfp4 --out qn/")
 
 
 DEFAULT_SEQLEN = 2048   # the study's calibration window, where the model's context allows
@@ -50,6 +54,11 @@ def add_parser(sub) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric; QuaRot symmetric)")
     p.add_argument("--abits", type=int, default=None,
                    help="activation bits for smoothquant / quarot / duquant (per-token dynamic; 16 = off)")
+    p.add_argument("--wformat", choices=FORMAT_NAMES, default=None,
+                   help="weight number format: int (default), fp8 (E4M3, per-channel scales), mxfp4 (E2M1, E8M0 "
+                        "scale per 32), nvfp4 (E2M1, E4M3 scale per 16 x tensor scale); the bits come with it")
+    p.add_argument("--aformat", choices=FORMAT_NAMES, default=None,
+                   help="activation number format, per token: int (default), fp8, mxfp4, nvfp4")
     p.add_argument("--kv-bits", type=int, default=None, help="K/V cache bits (per head, group 128; default 16 = off)")
     p.add_argument("--act-clip", type=float, default=None, help="activation clip ratio (default: the method's)")
     p.add_argument("--weight-clip", type=float, default=None, help="weight clip ratio (default: the method's)")
@@ -78,10 +87,11 @@ def run(args) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # refuse before hours of calibration, not after
         raise DllmqError(f"{out} already exists; choose another --out or pass --overwrite.")
-    settings = preset_settings(args.preset)
     flags = dict(wbits=args.wbits, group_size=args.group_size, abits=args.abits, kv_bits=args.kv_bits,
-                 act_clip=args.act_clip, weight_clip=args.weight_clip, sym=True if args.sym else None)
-    settings.update({k: v for k, v in flags.items() if v is not None})  # explicit flags beat the preset
+                 act_clip=args.act_clip, weight_clip=args.weight_clip, sym=True if args.sym else None,
+                 wformat=args.wformat, aformat=args.aformat)
+    # explicit flags beat the preset
+    settings = merge_preset(preset_settings(args.preset), {k: v for k, v in flags.items() if v is not None})
     if args.profile not in PROFILES:
         raise DllmqError(f"Unknown --profile {args.profile!r}; choose {' or '.join(PROFILES)}.")
     given = dict(method=args.method, calib=args.calib, seed=args.seed, **settings,

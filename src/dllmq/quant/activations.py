@@ -11,17 +11,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dllmq.errors import DllmqError
 from dllmq.models.modeling import Block
+from dllmq.quant.formats import INT, get_format
+from dllmq.quant.formats import fake_quantize as fp_fake_quantize
 from dllmq.quant.hadamard import fast_hadamard
 from dllmq.quant.primitives import QuantSpec, compute_qparams, dequantize, fake_quantize, quantize
 from dllmq.quant.specs import ActSpec, KVSpec
 
 
 class ActQuantizer(nn.Module):
-    def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0, static: bool = False):
+    """`format` "int" (the uniform grid above) or a floating-point format of dllmq.quant.formats: FP8 with
+    one scale per token, MXFP4 / NVFP4 with their block scales along each token (NVFP4's tensor scale per
+    token: activations are quantized dynamically). The float formats have no static grid."""
+
+    def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0, static: bool = False,
+                 format: str = INT):
         super().__init__()
         self.spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip_ratio)
         self.static = static
+        self.format = format
+        self.fmt = get_format(format, "--aformat")
+        if self.fmt.is_float and static:
+            raise DllmqError(f"{format} activations are quantized per token at run time; a static grid is int only.")
         if static:  # one grid per tensor, filled by `calibrate`; buffers so saved models keep it
             self.register_buffer("static_scale", torch.zeros(()))
             self.register_buffer("static_zero", torch.zeros(()))
@@ -41,6 +53,8 @@ class ActQuantizer(nn.Module):
         self.static_zero.copy_(zero.reshape(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt.is_float:
+            return fp_fake_quantize(x, self.fmt)
         if not self.static:
             return fake_quantize(x, self.spec)
         return dequantize(quantize(x, self.static_scale, self.static_zero, self.spec.bits),
@@ -48,6 +62,8 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "static per-tensor" if self.static else "per-token dynamic"
+        if self.fmt.is_float:
+            return f"format={self.format}, {kind}"
         sym = "symmetric" if self.spec.symmetric else "asymmetric"
         return f"bits={self.spec.bits}, {kind}, {sym}, clip={self.spec.clip_ratio}"
 
@@ -78,6 +94,7 @@ class KVQuantizer(nn.Module):
 def attach_quantizers(block: Block, act: ActSpec, kv: KVSpec, rotate_qk: bool = False) -> None:
     """Per-token activation quantizers on every block linear, and the K/V quantizer when asked."""
     for name in block.family.block_linears:
-        block.get_submodule(name).act_quantizer = ActQuantizer(act.bits, symmetric=act.sym, clip_ratio=act.clip)
+        block.get_submodule(name).act_quantizer = ActQuantizer(act.bits, symmetric=act.sym, clip_ratio=act.clip,
+                                                               format=act.format)
     if kv.enabled:
         block.kv_hook = KVQuantizer(kv.bits, kv.group_size, kv.clip, rotate_qk=rotate_qk)

@@ -17,6 +17,7 @@ from dllmq.quant.config import QuantConfig
 from dllmq.quant.format import quantization_config, read_quantization, tool_config
 from dllmq.quant.pipeline import QuantReport, quantize_model
 from dllmq.quant.qlinear import QuantLinear
+from dllmq.quant.qlinear_fp import FPQuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: st
              offload_activations: bool = False, progress: bool = True) -> QuantReport:
     """Quantize `model`'s block linears in place with `config`; records the quantization_config on it.
     A paper-profile config is first resolved for the model's family (`QuantConfig.for_family`)."""
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    if any(isinstance(m, (QuantLinear, FPQuantLinear)) for m in model.modules()):
         raise DllmqError("This model is already quantized; start from the full-precision checkpoint.")
     config = config.for_family(model.family.name)
     note = config.paper_note()

@@ -43,7 +43,9 @@ from dllmq.quant.activations import ActQuantizer
 from dllmq.quant.format import prepare_quantized
 from dllmq.quant.modules import replace_module
 from dllmq.quant.packing import pack_codes, unpack_codes
+from dllmq.quant.formats import E4M3, FORMATS, FP8, block_scales
 from dllmq.quant.qlinear import QuantLinear
+from dllmq.quant.qlinear_fp import FPQuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +246,77 @@ class Int8WeightLinear(KernelLinear):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+class FP8ScaledMMLinear(KernelLinear):
+    """FP8 E4M3 weights (per-channel scales) x per-token FP8 E4M3 activations through ``torch._scaled_mm``
+    with row-wise scales, on a CUDA GPU that has it (compute capability 9.0+). Written for H100 / H200 and
+    checked against fake quantization by a GPU-only test; it has not run on a GPU yet."""
+
+    kernel = "fp8_scaled_mm"
+
+    def __init__(self, source: FPQuantLinear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.bits, self.group_size, self.format = source.bits, source.group_size, source.format
+        self.scale_dtype = torch.float32
+        self.input_transform, self.act_quantizer = source.input_transform, source.act_quantizer
+        self.register_buffer("bias", None if source.bias is None else source.bias.detach().clone(), persistent=False)
+        self.register_buffer("weight", source.codes.detach().clone().view(torch.float8_e4m3fn), persistent=False)
+        # float32 [N, 1] (torch._scaled_mm's row-wise scales), even if the model was cast to bf16
+        self.register_buffer("scales", source.scales.detach().float().clone(), persistent=False)
+
+    def to_quantlinear(self) -> FPQuantLinear:
+        q = FPQuantLinear(self.in_features, self.out_features, self.format, bias=self.bias is not None,
+                          bias_dtype=None if self.bias is None else self.bias.dtype, device=self.weight.device)
+        q.codes.copy_(self.weight.view(torch.uint8))
+        q.scales.copy_(self.scales)
+        if self.bias is not None:
+            q.bias.copy_(self.bias)
+        q.input_transform, q.act_quantizer = self.input_transform, self.act_quantizer
+        return q
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        h = self._flat_input(x).float()
+        a_scale = block_scales(h, FORMATS[FP8])[0]                                   # [M, 1] amax / 448
+        a = (E4M3.round(h / a_scale)).to(torch.float8_e4m3fn)                      # exact: already on the grid
+        y = torch._scaled_mm(a, self.weight.t(), scale_a=a_scale, scale_b=self.scales.t().contiguous(),
+                             out_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+        y = y.to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def fp8_kernel_available(device: torch.device | str | None = None) -> bool:
+    """Whether ``torch._scaled_mm`` with row-wise FP8 scales can run here (a CUDA GPU of compute capability 9.0+)."""
+    if not (torch.cuda.is_available() and hasattr(torch, "_scaled_mm") and hasattr(torch, "float8_e4m3fn")):
+        return False
+    return torch.cuda.get_device_capability(torch.device(device or "cuda")) >= (9, 0)
+
+
+FP_KERNEL_REFUSAL = ("the FP8 kernel (torch._scaled_mm) needs a CUDA GPU of compute capability 9.0+ (H100 / H200) "
+                     "and there is none here")
+
+
+def choose_fp_kernel(q: FPQuantLinear, device: str | None = None) -> Choice:
+    """The kernel for a floating-point layer: FP8 weights with FP8 activations on a capable GPU, else fake."""
+    device = device or q.codes.device.type
+    if q.format != FP8:
+        return Choice(FAKE, f"no {q.format} kernel in dllmq (its matmuls need Blackwell-class GPUs)")
+    act = q.act_quantizer
+    if not (isinstance(act, ActQuantizer) and act.format == FP8):
+        return Choice(FAKE, "FP8 weights without FP8 activations have no kernel (torch._scaled_mm takes two FP8 "
+                            "operands)")
+    if device != "cuda" or not fp8_kernel_available():
+        return Choice(FAKE, FP_KERNEL_REFUSAL)
+    if q.in_features % 16 or q.out_features % 16:
+        return Choice(FAKE, "torch._scaled_mm needs K and N multiples of 16")
+    return Choice(FP8ScaledMMLinear.kernel)
+
+
 KERNEL_LAYERS: dict[str, type[KernelLinear]] = {
-    cls.kernel: cls for cls in (Int8DynamicLinear, Int4WeightLinear, Int8WeightLinear)}
+    cls.kernel: cls for cls in (Int8DynamicLinear, Int4WeightLinear, Int8WeightLinear, FP8ScaledMMLinear)}
 
 
 # --- choosing ---------------------------------------------------------------------------------
@@ -277,6 +348,8 @@ def _act_order_perm(q: QuantLinear) -> tuple[bool, torch.Tensor | None]:
 def choose_kernel(q: QuantLinear, device: str | None = None) -> Choice:
     """The fastest exact kernel for a QuantLinear on its device (or on ``device``, for planning
     from a meta model: act-order is then assumed to have equal-size groups), or why there is none."""
+    if isinstance(q, FPQuantLinear):
+        return choose_fp_kernel(q, device)
     device = device or q.qweight.device.type
     n, k = q.out_features, q.in_features
     if device not in ("cpu", "cuda"):
@@ -284,6 +357,8 @@ def choose_kernel(q: QuantLinear, device: str | None = None) -> Choice:
     if q.act_quantizer is not None:
         if not isinstance(q.act_quantizer, ActQuantizer):
             return Choice(FAKE, f"unknown activation quantizer {type(q.act_quantizer).__name__}")
+        if q.act_quantizer.fmt.is_float:
+            return Choice(FAKE, f"integer weights with {q.act_quantizer.format} activations have no kernel")
         if q.n_groups != 1:
             return Choice(FAKE, "grouped weights with quantized activations (int8 GEMM needs per-channel scales)")
         if not K.int32_safe(k):
@@ -309,7 +384,7 @@ def choose_kernel(q: QuantLinear, device: str | None = None) -> Choice:
     return Choice("int8_weight")
 
 
-def to_kernel(q: QuantLinear, choice: Choice | None = None) -> KernelLinear | None:
+def to_kernel(q: QuantLinear | FPQuantLinear, choice: Choice | None = None) -> KernelLinear | None:
     """The kernel layer for ``q`` (None when it falls back to fake quantization)."""
     choice = choice or choose_kernel(q)
     if choice.kernel == FAKE:
@@ -358,7 +433,7 @@ def convert(model: nn.Module, backend: str) -> BackendReport:
                 report.layers[path] = FAKE
             else:
                 report.layers[path] = module.kernel
-        elif isinstance(module, QuantLinear):
+        elif isinstance(module, (QuantLinear, FPQuantLinear)):
             if backend == FAKE:
                 report.layers[path] = FAKE
                 continue
@@ -372,6 +447,9 @@ def convert(model: nn.Module, backend: str) -> BackendReport:
                 release_freed_memory()
     if report.reasons:
         log.info("kernel backend: %s", report.summary())
+    refused = {r for path, r in report.reasons.items() if isinstance(model.get_submodule(path), FPQuantLinear)}
+    if refused:   # the formats' kernels are refused in one sentence; fake quantization still runs
+        log.warning("Floating-point layers run fake quantization: %s.", "; ".join(sorted(refused)))
     return report
 
 
@@ -400,7 +478,7 @@ def backend_report(model: nn.Module) -> BackendReport:
     for path, module in model.named_modules():
         if isinstance(module, KernelLinear):
             report.layers[path] = module.kernel
-        elif isinstance(module, QuantLinear):
+        elif isinstance(module, (QuantLinear, FPQuantLinear)):
             report.layers[path] = FAKE
             choice = choose_kernel(module)
             report.reasons[path] = choice.reason if choice.kernel == FAKE else "backend set to fake"
@@ -415,7 +493,7 @@ def plan_kernels(raw_config: dict, device: str = "cpu") -> BackendReport:
         prepare_quantized(model, raw_config)
     report = BackendReport("kernel")
     for path, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, FPQuantLinear)):
             choice = choose_kernel(module, device)
             report.layers[path] = choice.kernel
             if choice.kernel == FAKE:
@@ -427,6 +505,6 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of the quantized layers' weight storage as they are held now (fake or kernel)."""
     total = 0
     for module in model.modules():
-        if isinstance(module, (KernelLinear, QuantLinear)):
+        if isinstance(module, (KernelLinear, QuantLinear, FPQuantLinear)):
             total += module.storage_bytes()
     return total

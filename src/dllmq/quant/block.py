@@ -38,6 +38,9 @@ class QuantizedWeight:
     g_idx: torch.Tensor | None  # [in] group of each input channel, None for the natural order
     error: float                # relative error the method reports for this layer
     error_kind: str             # "output" (on calibration inputs) or "weight"
+    # A floating-point format (dllmq.quant.formats): `scale` holds each block's effective scale, `zero`
+    # zeros, and NVFP4 its tensor scale here.
+    tensor_scale: torch.Tensor | None = None
 
 
 class _Reached(Exception):

@@ -16,6 +16,7 @@ from typing import Any
 
 from dllmq.errors import DllmqError
 from dllmq.models.family import Family, Role
+from dllmq.quant.formats import FP8, INT, MXFP4, NVFP4, Format, get_format
 from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, Method
 from dllmq.quant.registry import get_method, methods
 from dllmq.quant.specs import NOT_QUANTIZED, ActSpec, CalibSpec, KVSpec, MethodSettings, WeightSpec
@@ -36,6 +37,8 @@ CALIB_WINDOWS = ("random", "documents")
 # `down-first` (down on the full-precision gate/up outputs before gate/up are quantized: the study's
 # LLaDA layer list).
 GROUP_ORDERS = ("execution", "down-first")
+# The number formats (dllmq.quant.formats); a config saved without them is integer.
+FORMAT_KEYS = ("wformat", "aformat")
 
 
 class QuantConfig:
@@ -81,15 +84,34 @@ class QuantConfig:
         """The one-line warning a paper config carries where it reproduces a quirk of the study's runs."""
         return self.method_class.paper_note(self.family) if self.profile == "paper" else None
 
-    def _build(self, cls: type[Method], wbits: int = 4, group_size: int | None = None,
-               sym: bool | None = None, weight_clip: float | None = None, abits: int = NOT_QUANTIZED,
+    def _build(self, cls: type[Method], wbits: int | None = None, group_size: int | None = None,
+               sym: bool | None = None, weight_clip: float | None = None, abits: int | None = None,
                act_sym: bool | None = None, act_clip: float | None = None, kv_bits: int = NOT_QUANTIZED,
                kv_group_size: int = 128, kv_clip: float = 0.95, calib: str = "wiki", nsamples: int = 128,
                seqlen: int = 2048, seed: int = 0, keep_fp: Any = (), calib_windows: str = "random",
-               group_order: str = "execution", **settings: Any) -> None:
+               group_order: str = "execution", wformat: str = INT, aformat: str = INT, **settings: Any) -> None:
         self.method_class: type[Method] = cls
         self.method = cls.name
         self.settings: MethodSettings = cls.Settings.build(cls.name, settings)
+        wfmt, afmt = get_format(wformat, "--wformat"), get_format(aformat, "--aformat")
+        for flag, fmt, allowed in (("--wformat", wfmt, cls.weight_formats), ("--aformat", afmt, cls.act_formats)):
+            if fmt.name not in allowed:
+                raise DllmqError(f"{cls.name} does not take {flag} {fmt.name}"
+                                 f"{' (' + cls.format_note + ')' if cls.format_note else ''}; it takes "
+                                 f"{', '.join(allowed)}.")
+        cls.check_weight_format(self.settings, wfmt)
+        if wfmt.is_float:
+            wbits = _implied_bits("--wbits", wbits, "--wformat", wfmt)
+            if group_size is not None and group_size != wfmt.group_size:
+                fixed = "one scale per output channel" if wfmt.block == 0 else f"blocks of {wfmt.block} values"
+                raise DllmqError(f"--wformat {wfmt.name} fixes its own scale groups ({fixed}); --group-size {group_size} "
+                                 f"contradicts it, so leave --group-size out or give {wfmt.group_size}.")
+            group_size, sym, weight_clip = wfmt.group_size, True, _no_clip("--weight-clip", weight_clip, wfmt)
+        if afmt.is_float:
+            abits = _implied_bits("--abits", abits, "--aformat", afmt)
+            act_sym, act_clip = True, _no_clip("--act-clip", act_clip, afmt)
+        wbits = 4 if wbits is None else wbits
+        abits = NOT_QUANTIZED if abits is None else abits
         if not 2 <= wbits <= 8:
             raise DllmqError(f"Weight bits must be between 2 and 8, got {wbits}.")
         for flag, bits in (("abits", abits), ("kv-bits", kv_bits)):
@@ -112,9 +134,9 @@ class QuantConfig:
         if group_size == 0 or group_size < -1:
             raise DllmqError(f"Group size must be positive (or -1 for per-channel), got {group_size}.")
         self.weight = WeightSpec(wbits, group_size, bool(cls.weight_sym if sym is None else sym),
-                                 1.0 if weight_clip is None else weight_clip)
+                                 1.0 if weight_clip is None else weight_clip, wfmt.name)
         self.act = ActSpec(abits, bool(cls.act_sym if act_sym is None else act_sym),
-                           1.0 if act_clip is None else act_clip)
+                           1.0 if act_clip is None else act_clip, afmt.name)
         self.kv = KVSpec(kv_bits, kv_group_size, kv_clip)
         if calib_windows not in CALIB_WINDOWS:
             raise DllmqError(f"calib_windows must be {' or '.join(CALIB_WINDOWS)}, got {calib_windows!r}.")
@@ -149,9 +171,12 @@ class QuantConfig:
         w, a, kv, cal = self.weight, self.act, self.kv, self.calibration
         shared = (w.bits, w.group_size, w.sym, w.clip, a.bits, a.sym, a.clip, kv.bits, kv.group_size, kv.clip,
                   cal.source, cal.nsamples, cal.seqlen, self.seed)
+        formats = {}
+        if (w.format, a.format) != (INT, INT):   # integer configs read exactly as before the formats existed
+            formats = {"wformat": w.format, "aformat": a.format}
         optional = {"profile": self.profile, "family": self.family, "keep_fp": list(self.keep_fp),
                     "calib_windows": cal.windows, "group_order": cal.group_order}
-        return {"method": self.method, **dict(zip(SHARED, shared)), **self.settings.to_dict(),
+        return {"method": self.method, **dict(zip(SHARED, shared)), **formats, **self.settings.to_dict(),
                 **{k: v for k, v in optional.items() if v != OPTIONAL[k]}}
 
     @classmethod
@@ -159,7 +184,7 @@ class QuantConfig:
         """A config from its flat form. Keys that are neither shared nor the method's are ignored, so the
         configs of older dllmq versions (which listed every method's settings) still read."""
         method = get_method(str(d.get("method", "rtn")))
-        known = set(SHARED) | set(OPTIONAL) | set(method.Settings.names())
+        known = set(SHARED) | set(FORMAT_KEYS) | set(OPTIONAL) | set(method.Settings.names())
         given = {**method.Settings.STORED_BEFORE, **{k: v for k, v in d.items() if k in known}}
         return cls(method.name, profile=given.pop("profile", DEFAULT_PROFILE), family=given.pop("family", None),
                    **given)
@@ -172,9 +197,9 @@ class QuantConfig:
 
 
 def settable_names(method: str) -> tuple[str, ...]:
-    """Every flat setting a config of `method` takes (the shared ones, the method's own, then the optional
-    ones but the family, which comes from the model)."""
-    return SHARED + get_method(method).Settings.names() + tuple(k for k in OPTIONAL if k != "family")
+    """Every flat setting a config of `method` takes (the shared ones, the number formats, the method's own,
+    then the optional ones but the family, which comes from the model)."""
+    return SHARED + FORMAT_KEYS + get_method(method).Settings.names() + tuple(k for k in OPTIONAL if k != "family")
 
 
 def parse_keep_fp(value: Any) -> tuple[str, ...]:
@@ -214,6 +239,31 @@ def _family(name: str) -> Family:
     return get_family(name)
 
 
+def _implied_bits(bits_flag: str, bits: int | None, format_flag: str, fmt: Format) -> int:
+    if bits is not None and bits != fmt.bits:
+        raise DllmqError(f"{bits_flag} {bits} contradicts {format_flag} {fmt.name}, which is {fmt.bits}-bit; "
+                         f"leave {bits_flag} out or give {fmt.bits}.")
+    return fmt.bits
+
+
+def _no_clip(flag: str, clip: float | None, fmt: Format) -> float:
+    if clip is not None and clip != 1.0:
+        raise DllmqError(f"{flag} applies to the int format only; {fmt.name}'s scales are fixed by the format, "
+                         f"so leave {flag} out.")
+    return 1.0
+
+
+def merge_preset(preset: dict, given: dict) -> dict:
+    """A preset's settings overridden by the given ones. A floating-point format chosen over an integer
+    preset fixes its own scale groups, so the preset's group size is dropped then (its bits are kept and
+    checked: `--preset W4A4 --wformat fp8` is a contradiction)."""
+    merged = {**preset, **given}
+    if "group_size" in preset and "group_size" not in given and \
+            merged.get("wformat", INT) != preset.get("wformat", INT) and get_format(merged["wformat"]).is_float:
+        del merged["group_size"]
+    return merged
+
+
 def _activation_methods() -> str:
     wa = [m.name for m in methods() if m.kind == WEIGHT_ACTIVATION]
     either = [m.name for m in methods() if m.kind == EITHER]
@@ -228,6 +278,13 @@ PRESETS = {
     "W3A16": dict(wbits=3, group_size=-1),
     "W8A8": dict(wbits=8, abits=8, group_size=-1),
     "W4A4": dict(wbits=4, abits=4, group_size=-1),
+    # floating-point formats (dllmq.quant.formats): the bits and the scale groups come with the format
+    "W8A8-fp8": dict(wformat=FP8, aformat=FP8),
+    "W8A16-fp8": dict(wformat=FP8),
+    "W4A4-mxfp4": dict(wformat=MXFP4, aformat=MXFP4),
+    "W4A16-mxfp4": dict(wformat=MXFP4),
+    "W4A4-nvfp4": dict(wformat=NVFP4, aformat=NVFP4),
+    "W4A16-nvfp4": dict(wformat=NVFP4),
 }
 
 

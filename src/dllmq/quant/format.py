@@ -33,8 +33,10 @@ from dllmq.quant.interop import ForeignScheme, reader_for
 from dllmq.quant.interop import gptq as gptq_layout
 from dllmq.quant.modules import replace_module
 from dllmq.quant.qlinear import QuantLinear
+from dllmq.quant.qlinear_fp import FPQuantLinear
 
 LAYOUT = "gptq"
+FP_LAYOUT = "dllmq_fp"   # FP8 / MXFP4 / NVFP4 weights: codes + block scales (qlinear_fp.py)
 CHECKPOINT_FORMAT = "gptq_v2"
 QUANTIZER = f"dllmq:{__version__}"
 
@@ -42,16 +44,19 @@ QUANTIZER = f"dllmq:{__version__}"
 def quantized_linears(model: TransformerLM) -> list[list[str]]:
     """Per linear group, the block linears that are quantized (dllmq's own models: all of them)."""
     block = model.get_blocks()[0]
-    groups = [[n for n in g.linears if isinstance(block.get_submodule(n), QuantLinear)] for g in model.family.groups]
+    groups = [[n for n in g.linears if isinstance(block.get_submodule(n), (QuantLinear, FPQuantLinear))]
+              for g in model.family.groups]
     return [g for g in groups if g]
 
 
 def quantization_config(model: TransformerLM, config: QuantConfig, source: ForeignScheme | None = None) -> dict:
+    fp = config.weight.fmt.is_float
     qc = {
         # weight-activation models need dllmq to run (online transforms, activation quantizers);
-        # their weights alone still read as GPTQ-layout tensors
-        "quant_method": LAYOUT,
-        "checkpoint_format": CHECKPOINT_FORMAT,
+        # their weights alone still read as GPTQ-layout tensors. Floating-point weights are dllmq's own
+        # layout (qlinear_fp.py), which no GPTQ tool must mistake for its own.
+        "quant_method": FP_LAYOUT if fp else LAYOUT,
+        "checkpoint_format": config.weight.format if fp else CHECKPOINT_FORMAT,
         "bits": config.weight.bits,
         "group_size": config.weight.group_size,
         "sym": config.weight.sym,
@@ -71,7 +76,7 @@ def quantization_config(model: TransformerLM, config: QuantConfig, source: Forei
 def tool_config(qc: dict, config: QuantConfig) -> dict | None:
     """The quantize_config.json GPTQ tools read, for a weight-only model (None for a weight-activation
     one: its online transforms and activation quantizers only run in dllmq)."""
-    if config.weight_activation:
+    if config.weight_activation or config.weight.fmt.is_float:
         return None
     return gptq_layout.write_config(qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], QUANTIZER,
                                     CHECKPOINT_FORMAT)
@@ -91,7 +96,7 @@ def read_quantization(raw: dict) -> SavedQuantization | None:
     qc = raw.get("quantization_config")
     if not qc:
         return None
-    if qc.get("quant_method") == LAYOUT and "dllmq" in qc:
+    if qc.get("quant_method") in (LAYOUT, FP_LAYOUT) and "dllmq" in qc:
         return SavedQuantization(QuantConfig.from_dict(qc["dllmq"]))
     reader = reader_for(qc)
     scheme = reader.read_scheme(qc)
@@ -115,7 +120,7 @@ def prepare_quantized(model: TransformerLM, raw: dict, tensors: dict[str, torch.
     for i, block in enumerate(model.get_blocks()):
         for name in family.block_linears:
             path = f"{family.blocks}.{i}.{name}"
-            if tensors is not None and not (reader or gptq_layout).is_quantized(tensors, path):
+            if tensors is not None and not _holds_quantized(reader, spec, tensors, path):
                 continue  # left in full precision by the tool that quantized the checkpoint
             if tensors is None and listed is not None and name not in listed:
                 continue  # dllmq's config lists the linears it quantized (--keep-fp left the others)
@@ -124,8 +129,13 @@ def prepare_quantized(model: TransformerLM, raw: dict, tensors: dict[str, torch.
                 with torch.device("cpu"):  # the loader builds the model on the meta device; tensors are real
                     converted = reader.to_dllmq(tensors, path, saved.foreign, linear.in_features, linear.out_features)
                 _convert(tensors, path, converted)
-            replace_module(block, name, QuantLinear.empty(linear.in_features, linear.out_features, spec.bits,
-                                                          spec.group_size, bias=linear.bias is not None))
+            if spec.fmt.is_float:
+                layer = FPQuantLinear.empty(linear.in_features, linear.out_features, spec.format,
+                                            bias=linear.bias is not None)
+            else:
+                layer = QuantLinear.empty(linear.in_features, linear.out_features, spec.bits, spec.group_size,
+                                          bias=linear.bias is not None)
+            replace_module(block, name, layer)
         method.build_runtime(block)
     if saved.foreign is not None:
         model.config.raw["quantization_config"] = quantization_config(model, saved.config, saved.foreign)
@@ -149,6 +159,12 @@ def full_precision_linears(raw: dict, family) -> tuple[str, ...]:
     return () if listed is None else tuple(n for n in family.block_linears if n not in listed)
 
 
+def _holds_quantized(reader, spec, tensors: dict, path: str) -> bool:
+    if reader is None and spec.fmt.is_float:
+        return f"{path}.codes" in tensors
+    return (reader or gptq_layout).is_quantized(tensors, path)
+
+
 def _convert(tensors: dict[str, torch.Tensor], path: str, converted: dict[str, torch.Tensor]) -> None:
     for key in [k for k in tensors if k.startswith(path + ".")]:
         del tensors[key]
@@ -166,17 +182,27 @@ def describe_quantization(raw: dict, family=None) -> str | None:
     config = saved.config
     w, a, cal = config.weight, config.act, config.calibration
     group = "per-channel" if w.group_size == -1 else f"group {w.group_size}"
+    profile = raw["quantization_config"].get("dllmq", {}).get("profile", config.profile)
     calib = "" if not config.needs_calibration else \
         f", calibrated on {cal.source} ({cal.nsamples} x {cal.seqlen} tokens, seed {config.seed})" \
         if cal.windows == "random" else \
         f", calibrated on {cal.source} ({cal.nsamples} documents cut into {cal.seqlen}-token windows)"
-    acts = "" if not config.weight_activation else \
-        f", activations per token ({'symmetric' if a.sym else 'asymmetric'}, clip {a.clip})" + \
-        (f", KV {config.kv.bits}-bit" if config.kv.enabled else "")
-    profile = raw["quantization_config"].get("dllmq", {}).get("profile", config.profile)
-    line = f"quantized    {config.method.upper()} W{w.bits}A{a.bits}, {group} weights " \
-           f"({'symmetric' if w.sym else 'asymmetric'}){acts}{calib}; weights stored in the GPTQ layout" \
-           f"; profile {profile}"
+    kv = f", KV {config.kv.bits}-bit" if config.kv.enabled else ""
+    if w.fmt.is_float or a.fmt.is_float:
+        wdesc = f"{w.fmt.title} weights" + (" per output channel" if w.fmt.block == 0 else "") if w.fmt.is_float else \
+            f"int {group} weights ({'symmetric' if w.sym else 'asymmetric'})"
+        adesc = "" if not config.weight_activation else \
+            (f", {a.fmt.title} activations per token" if a.fmt.is_float else
+             f", int activations per token ({'symmetric' if a.sym else 'asymmetric'}, clip {a.clip})") + kv
+        layout = "dllmq's FP layout (codes + block scales)" if w.fmt.is_float else "the GPTQ layout"
+        line = f"quantized    {config.method.upper()} W{w.bits}A{a.bits}, {wdesc}{adesc}{calib}; weights stored " \
+               f"in {layout}; profile {profile}"
+    else:
+        acts = "" if not config.weight_activation else \
+            f", activations per token ({'symmetric' if a.sym else 'asymmetric'}, clip {a.clip})" + kv
+        line = f"quantized    {config.method.upper()} W{w.bits}A{a.bits}, {group} weights " \
+               f"({'symmetric' if w.sym else 'asymmetric'}){acts}{calib}; weights stored in the GPTQ layout" \
+               f"; profile {profile}"
     listed = _listed_linears(raw)
     if listed is None or family is None:
         return line

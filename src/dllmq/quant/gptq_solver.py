@@ -30,13 +30,14 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from dllmq.errors import DllmqError
 from dllmq.models.family import Role
 from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.formats import Format, Minifloat, block_scales, weight_tensor_scale
 from dllmq.quant.primitives import QuantSpec, compute_qparams
 from dllmq.quant.rounding import round_scales
 from dllmq.quant.specs import MethodSettings, WeightSpec, setting
@@ -150,11 +151,18 @@ def column_order(diag: torch.Tensor, group_size: int, act_order: bool, group_act
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, sym: bool = False,
                   damp: float = 0.01, blocksize: int = 128, act_order: bool = False,
                   static_groups: bool = True, *, group_act_order: bool = False, static_grids: bool = False,
-                  grid_search: bool = False, grid_points: int = 20, grid_min_shrink: float = 0.5):
+                  grid_search: bool = False, grid_points: int = 20, grid_min_shrink: float = 0.5,
+                  fmt: Format | None = None, tensor_scale: torch.Tensor | None = None):
     """Quantize W [out, in] against the Hessian H [in, in]. The keyword defaults are the reference's.
+
+    With a floating-point `fmt` (dllmq.quant.formats) each group's grid is the format's scale rule on the
+    group's columns (the group is the format's block, or the whole row for FP8) and columns round to the
+    format's elements; `tensor_scale` ([out, 1], NVFP4) is the tensor scale of each row's matrix. The
+    grid search does not apply (the format fixes its scales); zero is 0.
 
     Returns (Q dequantized [out, in], scale [out, n_groups], zero [out, n_groups], g_idx [in] or None).
     """
+    float_format = fmt is not None and fmt.is_float
     W = W.detach().clone().to(H.dtype)
     H = H.clone()
     n_out, n_in = W.shape
@@ -166,6 +174,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     W[:, dead] = 0
 
     def grid(w):
+        if float_format:
+            scale = block_scales(w, replace(fmt, block=0), tensor_scale)[0].reshape(-1)
+            return scale, torch.zeros_like(scale)
         return group_grid(w, bits, sym, grid_search, grid_points, grid_min_shrink)
 
     act_order = act_order and not group_act_order     # group-aware ordering replaces plain act-order
@@ -181,7 +192,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         W, H = W[:, perm], H[perm][:, perm]
 
     U = inverse_hessian_factor(H, damp)
-    Q = _solve_columns(W, U, pos_group.tolist(), static, grid, maxq, blocksize)
+    Q = _solve_columns(W, U, pos_group.tolist(), static, grid, maxq, blocksize, fmt.element if float_format else None)
     scales = torch.zeros(n_out, n_groups, dtype=torch.float32, device=W.device)
     zeros = torch.zeros_like(scales)
     for k, (s, z) in Q[1].items():
@@ -201,10 +212,12 @@ _INNER = 16
 
 
 def _solve_columns(W: torch.Tensor, U: torch.Tensor, groups: list[int], static, grid, maxq: int,
-                   blocksize: int) -> tuple[torch.Tensor, dict]:
+                   blocksize: int, element: Minifloat | None = None) -> tuple[torch.Tensor, dict]:
     """GPTQ's column loop on W [out, in] (columns already in processing order) with U the upper
     Cholesky factor of the damped inverse Hessian. Works on W transposed, so a column is a contiguous
-    row. Returns (Q in processing order, {group: (scale, zero)})."""
+    row. Columns round to the integer grid, or with `element` to that float format times the group's
+    scale (a zero scale, an NVFP4 block below E4M3's range, gives zeros). Returns (Q in processing
+    order, {group: (scale, zero)})."""
     n_in = W.shape[1]
     Wt = W.T.contiguous()                      # [in, out]: row i is column i of W
     Qt = torch.empty_like(Wt)
@@ -233,9 +246,14 @@ def _solve_columns(W: torch.Tensor, U: torch.Tensor, groups: list[int], static, 
                         scale, zero = grid(Wt[col:end].T)
                     grids[group] = (scale, zero)
                     lo, hi = -zero, maxq - zero
+                    if element is not None:
+                        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
                 q = Qt[col]
-                torch.div(W1[j], scale, out=q)
-                q.round_().clamp_(lo, hi).mul_(scale)
+                if element is not None:
+                    q.copy_(element.round(W1[j] / safe).mul_(scale))
+                else:
+                    torch.div(W1[j], scale, out=q)
+                    q.round_().clamp_(lo, hi).mul_(scale)
                 e = E1[j]
                 torch.sub(W1[j], q, out=e)
                 e.div_(diag[col])
@@ -298,6 +316,13 @@ class GPTQSettings(MethodSettings):
                     grid_min_shrink=self.grid_min_shrink)
 
 
+def check_float_format(fmt: Format, settings: GPTQSettings) -> None:
+    """GPTQ stores a floating-point format's weights without g_idx: its groups must stay the natural blocks."""
+    if settings.act_order and not settings.static_groups and not settings.group_act_order:
+        raise DllmqError(f"GPTQ with --wformat {fmt.name} keeps the format's natural blocks; --dynamic-groups "
+                         "would permute them, so leave it out.")
+
+
 def gptq_block(ctx: BlockContext, spec: WeightSpec, settings: GPTQSettings) -> dict[str, QuantizedWeight]:
     """GPTQ on every linear of a block, true-sequentially: each group is calibrated on the outputs of
     the already-quantized groups before it. The linears of a group share one Hessian and are solved
@@ -305,6 +330,11 @@ def gptq_block(ctx: BlockContext, spec: WeightSpec, settings: GPTQSettings) -> d
     results: dict[str, QuantizedWeight] = {}
     ahead: dict[Role, HessianAccumulator] = {}
     down_first = ctx.config is not None and ctx.config.calibration.group_order == "down-first"
+    fmt = spec.fmt
+    options = settings.solver_options()
+    if fmt.is_float:
+        check_float_format(fmt, settings)
+        options["grid_search"] = False   # the format's scale rule is the grid
     for group, feed in ctx.sequential():
         names = ctx.quantized(group.linears)      # linears kept in full precision are left as they are
         if down_first and group.role == Role.MLP_IN:
@@ -322,14 +352,18 @@ def gptq_block(ctx: BlockContext, spec: WeightSpec, settings: GPTQSettings) -> d
             feed(hessian.add)
         H = hessian.H
         W = torch.cat([l.weight.detach().float() for l in linears])
+        scales = [weight_tensor_scale(l.weight, fmt) for l in linears] if fmt.is_float else [None]
+        tensor_scale = None if scales[0] is None else \
+            torch.cat([s.expand(l.out_features, 1) for s, l in zip(scales, linears)]).to(W.device)
         with one_thread():
-            Q, scale, zero, g_idx = gptq_quantize(W, H, spec.bits, spec.group_size, spec.sym,
-                                                  **settings.solver_options())
+            Q, scale, zero, g_idx = gptq_quantize(W, H, spec.bits, spec.group_size, spec.sym, **options,
+                                                  fmt=fmt, tensor_scale=tensor_scale)
         row = 0
-        for name, linear in zip(names, linears):
+        for k, (name, linear) in enumerate(zip(names, linears)):
             rows = slice(row, row + linear.out_features)
             row += linear.out_features
             err = relative_output_error(W[rows], Q[rows], H)
-            results[name] = QuantizedWeight(Q[rows].float(), scale[rows], zero[rows], g_idx, err, "output")
+            results[name] = QuantizedWeight(Q[rows].float(), scale[rows], zero[rows], g_idx, err, "output",
+                                            scales[k] if fmt.is_float else None)
             linear.weight.data = Q[rows].to(linear.weight.dtype)  # later groups calibrate on quantized outputs
     return results

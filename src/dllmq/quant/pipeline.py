@@ -21,6 +21,7 @@ from dllmq.quant.block import BlockContext, QuantizedWeight
 from dllmq.quant.methods.base import Method
 from dllmq.quant.modules import replace_module
 from dllmq.quant.qlinear import QuantLinear
+from dllmq.quant.qlinear_fp import FPQuantLinear
 from dllmq.quant.specs import WeightSpec
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,12 @@ def capture_block_inputs(model: TransformerLM, calib_ids: torch.Tensor, device: 
     return inputs, rope, None if mask is None else mask.to(device)
 
 
-def to_quant_linear(linear: nn.Linear, result: QuantizedWeight, spec: WeightSpec) -> QuantLinear:
+def to_quant_linear(linear: nn.Linear, result: QuantizedWeight, spec: WeightSpec) -> QuantLinear | FPQuantLinear:
+    if spec.fmt.is_float:
+        q = FPQuantLinear.from_values(linear, result.weight.float(), result.scale, spec.format, result.tensor_scale)
+        q.input_transform = getattr(linear, "input_transform", None)
+        q.act_quantizer = getattr(linear, "act_quantizer", None)
+        return q
     original = linear.weight.data
     linear.weight.data = result.weight.to(original.dtype)
     try:

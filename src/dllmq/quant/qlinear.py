@@ -30,6 +30,7 @@ from torch import nn
 
 from dllmq.errors import DllmqError
 from dllmq.quant.packing import pack_codes, packed_length, unpack_codes
+from dllmq.quant.qlinear_fp import FPQuantLinear
 from dllmq.quant.primitives import check_bits, dequantize, group_index, num_groups, quantize
 
 # Buffers whose dtype may legitimately differ between a saved checkpoint and an empty module.
@@ -273,8 +274,11 @@ class QuantLinear(nn.Module):
 def dense_weight_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """What keeping every QuantLinear's dequantized weight in ``dtype`` would cost."""
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, QuantLinear))
+    return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, _DEQUANTIZING))
 
+
+# The layers that dequantize their weight on every forward (integer and floating-point formats).
+_DEQUANTIZING = (QuantLinear, FPQuantLinear)
 
 KEEP_WEIGHTS_BYTES = 2 << 30  # evaluations keep dequantized weights up to this size (an 8B model's are not kept)
 
@@ -289,7 +293,7 @@ def keep_dequantized_weights(model: nn.Module, max_bytes: int = KEEP_WEIGHTS_BYT
     if dense_weight_bytes(model) > max_bytes:
         yield
         return
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and not m._keep_weight]
+    layers = [m for m in model.modules() if isinstance(m, _DEQUANTIZING) and not m._keep_weight]
     for m in layers:
         m._keep_weight = True
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.formats import quantize_weight
 from dllmq.quant.primitives import compute_qparams, dequantize, expand_groups, quantize
 from dllmq.quant.specs import WeightSpec
 
@@ -17,6 +18,10 @@ def round_scales(scale: torch.Tensor) -> torch.Tensor:
 def rtn_weight(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
     """`weight` [out, in] rounded to its own min/max grid per group (or per output channel)."""
     w = weight.detach().float()
+    if spec.fmt.is_float:   # FP8 / MXFP4 / NVFP4: the format's own scale rule
+        q, scale, tensor_scale = quantize_weight(w, spec.fmt)
+        error = ((q - w).norm() / w.norm().clamp_min(1e-12)).item()
+        return QuantizedWeight(q, scale, torch.zeros_like(scale), None, error, "weight", tensor_scale)
     scale, zero = compute_qparams(w, spec.quant_spec())
     scale = round_scales(scale)
     if spec.group_size == -1:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from dllmq.errors import DllmqError
+from dllmq.quant.formats import FORMATS, Format
 from dllmq.quant.primitives import QuantSpec
 
 NOT_QUANTIZED = 16  # activation / K/V bits meaning "left in full precision"
@@ -25,6 +26,11 @@ class WeightSpec:
     group_size: int = 128
     sym: bool = False
     clip: float = 1.0
+    format: str = "int"   # dllmq.quant.formats: int, fp8, mxfp4, nvfp4
+
+    @property
+    def fmt(self) -> Format:
+        return FORMATS[self.format]
 
     def quant_spec(self) -> QuantSpec:
         if self.group_size == -1:
@@ -40,6 +46,11 @@ class ActSpec:
     bits: int = NOT_QUANTIZED
     sym: bool = False
     clip: float = 1.0
+    format: str = "int"   # dllmq.quant.formats: int, fp8, mxfp4, nvfp4
+
+    @property
+    def fmt(self) -> Format:
+        return FORMATS[self.format]
 
     @property
     def enabled(self) -> bool:

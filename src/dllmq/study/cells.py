@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dllmq.errors import DllmqError
-from dllmq.study.config import StudyConfig, bits_label
+from dllmq.study.config import StudyConfig, config_bits_label
 
 KEY_SCHEMA = 1
 
@@ -141,7 +141,7 @@ class StudyCell:
 
     @property
     def bits(self) -> str:
-        return "FP" if self.preset == "FP" else bits_label(self.preset)
+        return "FP" if self.preset == "FP" else config_bits_label(self.preset, self.quant_config())
 
     @property
     def is_fp(self) -> bool:
@@ -201,7 +201,7 @@ def plan_cells(config: StudyConfig, device: str = "cpu",
                         qc = qc.for_family(family)   # a paper entry resolves per model family
                     settings = qc.to_dict() if qc is not None else {}
                     qkey = quant_key(ident, settings, dtype, config.calibration.threads) if qc is not None else None
-                    label = "FP" if qc is None else bits_label(preset)
+                    label = "FP" if qc is None else config_bits_label(preset, qc)
                     key = cell_key(ident, spec.label, label, settings, qkey, config.tasks, config.limit, seed,
                                    eval_key, dtype)
                     cells.append(StudyCell(model=model, method=spec.label, method_name=spec.name, preset=preset,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dllmq.errors import DllmqError
-from dllmq.quant.config import PRESETS, PROFILES, QuantConfig, settable_names
+from dllmq.quant.config import PRESETS, PROFILES, QuantConfig, merge_preset, settable_names
 from dllmq.quant.registry import get_method, method_names
 
 DEFAULT_CONFIG_NAME = "default_study.yaml"
@@ -50,6 +50,30 @@ _EVAL_KEYS = ("chat", "batch_size", "allow_code_execution", "data_dir", "offline
 def bits_label(preset: str) -> str:
     """The DB label of a bit config: the preset name without its group suffix (W4A16-g128 -> W4A16)."""
     return re.sub(r"-g\d+$", "", preset)
+
+
+def format_suffix(config: QuantConfig) -> str:
+    """The number formats of a config as a label suffix: "" for integers, fp8 / mxfp4 / nvfp4 when weights and
+    quantized activations share it, else weights-activations (nvfp4-fp8, int-fp8)."""
+    w = config.weight.format
+    a = config.act.format if config.weight_activation else w
+    if (w, a) == ("int", "int"):
+        return ""
+    return w if a == w else f"{w}-{a}"
+
+
+def config_bits_label(preset: str, config: QuantConfig | None) -> str:
+    """The DB label of a cell: the preset's label, with the number formats appended when the method entry's
+    settings choose floating-point formats the preset name does not say (W8A8 + wformat/aformat fp8 ->
+    W8A8-fp8), so such rows never collide with the integer ones."""
+    label = bits_label(preset)
+    if config is None:
+        return label
+    suffix = format_suffix(config)
+    base, _, named = label.partition("-")
+    if not suffix or named == suffix:
+        return label
+    return f"{base}-{suffix}"
 
 
 @dataclass(frozen=True)
@@ -117,9 +141,14 @@ class MethodSpec:
         if profile == "paper":  # the study's own calibration windows win over the grid's calibration block
             for k in get_method(self.name).paper_settings(None):
                 settings.pop(k, None)
-        settings.update(PRESETS[preset])
-        settings.update(self.overrides)
+        settings.update(merge_preset(PRESETS[preset], self.overrides))
         return QuantConfig(method=self.name, seed=seed, **settings)
+
+    def bits_label(self, preset: str, calibration: "Calibration | None" = None) -> str:
+        """The DB label of one of this entry's bit configs (the formats its settings choose included)."""
+        if self.name == "fp":
+            return bits_label(preset)
+        return config_bits_label(preset, self.quant_config(preset, calibration or Calibration(), 0))
 
 
 @dataclass(frozen=True)
@@ -277,9 +306,9 @@ def parse_study_config(data: Any, source: str = "<config>") -> StudyConfig:
     seen: dict[tuple[str, str], int] = {}
     for i, m in enumerate(methods):
         for b in m.bits:
-            key = (m.label, bits_label(b))
+            key = (m.label, m.bits_label(b, calibration))
             if key in seen:
-                raise _err(src, f"methods[{i}]", f"repeats {m.label} at {bits_label(b)} (also in methods[{seen[key]}]); "
+                raise _err(src, f"methods[{i}]", f"repeats {m.label} at {key[1]} (also in methods[{seen[key]}]); "
                                                  "give one of them a distinct label")
             seen[key] = i
 

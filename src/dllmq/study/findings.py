@@ -15,8 +15,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from dllmq.study.grid import (AVG, MODERATE_AT, NEGLIGIBLE, SEVERE, Setting, classify, method_name, parse_bits,
-                              rotation_methods, weight_only_methods)
+from dllmq.study.grid import (AVG, MODERATE_AT, NEGLIGIBLE, SEVERE, Setting, classify, is_integer_label, method_name,
+                              parse_bits, rotation_methods, weight_only_methods)
 
 HOLDS, DOES_NOT_HOLD, MIXED, NOT_MEASURED = "holds", "does not hold", "mixed", "not measured"
 # Decided with confidence intervals (verdicts.py) but the interval contains the deciding value.
@@ -92,7 +92,8 @@ def _name(setting: tuple[str, str]) -> str:
 def pick(drops: ModelDrops, method: str, wa: tuple[int, int], column: str = AVG) -> tuple[str, float] | None:
     """(bits label, drop) of `method` at (weight bits, activation bits) in `column`; when several labels
     mean the same bits (W4A16 and W4A16-g128) the first in sorted order is used."""
-    labels = sorted(bits for (m, bits), d in drops.items() if m == method and parse_bits(bits) == wa and column in d)
+    labels = sorted(bits for (m, bits), d in drops.items()
+                    if m == method and parse_bits(bits) == wa and is_integer_label(bits) and column in d)
     if not labels:
         return None
     return labels[0], drops[(method, labels[0])][column]
@@ -102,7 +103,7 @@ def at_bits(drops: ModelDrops, wa: tuple[int, int], methods: Sequence[str] | Non
             column: str = AVG) -> dict[str, float]:
     """method -> drop of every method measured at these bits (restricted to `methods` when given), in
     the paper's method order."""
-    found = {m for (m, bits) in drops if parse_bits(bits) == wa and not Setting(m, bits).is_fp}
+    found = {m for (m, bits) in drops if parse_bits(bits) == wa and is_integer_label(bits) and not Setting(m, bits).is_fp}
     if methods is not None:
         found &= set(methods)
     out: dict[str, float] = {}

@@ -47,6 +47,22 @@ def parse_bits(label: str) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2) or 16)
 
 
+_FORMAT_RE = re.compile(r"^(w\d+(?:a\d+)?(?:-g\d+)?)-((?:int|fp8|mxfp4|nvfp4)(?:-(?:int|fp8|mxfp4|nvfp4))?)$",
+                        re.IGNORECASE)
+
+
+def split_format(label: str) -> tuple[str, str]:
+    """(bits, number formats) of a stored label: W8A8-fp8 -> (W8A8, fp8), W4A4-nvfp4-fp8 -> (W4A4, nvfp4-fp8),
+    W8A8 -> (W8A8, "") — integer rows have no format suffix."""
+    m = _FORMAT_RE.match(label.strip())
+    return (m.group(1), m.group(2).lower()) if m else (label, "")
+
+
+def is_integer_label(label: str) -> bool:
+    """Whether a stored label is an integer setting (what the paper's findings are about)."""
+    return split_format(label)[1] == ""
+
+
 def method_name(method: str) -> str:
     """A method's display name (the registry's; FP for full precision; a stored label as it is)."""
     if method.lower() == "fp":
@@ -90,11 +106,20 @@ class Setting:
         return wa is not None and wa[1] >= 16
 
     @property
+    def format(self) -> str:
+        """The number formats of a floating-point row (fp8, mxfp4, nvfp4, nvfp4-fp8); "" for integers."""
+        return "" if self.is_fp else split_format(self.bits)[1]
+
+    @property
     def label(self) -> str:
-        return "FP" if self.is_fp else f"{method_name(self.method)} {self.bits}"
+        if self.is_fp:
+            return "FP"
+        base, fmt = split_format(self.bits)
+        return f"{method_name(self.method)} {base}" + (f" ({fmt})" if fmt else "")
 
     def sort_key(self) -> tuple:
-        """FP; weight-only by bits (W4 before W3) then method; weight-activation (W8A8 before W4A4)."""
+        """FP; weight-only by bits (W4 before W3) then method; weight-activation (W8A8 before W4A4). A method's
+        floating-point rows follow its integer row at the same bits (RTN W8A8, RTN W8A8 (fp8))."""
         if self.is_fp:
             return (0,)
         wa = self.wa
@@ -102,7 +127,8 @@ class Setting:
         if wa is None:
             return (3, self.bits, rank, self.method)
         group = 1 if wa[1] >= 16 else 2
-        return (group, -wa[0], -wa[1], self.bits, rank, self.method)
+        base, fmt = split_format(self.bits)
+        return (group, -wa[0], -wa[1], base, rank, self.method, fmt)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dllmq.study.evidence import DEFAULT_KL_RATIO, Estimate, ModelEvidence, mean_of
 from dllmq.study.findings import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, INSTRUCT, NOT_MEASURED, PER_MODEL, W3A16,
                                   W4A4, W4A16, W8A8, DropTable, Finding, Verdict, combine, instruct_pairs)
-from dllmq.study.grid import AVG, MODERATE_AT, SEVERE_ABOVE, Setting, method_name, parse_bits, rotation_methods, \
-    weight_only_methods
+from dllmq.study.grid import AVG, MODERATE_AT, SEVERE_ABOVE, Setting, is_integer_label, method_name, parse_bits, \
+    rotation_methods, weight_only_methods
 from dllmq.study.stats import LEVEL
 
 ACC = "accuracy drop"
@@ -81,7 +81,8 @@ class _Metric:
 
 
 def _at(ev: ModelEvidence, wa: tuple[int, int], methods: Sequence[str] | None = None) -> list[tuple[str, str]]:
-    keys = [k for k in ev.settings if parse_bits(k[1]) == wa and (methods is None or k[0] in methods)]
+    keys = [k for k in ev.settings if parse_bits(k[1]) == wa and is_integer_label(k[1])
+            and (methods is None or k[0] in methods)]
     return sorted(keys, key=lambda k: Setting(*k).sort_key())
 
 

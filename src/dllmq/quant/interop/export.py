@@ -26,6 +26,9 @@ def export_quantized(model: TransformerLM, tokenizer, out: str | os.PathLike, fm
     if saved is None:
         raise DllmqError("This model is not quantized; quantize it with dllmq quantize first, then export it.")
     config = saved.config
+    if config.weight.fmt.is_float:
+        raise DllmqError(f"This model's weights are {config.weight.format}, and the export layouts hold integer "
+                         "weights only; load it with dllmq instead.")
     if config.weight_activation:
         raise DllmqError(f"This is a {config.method} W{config.weight.bits}A{config.act.bits} model: its activation "
                          "quantizers and online transforms only run in dllmq, so it cannot be exported; export a "

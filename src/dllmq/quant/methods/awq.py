@@ -21,6 +21,8 @@ from torch import nn
 
 from dllmq.models.family import SCORE_ATTENTION, SCORE_LINEAR, LinearGroup
 from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.formats import fake_quantize as fp_fake_quantize
+from dllmq.quant.formats import weight_tensor_scale
 from dllmq.quant.gptq_solver import HessianAccumulator
 from dllmq.quant.methods.base import WEIGHT_ONLY, Method
 from dllmq.quant.primitives import QuantSpec, fake_quantize
@@ -190,6 +192,8 @@ def clip_weight(linear: nn.Linear, x: torch.Tensor, spec: WeightSpec, n_grid: in
     best_max = wg.abs().amax(dim=-1, keepdim=True)                          # [O, G, 1]
     org_max = best_max.clone()
     row_spec = QuantSpec(bits=spec.bits, symmetric=spec.sym, granularity="channel")
+    if spec.fmt.is_float:   # one (row, group) is one of the format's blocks (FP8: the whole row)
+        rows_fmt, tensor_scale = replace(spec.fmt, block=0), weight_tensor_scale(w, spec.fmt)
     chunk = max(1, (1 << 26) // max(1, x.shape[0] * wg.shape[1] * g))
     for o in range(0, n_out, chunk):
         w_c, max_c = wg[o:o + chunk], org_max[o:o + chunk]
@@ -198,7 +202,10 @@ def clip_weight(linear: nn.Linear, x: torch.Tensor, spec: WeightSpec, n_grid: in
         for i in range(int(max_shrink * n_grid)):
             m = max_c * (1 - i / n_grid)
             clipped = torch.maximum(torch.minimum(w_c, m), -m)
-            q = fake_quantize(clipped.reshape(-1, g), row_spec).reshape(clipped.shape)
+            if spec.fmt.is_float:
+                q = fp_fake_quantize(clipped.reshape(-1, g), rows_fmt, tensor_scale).reshape(clipped.shape)
+            else:
+                q = fake_quantize(clipped.reshape(-1, g), row_spec).reshape(clipped.shape)
             err = (torch.einsum("tgk,ogk->otg", xg, q) - ref).pow(2).mean(dim=1)
             better = err < min_err
             min_err[better] = err[better]

@@ -13,6 +13,7 @@ from dllmq.models.family import Role
 from dllmq.models.modeling import Block, TransformerLM
 from dllmq.quant.activations import attach_quantizers
 from dllmq.quant.block import BlockContext, QuantizedWeight
+from dllmq.quant.formats import FORMAT_NAMES, Format
 from dllmq.quant.specs import ActSpec, MethodSettings
 
 WEIGHT_ONLY = "weight-only"
@@ -43,6 +44,11 @@ class Method:
     low_bit_act_clip: float = 1.0
     low_bit_weight_clip: float = 1.0
     rotate_qk: bool = False           # the K/V quantizer rotates Q and K first (QuaRot)
+    # The number formats (dllmq.quant.formats) the method can put weights / activations in, and why not
+    # the others (one clause, for the error message).
+    weight_formats: tuple[str, ...] = FORMAT_NAMES
+    act_formats: tuple[str, ...] = FORMAT_NAMES
+    format_note: str = ""
 
     def __init__(self, config):
         self.config = config
@@ -52,6 +58,10 @@ class Method:
     @classmethod
     def needs_calibration(cls, settings: MethodSettings) -> bool:
         return True
+
+    @classmethod
+    def check_weight_format(cls, settings: MethodSettings, fmt: Format) -> None:
+        """Raise DllmqError when the method's settings cannot put weights in the (floating-point) format."""
 
     @classmethod
     def quantizes_activations(cls, act: ActSpec) -> bool:

@@ -4,7 +4,8 @@ shared math in dllmq.quant.gptq_solver). Feeds the next block its quantized outp
 from __future__ import annotations
 
 from dllmq.quant.block import BlockContext, QuantizedWeight
-from dllmq.quant.gptq_solver import GPTQSettings, gptq_block
+from dllmq.quant.formats import Format
+from dllmq.quant.gptq_solver import GPTQSettings, check_float_format, gptq_block
 from dllmq.quant.methods.base import WEIGHT_ONLY, Method
 
 
@@ -35,6 +36,11 @@ class GPTQ(Method):
             return ("paper profile: q/k/v stay in full precision as in the study's LLaDA GPTQ runs; this reproduces "
                     "the published runs, not a fully quantized model.")
         return None
+
+    @classmethod
+    def check_weight_format(cls, settings: GPTQSettings, fmt: Format) -> None:
+        if fmt.is_float:
+            check_float_format(fmt, settings)
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         return gptq_block(ctx, self.config.weight, self.settings)

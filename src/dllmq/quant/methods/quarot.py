@@ -23,7 +23,8 @@ from dllmq.errors import DllmqError
 from dllmq.models.family import Role
 from dllmq.models.modeling import TransformerLM
 from dllmq.quant.block import BlockContext, QuantizedWeight
-from dllmq.quant.gptq_solver import GPTQSettings, gptq_block
+from dllmq.quant.formats import Format
+from dllmq.quant.gptq_solver import GPTQSettings, check_float_format, gptq_block
 from dllmq.quant.hadamard import HadamardTransform, hadamard_matrix, random_hadamard
 from dllmq.quant.methods.base import WEIGHT_ACTIVATION, Method
 from dllmq.quant.modules import replace_module
@@ -134,6 +135,11 @@ class QuaRot(Method):
     @classmethod
     def needs_calibration(cls, settings: QuaRotSettings) -> bool:
         return settings.weight_method == "gptq"
+
+    @classmethod
+    def check_weight_format(cls, settings: QuaRotSettings, fmt: Format) -> None:
+        if fmt.is_float and settings.weight_method == "gptq":
+            check_float_format(fmt, settings)
 
     def prepare_model(self, model: TransformerLM) -> None:
         rotate_model(model, seed=self.config.seed)
