@@ -26,7 +26,7 @@ from dllmq.study.config import parse_study_config
 from dllmq.study.ray_runner import RAY_MISSING, Unit, merge_cell, plan_shards
 from dllmq.study.runner import run_study
 
-TASKS = ["mini_general", "mini_math", "mini_code"]
+TASKS = ["mini_general", "mini_math"]     # likelihood and generation (mini_code's sandbox adds time, not cases)
 SMALL_MEASURES = {"windows": 2, "seqlen": 32, "elbo_mc": 1, "trajectory": 2}
 SPEC = {"models": ["random-llada"], "methods": ["fp", {"name": "rtn", "bits": ["W4A16-g128", "W8A8"]}],
         "tasks": TASKS, "limit": 8, "eval": {"batch_size": 4}, "measures": SMALL_MEASURES}
@@ -162,45 +162,60 @@ def test_sharded_ray_run_writes_the_local_runners_rows(cluster, local_run, tmp_p
     assert summary.ok and [o.status for o in summary.outcomes] == ["done"] * 3
     assert written(tmp_path / "ray.db") == local_run
     starts = units.starts()     # 2 quantized cells, one FP reference, 3 tasks x 2 shards and the measures per cell
-    assert sorted(k for k, *_ in starts) == sorted(["quantize"] * 2 + ["reference"] + ["eval"] * 6 * 3 + ["measure"] * 3)
+    assert sorted(k for k, *_ in starts) == sorted(["quantize"] * 2 + ["reference"] + ["eval"] * 4 * 3 + ["measure"] * 3)
     assert len(set(starts)) == len(starts)                                    # every unit ran once
 
     again = ray_run(tmp_path / "ray.db", None, unit_hook=units)             # all done: nothing runs
     assert [o.status for o in again.outcomes] == ["skipped"] * 3 and len(units.starts()) == len(starts)
 
 
-def test_worker_killed_mid_unit_is_retried_and_counted_once(cluster, local_run, tmp_path):
-    cells = plan_cells(parse_study_config(SPEC))
-    victim = ("eval", cells[1].cell_key, "mini_math", "(4, 8)")
-    units = UnitLog(tmp_path / "units.log", kill=victim[:3] + ((4, 8),))
-    summary = ray_run(tmp_path / "ray.db", tmp_path / "cache", unit_hook=units)
-    assert summary.ok and [o.status for o in summary.outcomes] == ["done"] * 3
-    assert (tmp_path / "units.log").with_suffix(".killed").exists()
-    starts = units.starts()
-    assert starts.count(victim) == 2                                           # killed once, run again
-    assert all(starts.count(s) == 1 for s in starts if s != victim)
-    assert written(tmp_path / "ray.db") == local_run                          # nothing lost or counted twice
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(c.quant_key for c in cells[1:])
+class Faults(UnitLog):
+    """Kills its worker on the first start of `once`, and on every start of `always`."""
+
+    def __init__(self, path: Path, once: tuple, always: tuple):
+        super().__init__(path)
+        self.once, self.always_kill = once, always
+
+    def __call__(self, kind, cell_key, task, shard):
+        super().__call__(kind, cell_key, task, shard)
+        unit = (kind, cell_key, task, shard)
+        flag = self.path.with_suffix(".once")
+        if unit == self.once and not flag.exists():
+            flag.touch()
+            os._exit(1)
+        if unit == self.always_kill:
+            os._exit(1)
 
 
-def test_a_unit_that_keeps_dying_fails_its_cell_only(cluster, local_run, tmp_path):
+def test_killed_workers_are_retried_counted_once_and_a_unit_that_keeps_dying_fails_its_cell(cluster, local_run,
+                                                                                              tmp_path):
+    """One run, retries=1: a worker killed mid-unit in cell 1 (its unit runs again, the cell is done once, rows
+    identical), and a unit of cell 2 whose worker dies on every attempt (cell 2 failed with the error, the
+    others done); a rerun then completes cell 2 alone, its model from the cache."""
     cells = plan_cells(parse_study_config(SPEC))
-    units = UnitLog(tmp_path / "units.log", kill=("measure", cells[2].cell_key, None, None), always=True)
+    victim = ("eval", cells[1].cell_key, "mini_math", (4, 8))
+    doomed = ("measure", cells[2].cell_key, None, None)
+    units = Faults(tmp_path / "units.log", once=victim, always=doomed)
     summary = ray_run(tmp_path / "ray.db", tmp_path / "cache", unit_hook=units, retries=1)
     assert [o.status for o in summary.outcomes] == ["done", "done", "failed"]
+    starts = units.starts()
+    logged = tuple(map(str, victim)), tuple(map(str, doomed))
+    assert starts.count(logged[0]) == 2 and starts.count(logged[1]) == 2       # killed, run again (once)
+    assert all(starts.count(s) == 1 for s in starts if s not in logged)        # everything else ran once
     error = summary.outcomes[2].error
     assert "measures" in error and "WorkerCrashedError" in error and "1 retries" in error, error
-    assert sum(s[0] == "measure" and s[1] == cells[2].cell_key for s in units.starts()) == 2   # 1 + 1 retry
     status = {c["cell_key"]: (c["status"], c["error"]) for c in store.read_cells(tmp_path / "ray.db")}
     assert status[cells[2].cell_key] == ("failed", error)
     assert not [r for r in store.read_results(tmp_path / "ray.db") if r["cell_key"] == cells[2].cell_key]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(c.quant_key for c in cells[1:])
 
     rerun = UnitLog(tmp_path / "rerun.log")                                   # the failed cell is run again
     summary = ray_run(tmp_path / "ray.db", tmp_path / "cache", unit_hook=rerun)
     assert [o.status for o in summary.outcomes] == ["skipped", "skipped", "done"]
-    assert {s[1] for s in rerun.starts()} == {cells[2].cell_key}
-    assert "quantize" not in [s[0] for s in rerun.starts()]                  # its model came from the cache
-    assert written(tmp_path / "ray.db") == local_run
+    kinds = sorted(s[0] for s in rerun.starts())                              # cell 2's units and FP's reference
+    assert kinds == sorted(["eval"] * 4 + ["measure", "reference"])          # (no quantize: the cache has it)
+    assert {s[1] for s in rerun.starts() if s[0] != "reference"} == {cells[2].cell_key}
+    assert written(tmp_path / "ray.db") == local_run                          # nothing lost or counted twice
 
 
 def test_interrupted_driver_cancels_frees_claims_and_resumes(cluster, local_run, tmp_path):
@@ -224,6 +239,7 @@ def test_interrupted_driver_cancels_frees_claims_and_resumes(cluster, local_run,
     assert written(tmp_path / "ray.db") == local_run
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_run_resumes_without_repeating_finished_cells(cluster, local_run, tmp_path):
     """A real driver process (`python -m dllmq.study --ray ADDRESS`) killed with SIGKILL once a cell is done."""
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(SPEC))
