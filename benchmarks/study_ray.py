@@ -3,11 +3,12 @@
 Part 1 (Ray alone): `ray.init(num_cpus=W)`, the first task (a worker process starting), the round trip
 of an empty task once workers are up (the driver's cost per unit), and `ray.shutdown()`.
 Part 2: the same small grid three times, each with its own database and cache (so each quantizes):
-`dllmq study --workers 1`, `--workers 2` (the local runner's processes) and `--ray local --workers 2`,
+`dllmq study --workers 2` (the local runner's processes; with --single also `--workers 1`) and
+`--ray local --workers 2`,
 as subprocesses, timed from outside; then checks that the three databases hold the same rows
 (results, items, measures; timings left out).
 
-    python benchmarks/study_ray.py [--limit 20] [--workers 2] [--out /tmp/study-ray] [--skip-grid]
+    python benchmarks/study_ray.py [--limit 20] [--workers 2] [--out /tmp/study-ray] [--skip-grid] [--single]
 
 The grid (4 cells on dllmq-tiny: FP, RTN W4A16, GPTQ W4A16, QuaRot W8A8; the mini tasks; the default
 measures) is written to OUT/grid.yaml. Numbers depend on the machine's load; the script prints the
@@ -79,13 +80,13 @@ def written(db: Path) -> dict:
             "measures": [{k: v for k, v in m.items() if k != "seconds"} for m in store.read_measures(db)]}
 
 
-def grid(out: Path, limit: int, workers: int) -> None:
+def grid(out: Path, limit: int, workers: int, single: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = out / "grid.yaml"
     config.write_text(yaml.safe_dump({**GRID, "limit": limit}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {"local, --workers 1": ["--workers", "1", "--threads", "1"],
-            f"local, --workers {workers}": ["--workers", str(workers), "--threads", "1"],
+    runs = {"local, --workers 1": ["--workers", "1", "--threads", "1"]} if single else {}
+    runs |= {f"local, --workers {workers}": ["--workers", str(workers), "--threads", "1"],
             f"--ray local --workers {workers}": ["--ray", "local", "--workers", str(workers)]}
     seconds, dbs = {}, {}
     for i, (name, extra) in enumerate(runs.items()):
@@ -93,16 +94,17 @@ def grid(out: Path, limit: int, workers: int) -> None:
         for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
             p.unlink(missing_ok=True)
         shutil.rmtree(cache, ignore_errors=True)
-        print(f"{name}: load average {os.getloadavg()[0]:.1f}")
+        print(f"{name}: load average {os.getloadavg()[0]:.1f}", flush=True)
         seconds[name] = timed([sys.executable, "-m", "dllmq.study", "--config", str(config), "--db", str(db),
                                "--cache", str(cache), *extra], env)
         dbs[name] = db
+        print(f"    {seconds[name]:.1f} s wall", flush=True)
     print(f"\n{len(GRID['methods'])} cells on dllmq-tiny, mini tasks at --limit {limit}, default measures:")
     for name, s in seconds.items():
         print(f"  {name:<28} {s:7.1f} s wall")
     first = written(next(iter(dbs.values())))
     same = all(written(db) == first for db in dbs.values())
-    print(f"rows, items and measures identical across the three runs: {same}")
+    print(f"rows, items and measures identical across the {len(dbs)} runs: {same}")
 
 
 def main() -> None:
@@ -111,10 +113,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="/tmp/study-ray")
     parser.add_argument("--skip-grid", action="store_true", help="only Ray's own start-up and round trip")
+    parser.add_argument("--single", action="store_true", help="also time the local runner with one worker")
     args = parser.parse_args()
     ray_overhead(args.workers)
     if not args.skip_grid:
-        grid(Path(args.out), args.limit, args.workers)
+        grid(Path(args.out), args.limit, args.workers, args.single)
 
 
 if __name__ == "__main__":
