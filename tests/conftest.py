@@ -23,3 +23,16 @@ def family_model(request):
 def saved_llada(tmp_path):
     model, tokenizer = random_model("random-llada", seed=3)
     return save_model(model, tokenizer, tmp_path / "llada"), model
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (left out by default)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -75,3 +75,20 @@ def test_evaluate_mini_contract_on_a_random_model():
     item = {"context": "Cats\nThe cat sat on the", "choices": [" mat", " sky", " dog", " car"], "label": 0}
     correct = score_general(model, tok, [item, dict(item, label=2)], progress=False)
     assert sum(correct) == 1  # the same scores, so exactly one of the two labels wins
+
+
+def test_shards_at_batch_boundaries_give_the_whole_tasks_items():
+    """What the study's Ray units rely on: evaluating items [start:stop] (start a multiple of the batch size for
+    generation) gives each item the answer it gets in the whole task, and the summary of the concatenated
+    outcomes is the whole task's summary."""
+    from dllmq.evaluate.mini import summarize
+    from dllmq.models import load_plain_model
+
+    model, tok, _ = load_plain_model("random-llada")
+    whole = evaluate_mini(model, tok, tasks="mini_math", limit=6, progress=False, batch_size=2,
+                          return_samples=True)["mini_math"]
+    parts = [evaluate_mini(model, tok, tasks="mini_math", limit=6, progress=False, batch_size=2, return_samples=True,
+                           shard=shard)["mini_math"] for shard in ((0, 2), (2, 6))]
+    assert [s for p in parts for s in p["samples"]] == whole["samples"]
+    merged = summarize([s["correct"] for p in parts for s in p["samples"]], "mini_math")
+    assert merged == {k: whole[k] for k in merged}

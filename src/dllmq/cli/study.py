@@ -9,7 +9,7 @@ import sys
 
 from dllmq.cli import Parser
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import add_calib_device_arg, add_device_arg
+from dllmq.cli.common import add_calib_device_arg, add_device_arg, check_runtime
 from dllmq.errors import DllmqError
 from dllmq.study.config import load_config
 from dllmq.study.runner import DEFAULT_CACHE, format_dry_run, format_summary, format_table, run_study
@@ -21,7 +21,9 @@ cell; each cell quantizes the model (or loads it from the cache), runs every tas
 results to the SQLite database --db in one transaction. Resumable: rerun the same command after a
 crash or Ctrl-C and only the missing cells run; several runners on one machine can work on one
 grid at once and never compute a cell twice (keep --db on a local disk: SQLite's WAL mode does not
-work over network filesystems)."""
+work over network filesystems). With --ray the grid runs on a Ray cluster: each cell is split into
+units (quantize, each task's shards of items, the measures) that run on the cluster's workers, and
+this process alone writes --db (see docs/cluster.md)."""
 
 EPILOG = """\
 examples:
@@ -30,6 +32,8 @@ examples:
   dllmq study --config study.yaml --db runs.db  # any grid: models x methods x bit configs x tasks
   dllmq study --config study.yaml --device cuda --limit 20
   dllmq report --db runs/study.db               # the degradation report of the results
+  dllmq study --ray local --workers 2           # the grid as units on a local Ray (pip install 'dllmq[ray]')
+  dllmq study --config grid.yaml --ray auto --device cuda --cache /shared/study-cache   # a Ray cluster
 
 A study config (YAML; the default is dllmq/study/default_study.yaml):
   models: [random-llada, /path/to/LLaDA-8B-Instruct]
@@ -63,11 +67,23 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", default="auto",
                    help="runner processes sharing the grid (default auto: 2 on a CPU with 2+ cores for a grid of at "
                         f"least {MIN_CELLS_FOR_WORKERS} cells whose models have at most {SMALL_MODEL_GIB:g} GiB of "
-                        "weights, else 1). Results do not depend on it")
+                        "weights, else 1; with --ray local: the local Ray's CPUs, default all cores; ignored on a "
+                        "cluster, whose resources decide). Results do not depend on it")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the grid on Ray: local (a Ray on this machine with --workers CPUs), auto (the cluster "
+                        "`ray start` brought up here, or RAY_ADDRESS), ray://HOST:PORT or HOST:PORT (a cluster's "
+                        "client or GCS address). --cache must then be a folder every node sees")
+    p.add_argument("--shard-items", default="auto",
+                   help="with --ray: items of a mini task per unit (default auto: enough shards for every worker, "
+                        "at least 8; generation tasks round up to whole batches). Results do not depend on it")
+    p.add_argument("--retries", type=int, default=2,
+                   help="with --ray: times a unit whose worker or node died is run again before its cell fails "
+                        "(default 2)")
     p.add_argument("--threads", default="auto",
                    help="torch threads per runner while evaluating (default auto: the cores divided among the "
                         "workers; overrides the config's threads). Results do not depend on it; quantization uses "
-                        "the config's calibration.threads (default 1)")
+                        "the config's calibration.threads (default 1). With --ray: CPUs and threads per CPU unit (default 1)")
+    p.set_defaults(preflight=preflight)   # after add_device_arg's: --device is not checked here with --ray
 
 
 def add_parser(sub) -> None:
@@ -155,8 +171,41 @@ def _worker_argv(args, threads: int | None) -> list[str]:
     return argv
 
 
+def preflight(args) -> None:
+    """The runtime flags, checked before anything runs: --device is checked here unless the units run on
+    Ray's workers (where this machine's devices do not matter)."""
+    if getattr(args, "ray", None) is None:
+        check_runtime(args)
+
+
+def run_on_ray(args, config) -> None:
+    """`dllmq study --ray ...`: the grid as Ray units; this process writes the database."""
+    from dllmq.study.ray_runner import run_study_ray
+
+    workers = _count(args.workers, "workers")
+    threads = _count(args.threads, "threads")
+    shard_items = _count(args.shard_items, "shard-items")
+    if args.retries < 0:
+        raise DllmqError(f"--retries must be 0 or more, got {args.retries}.")
+    if threads is not None:
+        config = config.with_threads(threads)
+    summary = run_study_ray(config, args.db, None if args.no_cache else args.cache, address=args.ray,
+                            workers=workers, device=args.device, calib_device=args.calib_device,
+                            stale_after=args.stale_after, retry_failed=not args.no_retry_failed,
+                            shard_items=shard_items, retries=args.retries, progress=sys.stderr.isatty(),
+                            log_lines=not sys.stderr.isatty())
+    print(format_table(args.db, summary.cells))
+    print(format_summary(summary) + f" (on Ray, {args.ray})")
+    print(f"report: dllmq report --db {args.db}")
+    if not summary.ok:
+        raise SystemExit(1)
+
+
 def run(args) -> None:
     """`dllmq study`: dry run, or run the grid, print the table and summary; exit code 1 if a cell failed."""
+    if getattr(args, "ray", None) is not None:
+        from dllmq.study.ray_runner import import_ray
+        import_ray()   # without Ray: the one sentence that says how to install it
     if args.stale_after <= 0:
         raise DllmqError(f"--stale-after must be a positive number of seconds, got {args.stale_after}.")
     if args.limit is not None and args.limit < 1:
@@ -166,6 +215,9 @@ def run(args) -> None:
         config = config.with_limit(args.limit)
     if args.dry_run:
         print(format_dry_run(config, args.db, args.device))
+        return
+    if args.ray is not None:
+        run_on_ray(args, config)
         return
     workers, threads = resolve_workers(args, config)
     config = config.with_threads(threads)

@@ -78,7 +78,9 @@ def is_chat_model(model) -> bool:
     return bool((raw.get("dllmq_training") or {}).get("chat", False))
 
 
-def _summary(correct: list[bool], task: str) -> dict:
+def summarize(correct: Sequence[bool], task: str) -> dict:
+    """{"acc", "stderr", "n", "chance"} of a task from its items' outcomes, in item order (what
+    evaluate_mini reports; the study merges the outcomes of a task's shards through it)."""
     n = len(correct)
     acc = sum(correct) / n if n else float("nan")
     stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
@@ -192,7 +194,7 @@ def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0
 @torch.no_grad()
 def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: int | None = None, seed: int = 0,
                   progress: bool = True, chat: bool | None = None, batch_size: int = 32,
-                  return_samples: bool = False) -> dict:
+                  return_samples: bool = False, shard: tuple[int, int] | None = None) -> dict:
     """Per task {"acc", "stderr", "n", "chance"} on the shipped held-out items.
 
     `limit` takes the first items of each task (a fixed subset); `seed` seeds the Monte Carlo draws
@@ -200,6 +202,9 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
     model (dllmq-tiny-instruct). With `return_samples`, each task also lists its per-item outcomes:
     {"id", "correct", "answer"} (answer: the chosen option's index, the extracted integer, or the program
     tested) and the raw "output" of generation tasks.
+    `shard` (start, stop): only items[start:stop] of the first `limit` (the study's units on Ray); a
+    generation task's items come out the same in a shard as in the whole task when `start` is a
+    multiple of `batch_size` (the batches, and so their padding, are then the same).
     """
     if tokenizer is None:
         raise DllmqError("The mini benchmark needs the model's tokenizer; load a checkpoint that ships one.")
@@ -211,6 +216,8 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
         with keep_dequantized_weights(model):  # fake-quantized weights dequantized once, not per forward
             for task in expand_tasks(tasks):
                 items = load_items(task, limit)
+                if shard is not None:
+                    items = items[shard[0]:shard[1]]
                 samples = None
                 if task == "mini_general":
                     picks: list[int] = []
@@ -224,7 +231,7 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
                     correct, samples = score_code(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
                                                   progress=progress)
                     answers = list(samples)
-                results[task] = _summary(correct, task)
+                results[task] = summarize(correct, task)
                 if return_samples:
                     results[task]["samples"] = [{"id": it["id"], "correct": c, "answer": a,
                                                  **({"output": s} if samples else {})}

@@ -150,6 +150,12 @@ def pinned_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
+def mini_result(task: str, summary: dict) -> dict:
+    """The result columns of a mini task from evaluate_mini's (or mini.summarize's) summary of it."""
+    return {"metric": MINI_METRIC[task], "value": float(summary["acc"]), "stderr": _finite(summary["stderr"]),
+            "n": summary["n"], "category": store.task_category(task)}
+
+
 def _evaluate_task(model, tokenizer, task: str, cell: StudyCell, config: StudyConfig, progress: bool,
                    items: list[dict] | None = None) -> dict:
     """{metric, value, stderr, n, category} of one task on a loaded model; its per-item answers are appended
@@ -159,8 +165,7 @@ def _evaluate_task(model, tokenizer, task: str, cell: StudyCell, config: StudyCo
                           chat=config.eval.chat, batch_size=config.eval.batch_size, return_samples=True)[task]
         if items is not None:
             items += mini_items(task, r["samples"])
-        return {"metric": MINI_METRIC[task], "value": float(r["acc"]), "stderr": _finite(r["stderr"]), "n": r["n"],
-                "category": store.task_category(task)}
+        return mini_result(task, r)
     ev = config.eval
     overrides = {"chat": ev.chat, **ev.harness}  # eval.chat applies to harness tasks too, unless harness sets it
     options = EvalOptions(limit=cell.limit, allow_code_execution=ev.allow_code_execution, data_dir=ev.data_dir,
