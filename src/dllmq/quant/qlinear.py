@@ -25,12 +25,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dllmq.errors import DllmqError
+from dllmq.quant.dequant_linear import DequantizingLinear
 from dllmq.quant.packing import pack_codes, packed_length, unpack_codes
-from dllmq.quant.qlinear_fp import FPQuantLinear
 from dllmq.quant.primitives import check_bits, dequantize, group_index, num_groups, quantize
 
 # Buffers whose dtype may legitimately differ between a saved checkpoint and an empty module.
@@ -43,7 +42,7 @@ def _smallest_positive(dtype: torch.dtype) -> float:
     return info.tiny * info.eps
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(DequantizingLinear):
     """A linear layer with packed low-bit weights, per-group scales and zero points."""
 
     def __init__(
@@ -226,23 +225,6 @@ class QuantLinear(nn.Module):
         w_t = dequantize(codes, self.scales.index_select(0, gi), zeros.index_select(0, gi))
         return w_t.t()
 
-    # Set only inside keep_dequantized_weights(): the dense weight kept between forwards (not state).
-    _keep_weight = False
-    _kept_weight: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        weight = self._kept_weight
-        if weight is None or weight.dtype != x.dtype:
-            weight = self.dequantized_weight().to(x.dtype)
-            if self._keep_weight:
-                self._kept_weight = weight
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, weight, bias)
-
     def storage_bytes(self) -> int:
         """Bytes held by the packed weight, zeros, scales and g_idx (bias excluded)."""
         return sum(
@@ -274,11 +256,10 @@ class QuantLinear(nn.Module):
 def dense_weight_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """What keeping every QuantLinear's dequantized weight in ``dtype`` would cost."""
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, _DEQUANTIZING))
+    return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, DequantizingLinear))
 
 
 # The layers that dequantize their weight on every forward (integer and floating-point formats).
-_DEQUANTIZING = (QuantLinear, FPQuantLinear)
 
 KEEP_WEIGHTS_BYTES = 2 << 30  # evaluations keep dequantized weights up to this size (an 8B model's are not kept)
 
@@ -293,7 +274,7 @@ def keep_dequantized_weights(model: nn.Module, max_bytes: int = KEEP_WEIGHTS_BYT
     if dense_weight_bytes(model) > max_bytes:
         yield
         return
-    layers = [m for m in model.modules() if isinstance(m, _DEQUANTIZING) and not m._keep_weight]
+    layers = [m for m in model.modules() if isinstance(m, DequantizingLinear) and not m._keep_weight]
     for m in layers:
         m._keep_weight = True
     try:

@@ -21,14 +21,14 @@ The forward pass is ``x -> input_transform -> act_quantizer -> F.linear(x, W, bi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dllmq.errors import DllmqError
+from dllmq.quant.dequant_linear import DequantizingLinear
 from dllmq.quant import formats as fm
 
 
-class FPQuantLinear(nn.Module):
+class FPQuantLinear(DequantizingLinear):
     """A linear layer with FP8 / MXFP4 / NVFP4 weights."""
 
     def __init__(self, in_features: int, out_features: int, format: str, bias: bool = False,
@@ -107,22 +107,6 @@ class FPQuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight [out, in] in float32, exactly as the codes and stored scales define it."""
         return fm.dequantize(self.fmt, self.element_codes(), self.block_scales())
-
-    _keep_weight = False
-    _kept_weight: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        weight = self._kept_weight
-        if weight is None or weight.dtype != x.dtype:
-            weight = self.dequantized_weight().to(x.dtype)
-            if self._keep_weight:
-                self._kept_weight = weight
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, weight, bias)
 
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.tensor_scale) if t is not None)
