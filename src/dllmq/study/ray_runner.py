@@ -44,7 +44,6 @@ import shutil
 import sqlite3
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,8 +54,8 @@ from dllmq.study import store
 from dllmq.study.cache import QuantCache
 from dllmq.study.cells import StudyCell, plan_cells
 from dllmq.study.config import StudyConfig
-from dllmq.study.runner import (DEFAULT_CACHE, CellOutcome, StudySummary, _check_models, _finite, mini_result,
-                                pinned_threads)
+from dllmq.study.runner import (DEFAULT_CACHE, CellOutcome, Heartbeats, StudySummary, _check_models, _finite,
+                                mini_result, pinned_threads)
 
 log = logging.getLogger(__name__)
 
@@ -306,52 +305,6 @@ def merge_cell(cell: StudyCell, results: dict[Unit, dict], quant_seconds: float 
 
 
 # ----------------------------------------------------------------------------- the driver
-class Heartbeats:
-    """Refreshes every claim the driver holds, from one daemon thread with its own connection."""
-
-    def __init__(self, db: Path, owner: str, every: float):
-        self.db, self.owner, self.every = db, owner, every
-        self.keys: set[str] = set()
-        self.lost: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="study-ray-heartbeat", daemon=True)
-
-    def add(self, key: str) -> None:
-        with self._lock:
-            self.keys.add(key)
-
-    def discard(self, key: str) -> None:
-        with self._lock:
-            self.keys.discard(key)
-
-    def __enter__(self) -> "Heartbeats":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        conn = store.connect(self.db)
-        try:
-            while not self._stop.wait(self.every):
-                with self._lock:
-                    keys = list(self.keys)
-                for key in keys:
-                    try:
-                        if not store.heartbeat(conn, key, self.owner):
-                            with self._lock:
-                                self.lost.add(key)
-                                self.keys.discard(key)
-                            log.warning("the claim on cell %s was taken over by another runner", key[:12])
-                    except sqlite3.Error as err:
-                        log.warning("heartbeat of cell %s failed: %s", key[:12], err)
-        finally:
-            conn.close()
-
-
 @dataclass
 class _CellRun:
     cell: StudyCell

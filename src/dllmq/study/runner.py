@@ -99,16 +99,27 @@ class StudySummary:
 
 
 # ----------------------------------------------------------------------------- the claim's heartbeat
-class Heartbeat:
-    """Refreshes a claim every `every` seconds from a daemon thread with its own connection."""
+class Heartbeats:
+    """Refreshes every claim a runner holds (add / discard keys), from one daemon thread with its own connection;
+    a claim another runner took over moves to `lost`."""
 
-    def __init__(self, db: Path, cell_key: str, owner: str, every: float):
-        self.db, self.cell_key, self.owner, self.every = db, cell_key, owner, every
-        self.lost = False
+    def __init__(self, db: Path, owner: str, every: float):
+        self.db, self.owner, self.every = db, owner, every
+        self.keys: set[str] = set()
+        self.lost: set[str] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{cell_key[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="study-heartbeat", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def add(self, key: str) -> None:
+        with self._lock:
+            self.keys.add(key)
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self.keys.discard(key)
+
+    def __enter__(self) -> "Heartbeats":
         self._thread.start()
         return self
 
@@ -120,15 +131,32 @@ class Heartbeat:
         conn = store.connect(self.db)
         try:
             while not self._stop.wait(self.every):
-                try:
-                    if not store.heartbeat(conn, self.cell_key, self.owner):
-                        self.lost = True
-                        log.warning("the claim on cell %s was taken over by another runner", self.cell_key[:12])
-                        return
-                except sqlite3.Error as err:  # a busy database now and then is no reason to stop
-                    log.warning("heartbeat of cell %s failed: %s", self.cell_key[:12], err)
+                with self._lock:
+                    keys = list(self.keys)
+                for key in keys:
+                    try:
+                        if not store.heartbeat(conn, key, self.owner):
+                            with self._lock:
+                                self.lost.add(key)
+                                self.keys.discard(key)
+                            log.warning("the claim on cell %s was taken over by another runner", key[:12])
+                    except sqlite3.Error as err:
+                        log.warning("heartbeat of cell %s failed: %s", key[:12], err)
         finally:
             conn.close()
+
+
+class Heartbeat(Heartbeats):
+    """The claim on one cell, refreshed while a local runner works on it."""
+
+    def __init__(self, db: Path, cell_key: str, owner: str, every: float):
+        super().__init__(db, owner, every)
+        self.cell_key = cell_key
+        self.add(cell_key)
+
+    @property
+    def lost_claim(self) -> bool:
+        return self.cell_key in self.lost
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -289,7 +317,7 @@ def _run_claimed(conn: sqlite3.Connection, db: Path, cell: StudyCell, owner: str
         facts = {"threads": config.threads or torch.get_num_threads(),
                  "calib_threads": None if cell.is_fp else config.calibration.threads,
                  "measure_seconds": outcome.measure_seconds}
-        if beat.lost or not store.finish_cell(conn, cell.cell_key, owner, rows, items=items, measures=measures,
+        if beat.lost_claim or not store.finish_cell(conn, cell.cell_key, owner, rows, items=items, measures=measures,
                                               facts=facts):
             outcome.status = "lost"
             log.warning("%s: another runner took this cell over; its results are theirs", cell.describe())
