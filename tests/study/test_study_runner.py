@@ -114,7 +114,8 @@ def assert_complete(db: Path, cells, tasks) -> None:
 def test_default_config_is_the_papers_grid():
     config = load_config()
     assert config.models == ("dllmq-tiny", "dllmq-tiny-instruct")
-    assert config.tasks == ("mini_general", "mini_math", "mini_code") and config.limit == 100
+    assert config.tasks == ("mini_general", "mini_math", "mini_code") and config.limit == 50
+    assert config.measures.windows == 8
     assert (config.calibration.calib, config.calibration.nsamples, config.calibration.seqlen) == ("wiki", 32, 256)
     # the tiny models may not be installed: plan with placeholder identities
     cells = plan_cells(config, model_identities={m: json.dumps({"name": m}) for m in config.models})
