@@ -190,6 +190,18 @@ def test_cli_bad_format_combination_exits_2_with_one_sentence(capsys, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_a_float_preset_switched_back_to_int_keeps_its_bits():
+    """`--preset W4A4-mxfp4 --aformat int` means int4 activations, not none (it used to turn RTN weight-only)."""
+    from dllmq.quant.config import merge_preset
+    c = QuantConfig(**{"method": "rtn", **merge_preset(PRESETS["W4A4-mxfp4"], {"aformat": "int"})})
+    assert (c.act.bits, c.act.format, c.weight.bits, c.weight.format) == (4, "int", 4, "mxfp4")
+    c = QuantConfig(**{"method": "rtn", **merge_preset(PRESETS["W8A8-fp8"], {"wformat": "int"})})
+    assert (c.weight.bits, c.weight.format, c.act.bits, c.act.format) == (8, "int", 8, "fp8")
+    for name in ("W8A8-fp8", "W4A16-nvfp4", "W4A4-mxfp4"):   # stating the bits changes no resolved config
+        preset = {k: v for k, v in PRESETS[name].items() if k not in ("wbits", "abits")}
+        assert QuantConfig("rtn", **PRESETS[name]).to_dict() == QuantConfig("rtn", **preset).to_dict()
+
+
 # --- quantize -> save -> load ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method, preset", [("rtn", "W8A8-fp8"), ("rtn", "W4A16-nvfp4"), ("rtn", "W4A4-mxfp4")])

@@ -278,13 +278,15 @@ PRESETS = {
     "W3A16": dict(wbits=3, group_size=-1),
     "W8A8": dict(wbits=8, abits=8, group_size=-1),
     "W4A4": dict(wbits=4, abits=4, group_size=-1),
-    # floating-point formats (dllmq.quant.formats): the bits and the scale groups come with the format
-    "W8A8-fp8": dict(wformat=FP8, aformat=FP8),
-    "W8A16-fp8": dict(wformat=FP8),
-    "W4A4-mxfp4": dict(wformat=MXFP4, aformat=MXFP4),
-    "W4A16-mxfp4": dict(wformat=MXFP4),
-    "W4A4-nvfp4": dict(wformat=NVFP4, aformat=NVFP4),
-    "W4A16-nvfp4": dict(wformat=NVFP4),
+    # floating-point formats (dllmq.quant.formats): the scale groups come with the format; the bits are
+    # stated too, so swapping a format back to int (`--preset W4A4-mxfp4 --aformat int`) keeps 4-bit
+    # activations instead of silently dropping them
+    "W8A8-fp8": dict(wbits=8, abits=8, wformat=FP8, aformat=FP8),
+    "W8A16-fp8": dict(wbits=8, wformat=FP8),
+    "W4A4-mxfp4": dict(wbits=4, abits=4, wformat=MXFP4, aformat=MXFP4),
+    "W4A16-mxfp4": dict(wbits=4, wformat=MXFP4),
+    "W4A4-nvfp4": dict(wbits=4, abits=4, wformat=NVFP4, aformat=NVFP4),
+    "W4A16-nvfp4": dict(wbits=4, wformat=NVFP4),
 }
 
 
