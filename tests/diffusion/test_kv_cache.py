@@ -146,7 +146,8 @@ def test_record_holds_the_full_forwards_kv_and_recomputes_through_kv_hook(mode, 
         for layer, hook, (k0, v0) in zip(cache.layers, hooks, recorded):
             k_new, v_new = hook.seen.pop()  # the hook (K/V quantizer) saw the recomputed span only
             assert k_new.shape[2] == stop_rec - start
-            assert torch.equal(layer.k[:, :, start:stop_rec], k_new) and torch.equal(layer.v[:, :, start:stop_rec], v_new)
+            span = slice(start, stop_rec)
+            assert torch.equal(layer.k[:, :, span], k_new) and torch.equal(layer.v[:, :, span], v_new)
             assert not torch.equal(k_new, k0[:, :, start:stop_rec])
             for t, t0 in ((layer.k, k0), (layer.v, v0)):
                 assert torch.equal(t[:, :, :start], t0[:, :, :start])
@@ -211,3 +212,13 @@ def test_refusals(model2):
         llada_generate(dream, ids, kv_cache="dual", **SETTINGS)
     with pytest.raises(DllmqError, match="dllmq's own models"):
         llada_generate(ToyModel("llada"), ids % 40, kv_cache="prefix", **SETTINGS)
+
+
+@pytest.mark.parametrize("ev", [{"kv_cache": "dual"}, {"harness": {"kv_cache": "prefix"}}])
+def test_the_study_refuses_the_cache(ev):
+    from dllmq.study.config import parse_study_config
+    data = {"models": ["random-llada"], "methods": ["fp"], "tasks": ["mini_math"], "eval": ev}
+    with pytest.raises(DllmqError, match="kv_cache is refused: the study always decodes exactly"):
+        parse_study_config(data)
+    del data["eval"]
+    parse_study_config(data)  # the same config without it is fine
