@@ -139,6 +139,17 @@ def test_eval_mini_tasks_on_a_builtin_model(capsys, tmp_path):
     assert all(r["n"] == 2 and 0 <= r["acc"] <= 1 for r in data["tasks"].values())
 
 
+def test_kv_cache_is_opt_in_and_recorded(capsys, tmp_path):
+    out = tmp_path / "mini.json"
+    assert main(["eval", "random-llada", "--tasks", "mini_math", "--limit", "2", "--kv-cache", "dual",
+                 "--out", str(out)]) == 0
+    assert "approximate decoding" in capsys.readouterr().err
+    assert json.loads(out.read_text())["kv_cache"] == "dual"
+    code, text, _ = run(capsys, "generate", "random-llada", "--prompt", "hi", "--gen-length", "8", "--block-length",
+                        "4", "--kv-cache", "prefix")
+    assert code == 0 and text.strip() != ""
+
+
 def test_import_dllmq_and_help_load_no_torch():
     """`import dllmq` and `dllmq --help` stay light; the top-level names still resolve on first use, and the
     help that loads no subcommand module lists the same commands as the full parser."""
@@ -182,6 +193,8 @@ def counts_and_windows(tmp_path) -> list:
         (prompt + ["--temperature", "-1"], "--temperature must be at least 0"),
         (prompt + ["--cfg", "-0.5"], "--cfg must be at least 0"),
         (prompt + ["--gen-length", "64", "--block-length", "24"], "multiple of block_length"),
+        (["generate", "random-dream", "--prompt", "hi", "--kv-cache", "dual"], "needs LLaDA's block-wise sampler"),
+        (["eval", "--tasks", "gsm8k", "--kv-cache", "prefix"], "applies to the mini generation tasks only"),
         (prompt + ["--dtype", "int3"], "Unknown dtype"),
         (["ppl", "--seqlen", "1"], "--seqlen must be at least 2"),
         (["ppl", "--mc-num", "0"], "--mc-num must be at least 1"),

@@ -163,3 +163,12 @@ def load(args, backend: str | None = None):
                         backend=backend or getattr(args, "backend", "fake"))
     logging.getLogger("dllmq").info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
     return loaded
+
+
+def add_kv_cache_arg(p, scope: str = "") -> None:
+    """--kv-cache: the opt-in approximate block-wise K/V cache of LLaDA generation (dllmq.diffusion.kv_cache)."""
+    from dllmq.diffusion.kv_cache import KV_CACHE_MODES
+    p.add_argument("--kv-cache", default="none", choices=KV_CACHE_MODES,
+                   help=f"APPROXIMATE faster LLaDA generation ({scope}Fast-dLLM's block-wise K/V cache): prefix "
+                        "reuses the prompt's and finished blocks' K/V within a block, dual also the later blocks'; "
+                        "stale K/V can change answers (docs/evaluation.md). Default none: exact decoding")

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import add_backend_arg, add_model_args, load, require_at_least, require_fraction
+from dllmq.cli.common import (add_backend_arg, add_kv_cache_arg, add_model_args, load, require_at_least,
+                              require_fraction)
 from dllmq.evaluate import evaluate_mini
 from dllmq.evaluate.mini import ALIASES, TASKS
 from dllmq.atomic import write_json_atomic
@@ -67,6 +68,7 @@ def add_parser(sub) -> None:
     p.add_argument("--remasking", default=None, choices=["low_confidence", "random"], help="LLaDA remasking")
     p.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the chat template")
     p.add_argument("--sandbox-workers", type=int, default=None, help="programs run in parallel (default min(4, cores))")
+    add_kv_cache_arg(p, "mini_math and mini_code only; ")
     p.add_argument("--profile", default="dllmq",
                    help="dllmq (default: the presets) or paper (the study's own evaluation where it differs: Dream's "
                         "likelihood estimator and generation settings; harness tasks; docs/fidelity.md)")
@@ -103,6 +105,9 @@ def run(args) -> None:
     check_args(args, mini)
     if args.profile not in PROFILES:
         raise DllmqError(f"Unknown --profile {args.profile!r}; choose {' or '.join(PROFILES)}.")
+    if args.kv_cache != "none" and not mini:
+        raise DllmqError(f"--kv-cache {args.kv_cache} applies to the mini generation tasks only; harness tasks "
+                         "always decode exactly, so leave --kv-cache out.")
     if mini:
         if args.profile != "dllmq":
             print("note: --profile paper changes the harness tasks only; the mini tasks run as they always do",
@@ -115,13 +120,18 @@ def _eval_mini(args, names) -> None:
     """The offline mini benchmark (no harness, no datasets): mini_general, mini_math, mini_code."""
     model, tokenizer, _ = load(args)
     limit = None if args.limit is None else int(args.limit)
-    results = evaluate_mini(model, tokenizer, names, limit=limit, seed=args.seed, chat=args.chat)
+    results = evaluate_mini(model, tokenizer, names, limit=limit, seed=args.seed, chat=args.chat,
+                            kv_cache=args.kv_cache)
+    if args.kv_cache != "none":
+        print(f"note: approximate decoding (--kv-cache {args.kv_cache}); not comparable with exact results",
+              file=sys.stderr)
     print(f"{'task':<14} {'acc':>7} {'stderr':>7} {'n':>5} {'chance':>7}")
     for task, r in results.items():
         print(f"{task:<14} {100 * r['acc']:>7.2f} {100 * r['stderr']:>7.2f} {r['n']:>5} {100 * r['chance']:>7.1f}")
     if args.out:
         write_json_atomic(Path(args.out), {"model": str(args.model), "tasks": results, "limit": limit,
-                                           "seed": args.seed, "profile": args.profile})
+                                           "seed": args.seed, "profile": args.profile,
+                                           **({"kv_cache": args.kv_cache} if args.kv_cache != "none" else {})})
         print(f"results written to {args.out}")
 
 

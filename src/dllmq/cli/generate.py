@@ -7,8 +7,8 @@ import sys
 import time
 
 from dllmq.cli.commands import help_of
-from dllmq.cli.common import (add_backend_arg, add_model_args, load, model_config, require_at_least,
-                              require_fraction)
+from dllmq.cli.common import (add_backend_arg, add_kv_cache_arg, add_model_args, load, model_config,
+                              require_at_least, require_fraction)
 from dllmq.diffusion import generate_text
 from dllmq.diffusion.generate import family_sampler
 from dllmq.diffusion.llada_sampler import check_llada_settings
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, help="Dream nucleus sampling")
     p.add_argument("--top-k", type=int, default=None, help="Dream top-k sampling")
     p.add_argument("--cfg", type=float, default=0.0, help="LLaDA classifier-free guidance scale (default 0)")
+    add_kv_cache_arg(p)
     p.set_defaults(func=run)
 
 
@@ -55,6 +56,9 @@ def check_args(args) -> None:
     sampler = args.sampler
     if sampler == "auto":
         sampler = family_sampler(get_family(model_config(args.model).family))
+    if args.kv_cache != "none" and sampler != "llada":
+        raise DllmqError(f"--kv-cache {args.kv_cache} needs LLaDA's block-wise sampler; the {sampler} sampler has no "
+                         "finished blocks to cache, so leave --kv-cache out.")
     if sampler == "llada":  # the block / step arithmetic, before the model loads rather than after
         check_llada_settings(args.gen_length, args.steps or args.gen_length, args.block_length or args.gen_length,
                              args.remasking, args.temperature, args.cfg)
@@ -73,6 +77,8 @@ def run(args) -> None:
     settings = dict(gen_length=args.gen_length, steps=args.steps or args.gen_length,
                     block_length=args.block_length or args.gen_length, remasking=args.remasking, cfg=args.cfg,
                     alg=args.alg, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.kv_cache != "none":  # only the LLaDA sampler takes it (check_args refused the others)
+        settings["kv_cache"] = args.kv_cache
     sampler = None if args.sampler == "auto" else args.sampler
     start = time.perf_counter()
     [text] = generate_text(model, tokenizer, [args.prompt], chat=chat, sampler=sampler,

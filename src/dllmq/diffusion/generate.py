@@ -51,6 +51,9 @@ def _map_settings(name: str, settings: dict) -> dict:
     gen_length as max_new_tokens, and block_length is ignored (logged) rather than refused.
     """
     settings = dict(settings)
+    if settings.get("kv_cache", "none") != "none" and name != "llada":
+        raise DllmqError(f"kv_cache {settings['kv_cache']!r} needs LLaDA's block-wise sampler; the {name} sampler "
+                         "has no finished blocks to cache, so leave kv_cache at none.")
     length_name = "gen_length" if name == "llada" else "max_new_tokens"
     other = "max_new_tokens" if name == "llada" else "gen_length"
     if other in settings:

@@ -20,6 +20,7 @@ from dllmq.diffusion.common import (
     make_generator,
     prepare_prompt,
 )
+from dllmq.diffusion.kv_cache import BlockKVCache, check_kv_cache
 from dllmq.diffusion.logits import (
     forbid_token,
     mask_predictor_logits,
@@ -90,6 +91,7 @@ def llada_generate(
     progress: bool = False,
     callback: StepCallback | None = None,
     teacher_states: Sequence[Tensor] | None = None,
+    kv_cache: str = "none",
 ) -> Tensor:
     """Generate `gen_length` tokens after each prompt row; returns the full [B, P + gen_length] ids.
 
@@ -102,6 +104,7 @@ def llada_generate(
     """
     require_diffusion(model, "LLaDA generation")
     num_blocks = check_llada_settings(gen_length, steps, block_length, remasking, temperature, cfg)
+    check_kv_cache(kv_cache)
     device = model_device(model)
     prompt, attention_mask = prepare_prompt(prompt_ids, attention_mask, device)
     batch, n_prompt = prompt.shape
@@ -118,6 +121,8 @@ def llada_generate(
     steps_per_block = steps // num_blocks
     bar = tqdm(total=steps, desc="llada generate", disable=not progress)
     step = 0
+    cache = None if kv_cache == "none" else BlockKVCache(model, kv_cache, attention_mask, position_ids, cfg=cfg,
+                                                           prompt_mask=prompt_mask)
     for block in range(num_blocks):
         start = n_prompt + block * block_length
         end = start + block_length
@@ -126,10 +131,16 @@ def llada_generate(
             # candidates: masked positions of the current block (later blocks wait their turn)
             candidates = torch.zeros_like(x, dtype=torch.bool)
             candidates[:, start:end] = x[:, start:end] == mask_id
-            logits = mask_predictor_logits(
-                model, x, attention_mask, position_ids, cfg=cfg, prompt_mask=prompt_mask
-            )
-            x = _reveal(x, logits, candidates, schedule[:, i], temperature, remasking, generator, mask_id)
+            if cache is None:
+                logits = mask_predictor_logits(
+                    model, x, attention_mask, position_ids, cfg=cfg, prompt_mask=prompt_mask
+                )
+                x = _reveal(x, logits, candidates, schedule[:, i], temperature, remasking, generator, mask_id)
+            else:  # the block's logits only; a block's first step refreshes the cache
+                logits = cache.logits(x, start, end, refresh=i == 0)
+                x = x.clone()
+                x[:, start:end] = _reveal(x[:, start:end], logits, candidates[:, start:end], schedule[:, i],
+                                          temperature, remasking, generator, mask_id)
             step += 1
             bar.update(1)
             if callback is not None:

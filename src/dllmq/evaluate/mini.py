@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dllmq.diffusion import generate_text, mc_loglikelihood
+from dllmq.diffusion.kv_cache import check_kv_cache
 from dllmq.errors import DllmqError
 from dllmq.evaluate.sandbox import run_programs, with_limits
 from dllmq.quant.qlinear import keep_dequantized_weights
@@ -115,12 +116,12 @@ def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progres
 # ---------------------------------------------------------------------------------------------
 
 def _generate(model, tokenizer, prompts: list[str], chat: bool, settings: dict, seed: int,
-              batch_size: int, desc: str, progress: bool) -> list[str]:
+              batch_size: int, desc: str, progress: bool, kv_cache: str = "none") -> list[str]:
     outputs: list[str] = []
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress):
         outputs += generate_text(model, tokenizer, prompts[start:start + batch_size], chat=chat, sampler="llada",
-                                 seed=seed, **settings)
+                                 seed=seed, kv_cache=kv_cache, **settings)
     return outputs
 
 
@@ -141,10 +142,10 @@ def generation_prompts(task: str, items: list[dict], chat: bool) -> list[str]:
 
 
 def score_math(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
-               progress: bool = True) -> tuple[list[bool], list[str]]:
+               progress: bool = True, kv_cache: str = "none") -> tuple[list[bool], list[str]]:
     prompts = generation_prompts("mini_math", items, chat)
     outputs = _generate(model, tokenizer, prompts, chat, GEN_SETTINGS["mini_math", chat], seed, batch_size,
-                        "mini_math", progress)
+                        "mini_math", progress, kv_cache)
     return [first_integer(o) == item["answer"] for o, item in zip(outputs, items)], outputs
 
 
@@ -176,10 +177,10 @@ def program_with_tests(program: str, tests: Sequence[str]) -> str:
 
 
 def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
-               progress: bool = True, timeout: float = 5.0) -> tuple[list[bool], list[str]]:
+               progress: bool = True, timeout: float = 5.0, kv_cache: str = "none") -> tuple[list[bool], list[str]]:
     prompts = generation_prompts("mini_code", items, chat)
     outputs = _generate(model, tokenizer, prompts, chat, GEN_SETTINGS["mini_code", chat], seed, batch_size,
-                        "mini_code", progress)
+                        "mini_code", progress, kv_cache)
     programs = [code_program(item["prompt"], o, chat) for item, o in zip(items, outputs)]
     results = run_programs([program_with_tests(p, item["tests"]) for p, item in zip(programs, items)],
                            allow_code_execution=True, limits=with_limits(timeout_s=timeout, cpu_s=max(1, int(timeout))),
@@ -194,7 +195,8 @@ def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0
 @torch.no_grad()
 def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: int | None = None, seed: int = 0,
                   progress: bool = True, chat: bool | None = None, batch_size: int = 32,
-                  return_samples: bool = False, shard: tuple[int, int] | None = None) -> dict:
+                  return_samples: bool = False, shard: tuple[int, int] | None = None,
+                  kv_cache: str = "none") -> dict:
     """Per task {"acc", "stderr", "n", "chance"} on the shipped held-out items.
 
     `limit` takes the first items of each task (a fixed subset); `seed` seeds the Monte Carlo draws
@@ -205,9 +207,12 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
     `shard` (start, stop): only items[start:stop] of the first `limit` (the study's units on Ray); a
     generation task's items come out the same in a shard as in the whole task when `start` is a
     multiple of `batch_size` (the batches, and so their padding, are then the same).
+    `kv_cache` "prefix" / "dual": the generation tasks decode approximately with the block-wise K/V
+    cache (dllmq.diffusion.kv_cache; never the study's setting); "none" is exact.
     """
     if tokenizer is None:
         raise DllmqError("The mini benchmark needs the model's tokenizer; load a checkpoint that ships one.")
+    check_kv_cache(kv_cache)
     chat = is_chat_model(model) if chat is None else chat
     was_training = model.training
     model.eval()
@@ -225,11 +230,11 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
                     answers = [str(k) for k in picks]
                 elif task == "mini_math":
                     correct, samples = score_math(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
-                                                  progress=progress)
+                                                  progress=progress, kv_cache=kv_cache)
                     answers = [None if (v := first_integer(o)) is None else str(v) for o in samples]
                 else:
                     correct, samples = score_code(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
-                                                  progress=progress)
+                                                  progress=progress, kv_cache=kv_cache)
                     answers = list(samples)
                 results[task] = summarize(correct, task)
                 if return_samples:

@@ -61,6 +61,8 @@ class Block(nn.Module):
 
     `kv_hook`, when set, sees (q, k, v) after RoPE with shape [B, heads, L, head_dim]: the place
     where online Q/K rotations and K/V quantizers attach without subclassing the model.
+    `kv_cache`, set only during cached generation (dllmq.diffusion.kv_cache), then sees K and V
+    (after the hook, before GQA repeats them) and returns the whole sequence's K and V.
     """
 
     family: Family
@@ -71,6 +73,7 @@ class Block(nn.Module):
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         self.kv_hook: nn.Module | None = None
+        self.kv_cache = None
 
     def _part(self, name: str) -> nn.Module:
         return self.get_submodule(name)
@@ -112,6 +115,8 @@ class Block(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_hook is not None:
             q, k, v = self.kv_hook(q, k, v)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache(k, v)
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

@@ -323,6 +323,7 @@ def parse_study_config(data: Any, source: str = "<config>") -> StudyConfig:
     if dtype not in DTYPES:
         raise _err(src, "dtype", f"is {dtype!r}; use {', '.join(DTYPES)}")
 
+    _refuse_kv_cache(src, data.get("eval"))
     raw_eval = dict(_mapping(src, "eval", data.get("eval"), _EVAL_KEYS))
     harness = _mapping(src, "eval.harness", raw_eval.pop("harness", None), _harness_keys())
     ev = EvalSettings(**raw_eval, harness=dict(harness), profile=profile)
@@ -362,6 +363,15 @@ def _measures(src: str, value: Any) -> MeasureSettings | None:
         if not _is_int(v) or v < least:
             raise _err(src, f"measures.{k}", f"must be a whole number >= {least}, got {v!r}")
     return m
+
+
+def _refuse_kv_cache(src: str, ev: Any) -> None:
+    """The study's numbers are exact decoding; the approximate KV cache is an opt-in of generate / eval only."""
+    harness = ev.get("harness") if isinstance(ev, dict) else None
+    for key, mapping in (("eval", ev), ("eval.harness", harness)):
+        if isinstance(mapping, dict) and "kv_cache" in mapping:
+            raise _err(src, f"{key}.kv_cache", "is refused: the study always decodes exactly (the approximate KV "
+                                               "cache is for dllmq generate / eval only)")
 
 
 def _harness_keys() -> tuple[str, ...]:
