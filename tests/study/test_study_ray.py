@@ -1,6 +1,7 @@
 """The study grid on Ray (dllmq.study.ray_runner): the rows of a sharded run equal the local runner's; a
 worker killed mid-unit is retried and nothing is counted twice; a unit that keeps dying fails only its
-cell; an interrupted or killed driver resumes from the database; without Ray, one sentence and exit 2.
+cell; an interrupted or killed driver resumes from the database, unit by unit; harness tasks cut into
+shards give the whole task's rows and items; without Ray, one sentence and exit 2.
 
 The Ray tests share one local cluster of two simulated nodes with one CPU each
 (ray.cluster_utils.Cluster), started once for the module, and a 3-cell grid on random-llada with
@@ -209,11 +210,20 @@ def test_killed_workers_are_retried_counted_once_and_a_unit_that_keeps_dying_fai
     assert not [r for r in store.read_results(tmp_path / "ray.db") if r["cell_key"] == cells[2].cell_key]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(c.quant_key for c in cells[1:])
 
-    rerun = UnitLog(tmp_path / "rerun.log")                                   # the failed cell is run again
+    conn = store.connect(tmp_path / "ray.db")           # the failed cell's units that finished are kept
+    kept = set(store.unit_results(conn, [cells[2].cell_key]).get(cells[2].cell_key, {}))
+    conn.close()
+    planned = [Unit("eval", cells[2].cell_key, t, s) for t in TASKS for s in ((0, 4), (4, 8))]
+    planned.append(Unit("measure", cells[2].cell_key))
+    assert Unit("measure", cells[2].cell_key).name not in kept
+    assert kept <= {u.name for u in planned} | {Unit("quantize", cells[2].cell_key).name}
+
+    rerun = UnitLog(tmp_path / "rerun.log")                                   # the failed cell is run again:
     summary = ray_run(tmp_path / "ray.db", tmp_path / "cache", unit_hook=rerun)
     assert [o.status for o in summary.outcomes] == ["skipped", "skipped", "done"]
-    kinds = sorted(s[0] for s in rerun.starts())                              # cell 2's units and FP's reference
-    assert kinds == sorted(["eval"] * 4 + ["measure", "reference"])          # (no quantize: the cache has it)
+    left = sorted((u.kind, u.cell_key, str(u.task), str(u.shard)) for u in planned if u.name not in kept)
+    assert sorted(s for s in rerun.starts() if s[0] != "reference") == left   # only what had not finished
+    assert [s[0] for s in rerun.starts()].count("reference") == 1             # (and FP's reference; no quantize)
     assert {s[1] for s in rerun.starts() if s[0] != "reference"} == {cells[2].cell_key}
     assert written(tmp_path / "ray.db") == local_run                          # nothing lost or counted twice
 
