@@ -12,20 +12,25 @@ A cell becomes units (`Unit`):
   units. A cell whose quantized model the driver finds in the cache has no quantize unit.
 - `reference`: the FP reference of the measures (dllmq.study.measures), one per model and seed, shared
   by every cell of that model through the object store.
-- `eval`: one (cell, task, shard of the task's items). Mini tasks are cut into shards of about
-  `shard_items` items (a generation task's shards start at multiples of the evaluation batch size, so
-  every batch - and its padding - is the one a whole-task run makes); a harness task is one unit.
+- `eval`: one (cell, task, shard of the task's items), `shard_items` items a shard. A mini task's
+  generation shards start at multiples of the evaluation batch size, so every batch - and its padding -
+  is the one a whole-task run makes. A harness task is cut into shards of its documents when it has
+  more than `shard_items` (the driver counts them: it reads the tasks' data); each shard returns the
+  model's answers to its documents' requests (dllmq.evaluate.harness_shards), else it is one unit.
 - `measure`: the cell's measures against its model's FP reference.
 
-When every unit of a cell has returned, the driver merges the shards - outcomes concatenated in item
-order and summarized by the same function a single process uses, so value, stderr and items are the
-ones `run_study` writes - and writes the cell's rows, items and measures in one transaction
-(store.finish_cell), exactly as the local runner does.
+When every unit of a cell has returned, the driver merges the shards - a mini task's outcomes
+concatenated in item order and summarized by the same function a single process uses; a harness
+task's answers scored together by lm-eval (filters, metrics, aggregation, stderr, logged samples), so
+value, stderr and items are the ones `run_study` writes - and writes the cell's rows, items and
+measures in one transaction (store.finish_cell), exactly as the local runner does.
 
 Claims, resume and faults: the driver claims a cell (store.claim_cell) when it submits its units and
 keeps every claim alive from one heartbeat thread; a rerun skips done cells and takes over the claims
-of a dead driver (at once on the same host, after `stale_after` s elsewhere) - the database is the
-only state, as with the local runner. A worker or node that dies mid-unit gets the unit retried by Ray
+of a dead driver (at once on the same host, after `stale_after` s elsewhere). Every unit's result is
+kept in the database's `units` table as it arrives (the driver writes it; store.save_unit), so a rerun
+runs only the units of an unfinished cell that had not returned; the rows go when the cell is written.
+A worker or node that dies mid-unit gets the unit retried by Ray
 (`retries` times, on any node); a unit that still dies, or raises, fails its cell with the error and
 the run goes on; nothing of a failed cell is written but its error. Ctrl-C cancels every unit in
 flight, frees the claims and re-raises.
