@@ -488,7 +488,6 @@ class _Driver:
         self.planned: dict[str, int] = {}           # units counted in the total per cell, before it starts
         self.ref_planned: set[tuple] = set()        # FP references counted in the total, not yet submitted
         self.total = self.done_units = self.cells_done = 0
-        self.resumed_units = 0                      # finished units taken from the database instead of run
         self.conn: sqlite3.Connection | None = None
         self.beats = Heartbeats(db, owner, heartbeat_every)
         self.bar = None
@@ -568,7 +567,6 @@ class _Driver:
         done = self.finished_units(cell, finished)
         run = _CellRun(cell, self.units_of(cell, finished))
         run.results.update({u: r for u, r in done.items() if u not in run.units})
-        self.resumed_units += len(run.results)
         if Unit("quantize", cell.cell_key) in run.results:
             run.quant_seconds = _finite(run.results[Unit("quantize", cell.cell_key)].get("quant_seconds"))
             run.cached = bool(run.results[Unit("quantize", cell.cell_key)].get("cached"))
