@@ -567,9 +567,12 @@ class _Driver:
         done = self.finished_units(cell, finished)
         run = _CellRun(cell, self.units_of(cell, finished))
         run.results.update({u: r for u, r in done.items() if u not in run.units})
-        if Unit("quantize", cell.cell_key) in run.results:
-            run.quant_seconds = _finite(run.results[Unit("quantize", cell.cell_key)].get("quant_seconds"))
-            run.cached = bool(run.results[Unit("quantize", cell.cell_key)].get("cached"))
+        quantized = run.results.get(Unit("quantize", cell.cell_key))
+        if quantized is not None:                   # quantized by an earlier driver
+            run.quant_seconds, run.cached = _finite(quantized.get("quant_seconds")), bool(quantized.get("cached"))
+        elif not cell.is_fp and self.qcache is not None and self.qcache.lookup(cell.quant_key) is not None:
+            run.quant_seconds = _finite(self.qcache.meta(cell.quant_key).get("quant_seconds"))
+            run.cached = True
         self.drop_units(self.planned[cell.cell_key] - len(run.units))   # another runner cached / finished some
         self.active[cell.cell_key] = run
         if not run.units:      # everything was finished before: only the merge is left
@@ -582,9 +585,6 @@ class _Driver:
             meta, blob = self.remote_quantize.remote(self.ctx, cell)
             run.refs[run.units[0]] = meta
             run.blob = blob
-        elif not cell.is_fp and self.qcache is not None and self.qcache.lookup(cell.quant_key) is not None:
-            run.quant_seconds = _finite(self.qcache.meta(cell.quant_key).get("quant_seconds"))
-            run.cached = True
         for u in run.units:
             if u.kind == "eval":
                 run.refs[u] = self.remote_eval.remote(self.ctx, cell, u.task, u.shard, blob)
