@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -61,15 +62,23 @@ def ray_overhead(workers: int, repeats: int = 50) -> None:
     print(f"  ray.shutdown         {t_down:6.2f} s")
 
 
-def timed(argv: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and the processes it waited for). Ray's worker processes
+    belong to its raylet, which the command stops at the end; what they used is counted when they were
+    reaped by it, which Ray does not promise - read the Ray run's CPU time as a lower bound."""
+    t0, c0 = time.perf_counter(), children_cpu()
     proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, children_cpu() - c0
     if proc.returncode:
         print(proc.stdout)
         raise SystemExit(f"{' '.join(argv)} failed with exit code {proc.returncode}")
     print("   ", proc.stdout.strip().splitlines()[-2])   # the summary line
-    return seconds
+    return seconds, cpu
 
 
 def written(db: Path) -> dict:
@@ -98,10 +107,10 @@ def grid(out: Path, limit: int, workers: int, single: bool) -> None:
         seconds[name] = timed([sys.executable, "-m", "dllmq.study", "--config", str(config), "--db", str(db),
                                "--cache", str(cache), *extra], env)
         dbs[name] = db
-        print(f"    {seconds[name]:.1f} s wall", flush=True)
+        print(f"    {seconds[name][0]:.1f} s wall, {seconds[name][1]:.1f} s CPU", flush=True)
     print(f"\n{len(GRID['methods'])} cells on dllmq-tiny, mini tasks at --limit {limit}, default measures:")
-    for name, s in seconds.items():
-        print(f"  {name:<28} {s:7.1f} s wall")
+    for name, (s, cpu) in seconds.items():
+        print(f"  {name:<28} {s:7.1f} s wall {cpu:7.1f} s CPU (waited-for processes)")
     first = written(next(iter(dbs.values())))
     same = all(written(db) == first for db in dbs.values())
     print(f"rows, items and measures identical across the {len(dbs)} runs: {same}")

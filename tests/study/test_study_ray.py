@@ -1,12 +1,14 @@
 """The study grid on Ray (dllmq.study.ray_runner): the rows of a sharded run equal the local runner's; a
 worker killed mid-unit is retried and nothing is counted twice; a unit that keeps dying fails only its
-cell; an interrupted or killed driver resumes from the database; without Ray, one sentence and exit 2.
+cell; an interrupted or killed driver resumes from the database, unit by unit; harness tasks cut into
+shards give the whole task's rows and items; without Ray, one sentence and exit 2.
 
 The Ray tests share one local cluster of two simulated nodes with one CPU each
 (ray.cluster_utils.Cluster), started once for the module, and a 3-cell grid on random-llada with
 8 items per task cut into shards of 4 (2 units per task)."""
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import signal
@@ -14,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -100,10 +103,11 @@ class UnitLog:
                 flag.touch()
                 os._exit(1)
 
-    def starts(self) -> list[tuple[str, str, str, str]]:
+    def starts(self, kinds: Sequence[tuple] | None = None) -> list[tuple[str, str, str, str]]:
         if not self.path.exists():
             return []
-        return [tuple(line.split(" ", 3)) for line in self.path.read_text().splitlines()]
+        out = [tuple(line.split(" ", 3)) for line in self.path.read_text().splitlines()]
+        return [s for s in out if kinds is None or (s[0],) in kinds]
 
 
 def ray_run(db: Path, cache: Path | None, **kw):
@@ -133,7 +137,9 @@ def test_shards_keep_every_batch_whole():
     assert plan_shards("mini_general", 10, 4, 3) == [(0, 3), (3, 6), (6, 9), (9, 10)]   # likelihood: any cut
     assert plan_shards("mini_math", 10, 4, 3) == [(0, 4), (4, 8), (8, 10)]              # generation: whole batches
     assert plan_shards("mini_code", 8, 32, 4) == [(0, 8)]
-    assert plan_shards("gsm8k", 10, 4, 3) == [None]                                      # harness: one unit
+    assert plan_shards("gsm8k", 10, 4, 3) == [None]                                      # harness, size unknown
+    assert plan_shards("gsm8k", 10, 4, 3, harness_items=3) == [None]                     # fits one shard: whole
+    assert plan_shards("gsm8k", 10, 4, 3, harness_items=7) == [(0, 3), (3, 6), (6, 7)]   # any cut is exact
 
 
 def test_merged_shards_are_the_single_process_summary():
@@ -152,6 +158,29 @@ def test_merged_shards_are_the_single_process_summary():
                      "quant_seconds": None, "eval_seconds": 3.0, **mini_result("mini_math",
                                                                                 summarize(outcomes, "mini_math"))}]
     assert [it["item"] for it in items] == list(range(8)) and measures == []
+
+
+def test_units_are_kept_while_their_cell_runs_and_an_older_database_opens(tmp_path):
+    """A schema-2 database (no `units` table) opens and gains it; a unit is kept only under our claim, read
+    back as it was saved, and dropped with the cell's other leftovers when the cell is written."""
+    db = tmp_path / "old.db"
+    conn = store.connect(db)
+    conn.execute("DROP TABLE units")
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    conn = store.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 3
+    claim = dict(model="m", method="fp", bits="FP", settings={}, tasks=["t"], stale_after=60)
+    assert store.claim_cell(conn, "c1", "me", **claim) == store.CLAIMED
+    result = {"answers": [["loglikelihood", "arc_easy", 0, 1, "ab12", [[-1.25, False]]]], "seconds": 0.5}
+    assert store.save_unit(conn, "c1", "me", "eval|arc_easy|0-2", result)
+    assert not store.save_unit(conn, "c1", "someone-else", "eval|arc_easy|2-4", result)   # not their claim
+    assert store.unit_results(conn, ["c1", "c2"]) == {"c1": {"eval|arc_easy|0-2": result}}
+    row = {"model": "m", "method": "fp", "bits": "FP", "task": "t", "category": "general", "metric": "acc",
+           "value": 0.5, "stderr": 0.1, "n": 2, "seed": 0}
+    assert store.finish_cell(conn, "c1", "me", [row])
+    assert store.unit_results(conn, ["c1"]) == {}
+    conn.close()
 
 
 # ----------------------------------------------------------------------------- on a two-node Ray cluster
@@ -209,11 +238,20 @@ def test_killed_workers_are_retried_counted_once_and_a_unit_that_keeps_dying_fai
     assert not [r for r in store.read_results(tmp_path / "ray.db") if r["cell_key"] == cells[2].cell_key]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(c.quant_key for c in cells[1:])
 
-    rerun = UnitLog(tmp_path / "rerun.log")                                   # the failed cell is run again
+    conn = store.connect(tmp_path / "ray.db")           # the failed cell's units that finished are kept
+    kept = set(store.unit_results(conn, [cells[2].cell_key]).get(cells[2].cell_key, {}))
+    conn.close()
+    planned = [Unit("eval", cells[2].cell_key, t, s) for t in TASKS for s in ((0, 4), (4, 8))]
+    planned.append(Unit("measure", cells[2].cell_key))
+    assert Unit("measure", cells[2].cell_key).name not in kept
+    assert kept <= {u.name for u in planned} | {Unit("quantize", cells[2].cell_key).name}
+
+    rerun = UnitLog(tmp_path / "rerun.log")                                   # the failed cell is run again:
     summary = ray_run(tmp_path / "ray.db", tmp_path / "cache", unit_hook=rerun)
     assert [o.status for o in summary.outcomes] == ["skipped", "skipped", "done"]
-    kinds = sorted(s[0] for s in rerun.starts())                              # cell 2's units and FP's reference
-    assert kinds == sorted(["eval"] * 4 + ["measure", "reference"])          # (no quantize: the cache has it)
+    left = sorted((u.kind, u.cell_key, str(u.task), str(u.shard)) for u in planned if u.name not in kept)
+    assert sorted(s for s in rerun.starts() if s[0] != "reference") == left   # only what had not finished
+    assert [s[0] for s in rerun.starts()].count("reference") == 1             # (and FP's reference; no quantize)
     assert {s[1] for s in rerun.starts() if s[0] != "reference"} == {cells[2].cell_key}
     assert written(tmp_path / "ray.db") == local_run                          # nothing lost or counted twice
 
@@ -237,6 +275,66 @@ def test_interrupted_driver_cancels_frees_claims_and_resumes(cluster, local_run,
                       hook=lambda event, cell, unit: submitted.append(cell.cell_key) if event == "submitted" else None)
     assert summary.ok and sorted(submitted) == sorted(c.cell_key for c in cells if c.cell_key != finished[0])
     assert written(tmp_path / "ray.db") == local_run
+
+
+# A harness grid: arc_easy (multiple choice) and gsm8k (generate_until) offline, 2 shots from the tasks' random
+# streams, 5 documents each cut into shards of 2 (3 eval units per task); the FP cell, no measures.
+HARNESS_DATA = Path(__file__).parents[1] / "evaluate" / "data" / "hub_shards"
+HARNESS_SPEC = {"models": ["random-llada"], "methods": ["fp"],
+                "tasks": ["arc_easy", "gsm8k"], "limit": 5, "measures": None,
+                "eval": {"data_dir": str(HARNESS_DATA), "offline": True,
+                         "harness": {"mc_num": 2, "gen_length": 8, "steps": 8, "block_length": 8, "num_fewshot": 2,
+                                     "gen_batch_size": 2}}}
+
+
+@pytest.fixture(scope="module")
+def local_harness_run(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("local-harness")
+    summary = run_study(parse_study_config(HARNESS_SPEC), tmp / "local.db", tmp / "cache", progress=False)
+    assert summary.ok
+    return written(tmp / "local.db")
+
+
+def test_harness_tasks_in_shards_resume_unit_by_unit(cluster, local_harness_run, tmp_path):
+    """The driver stops (Ctrl-C) after 4 of the cell's 6 units finished; the rerun runs only the units that had
+    not finished - none twice - and writes the local runner's rows and per-item rows (the shards' answers
+    scored together by lm-eval)."""
+    from dllmq.study.ray_runner import run_study_ray
+
+    config = parse_study_config(HARNESS_SPEC)
+    cells = plan_cells(config)
+    done: list[Unit] = []
+
+    def crash_after_four_units(event, cell, unit):
+        if event == "unit_done":
+            done.append(unit)
+            if len(done) == 4:
+                raise Crash("Ctrl-C")
+
+    first = UnitLog(tmp_path / "first.log")
+    with pytest.raises(Crash):
+        run_study_ray(config, tmp_path / "ray.db", tmp_path / "cache", shard_items=2, progress=False,
+                      hook=crash_after_four_units, unit_hook=first)
+    conn = store.connect(tmp_path / "ray.db")
+    kept = {(k, u) for k, names in store.unit_results(conn, [c.cell_key for c in cells]).items() for u in names}
+    conn.close()
+    assert kept == {(u.cell_key, u.name) for u in done}                      # every finished unit is kept
+    assert not store.read_results(tmp_path / "ray.db")
+
+    again = UnitLog(tmp_path / "again.log")
+    summary = run_study_ray(config, tmp_path / "ray.db", tmp_path / "cache", shard_items=2, progress=False,
+                            unit_hook=again)
+    assert summary.ok and [o.status for o in summary.outcomes] == ["done"]
+    shards = [(0, 2), (2, 4), (4, 5)]
+    planned = {(c.cell_key, Unit("eval", c.cell_key, t, s).name) for c in cells for t in config.tasks for s in shards}
+    rerun = {(key, Unit(kind, key, task, ast.literal_eval(shard)).name) for kind, key, task, shard in again.starts()
+             if kind == "eval"}
+    assert len(again.starts([("eval",)])) == len(rerun)                      # no unit twice
+    assert rerun == planned - kept and len(kept & planned) == 4              # the finished ones not again
+    assert written(tmp_path / "ray.db") == local_harness_run
+    conn = store.connect(tmp_path / "ray.db")
+    assert conn.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 0   # a written cell's units are dropped
+    conn.close()
 
 
 @pytest.mark.slow

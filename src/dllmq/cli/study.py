@@ -74,8 +74,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "`ray start` brought up here, or RAY_ADDRESS), ray://HOST:PORT or HOST:PORT (a cluster's "
                         "client or GCS address). --cache must then be a folder every node sees")
     p.add_argument("--shard-items", default="auto",
-                   help="with --ray: items of a mini task per unit (default auto: enough shards for every worker, "
-                        "at least 8; generation tasks round up to whole batches). Results do not depend on it")
+                   help="with --ray: items of a task per unit - mini tasks' items, harness tasks' documents "
+                        "(default auto: enough shards for every worker, at least 8; mini generation tasks round up "
+                        "to whole batches). Results do not depend on it")
     p.add_argument("--retries", type=int, default=2,
                    help="with --ray: times a unit whose worker or node died is run again before its cell fails "
                         "(default 2)")

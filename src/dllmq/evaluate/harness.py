@@ -53,7 +53,7 @@ import importlib
 import logging
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -201,6 +201,10 @@ class DllmqLM(TemplateLM):
             raise DllmqError(f"likelihood must be {' or '.join(LIKELIHOODS)}, got {likelihood!r}.")
         self.likelihood = str(likelihood)
         self.stop_strings = _as_bool("stop_strings", stop_strings)
+        # only(request) -> bool: answer just the requests it accepts (the others get None). The whole list
+        # still decides what an accepted request gets (the greedy flag's count per document, the generation
+        # batches), so each answer is the one a call with the whole list gives (harness_shards' shards).
+        self.only: Callable[[Any], bool] | None = None
 
     # ------------------------------------------------------------------ harness plumbing
     @property
@@ -279,7 +283,11 @@ class DllmqLM(TemplateLM):
             encoded = [(ctx, list(cont) + [self.eot_token_id]) for ctx, cont in encoded]
         out = []
         bar = tqdm(total=len(encoded), desc="dllmq loglikelihood", disable=disable_tqdm or not self.progress)
-        for (context, continuation), (ctx_ids, cont_ids), greedy in zip(args, encoded, need_greedy):
+        for req, (context, continuation), (ctx_ids, cont_ids), greedy in zip(requests, args, encoded, need_greedy):
+            if self.only is not None and not self.only(req):
+                out.append(None)
+                bar.update(1)
+                continue
             ll, is_greedy = self.score(ctx_ids, cont_ids, greedy=greedy)
             out.append((ll, is_greedy))
             self.cache_hook.add_partial("loglikelihood", (context, continuation), (ll, is_greedy))
@@ -323,8 +331,11 @@ class DllmqLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Sum over disjoint windows of log p(window | preceding text) (Monte Carlo for diffusion)."""
         out = []
-        for (string,) in tqdm([req.args for req in requests], desc="dllmq loglikelihood_rolling",
-                              disable=disable_tqdm or not self.progress):
+        for req in tqdm(requests, desc="dllmq loglikelihood_rolling", disable=disable_tqdm or not self.progress):
+            (string,) = req.args
+            if self.only is not None and not self.only(req):
+                out.append(None)
+                continue
             ids = self.tok_encode(string, add_special_tokens=False)
             if not ids:
                 out.append(0.0)
@@ -380,6 +391,10 @@ class DllmqLM(TemplateLM):
                    and order[pos + len(batch)][4] == head[4] and order[pos + len(batch)][2] == head[2]):
                 batch.append(order[pos + len(batch)])
             pos += len(batch)
+            if self.only is not None and not any(self.only(requests[it[0]]) for it in batch):
+                results.update((it[0], None) for it in batch)
+                bar.update(len(batch))
+                continue
             texts = [it[1] for it in batch]
             ids, mask = encode_prompts(self.tokenizer, texts, chat=head[2])
             if self.add_bos and not head[2] and self.tokenizer.bos_token_id is not None:

@@ -82,15 +82,17 @@ def build_task(task_manager: TaskManager, spec: str | dict, preset: P.TaskPreset
     return [top]
 
 
+def leaf_tasks(objs) -> list:
+    """The leaf Task objects under the built Task / Group objects, in order."""
+    leaves = []
+    for obj in objs:
+        leaves += obj.get_all_tasks() if isinstance(obj, Group) else [obj]
+    return leaves
+
+
 def leaf_names(objs) -> list[str]:
     """The names of the leaf tasks under the built Task / Group objects."""
-    names = []
-    for obj in objs:
-        if isinstance(obj, Group):
-            names += [t.task_name for t in obj.get_all_tasks()]
-        else:
-            names.append(obj.task_name)
-    return names
+    return [t.task_name for t in leaf_tasks(objs)]
 
 
 def _metrics_of(results: dict, name: str) -> dict:

@@ -30,7 +30,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,15 +106,18 @@ def _resolve_model(model_or_path, dtype: str, device: str, seed: int):
     return model_or_path, None, None
 
 
-def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options: EvalOptions | None = None) -> dict:
-    """Evaluate one model on `tasks` with the paper's presets; returns the report (and writes it
-    to `options.out` when given). See the module docstring for the steps and the JSON layout.
+@dataclass
+class EvalPlan:
+    """What run_eval checked and resolved before anything is built."""
+    names: list[str]
+    presets: list[P.TaskPreset]
+    needs_code: list[str]
+    limit: int | float | None
+    overrides: dict
+    task_manager: Any
 
-    model_or_path: a built-in name, checkpoint or dllmq-quantized directory, Hub id, or a
-    (model, tokenizer[, family]) tuple such as dllmq.load_model returns.
-    """
-    o = options or EvalOptions()
-    started = time.time()
+
+def plan_eval(tasks: str | Sequence[str], o: EvalOptions) -> EvalPlan:
     names = P.resolve_tasks(tasks)
     preset_list = [P.preset_for(n) for n in names]
     needs_code = [p.name for p in preset_list if p.code_execution]
@@ -129,31 +133,62 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
         limit = int(limit)
     overrides = {k: v for k, v in (o.overrides or {}).items() if v is not None}
     P.model_settings(preset_list[0], "llada", overrides, o.profile)  # validate override names early
-
-    sandbox_info = isolation() if needs_code else None
     include = o.include_path
     paths = include if isinstance(include, (list, tuple)) else ([include] if include else [])
     task_manager = task_manager_for(preset_list, tuple(str(Path(p).resolve()) for p in paths), o.include_defaults)
+    return EvalPlan(names, preset_list, needs_code, limit, overrides, task_manager)
+
+
+def built_tasks(plan: EvalPlan, o: EvalOptions) -> list[tuple[P.TaskPreset, list]]:
+    """(preset, its built Task / Group objects) per task of the plan; call inside dataset_sources."""
+    return [(preset, build_task(plan.task_manager, task_spec(preset, o.allow_code_execution, o.sandbox_limits,
+                                                             o.sandbox_workers), preset))
+            for preset in plan.presets]
+
+
+# lm_factory(preset, objs, model, tokenizer, label, settings) -> the lm_eval LM that answers one task's requests
+LMFactory = Callable[[P.TaskPreset, list, Any, Any, str, dict], Any]
+
+
+def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options: EvalOptions | None = None, *,
+             lm_factory: LMFactory | None = None) -> dict:
+    """Evaluate one model on `tasks` with the paper's presets; returns the report (and writes it
+    to `options.out` when given). See the module docstring for the steps and the JSON layout.
+
+    model_or_path: a built-in name, checkpoint or dllmq-quantized directory, Hub id, or a
+    (model, tokenizer[, family]) tuple such as dllmq.load_model returns.
+    lm_factory: builds the harness model of each task instead of DllmqLM (harness_shards uses it to
+    answer one shard's requests, or to score answers recorded by shards); with it, model_or_path may
+    be None (no model: the report's "model" block is then None and the family is taken as llada).
+    """
+    o = options or EvalOptions()
+    started = time.time()
+    plan = plan_eval(tasks, o)
+    names, needs_code, limit, overrides = plan.names, plan.needs_code, plan.limit, plan.overrides
+    task_manager = plan.task_manager
+    sandbox_info = isolation() if needs_code else None
     report_tasks: dict[str, dict] = {}
     samples: list[dict] = []
     with dataset_sources(o.data_dir, o.offline):
-        built = []
-        for preset in preset_list:
-            spec = task_spec(preset, o.allow_code_execution, o.sandbox_limits, o.sandbox_workers)
-            built.append((preset, build_task(task_manager, spec, preset)))
-
-        model, tok, path = _resolve_model(model_or_path, o.dtype, o.device, o.seed)
-        if tok is None:
-            raise DllmqError("The model has no tokenizer; evaluation needs one (pass a (model, tokenizer) pair or "
-                             "put the tokenizer files next to config.json).")
-        family = model.family.name
+        built = built_tasks(plan, o)
+        if model_or_path is None and lm_factory is not None:
+            model = tok = path = None
+        else:
+            model, tok, path = _resolve_model(model_or_path, o.dtype, o.device, o.seed)
+            if tok is None:
+                raise DllmqError("The model has no tokenizer; evaluation needs one (pass a (model, tokenizer) pair "
+                                 "or put the tokenizer files next to config.json).")
+        family = model.family.name if model is not None else "llada"
         model_label = o.model_name or path or type(model).__name__
-        with keep_dequantized_weights(model):  # fake-quantized weights dequantized once, not per forward
+        with keep_dequantized_weights(model) if model is not None else nullcontext():  # dequantized once
             for preset, objs in built:
                 settings = P.model_settings(preset, family, overrides, o.profile)
                 shots = P.num_fewshot(preset, overrides)
-                lm = harness.DllmqLM(model_label, model=model, tokenizer=tok, seed=o.seed, progress=o.progress,
-                                     **settings)
+                if lm_factory is not None:
+                    lm = lm_factory(preset, objs, model, tok, model_label, settings)
+                else:
+                    lm = harness.DllmqLM(model_label, model=model, tokenizer=tok, seed=o.seed, progress=o.progress,
+                                         **settings)
                 t0 = time.time()
                 log.info("evaluating %s (%s, %s-shot) with %s", preset.name, preset.kind, shots, settings)
                 results = lm_eval.simple_evaluate(
@@ -170,7 +205,7 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
     report = {
         "format": "dllmq-eval/1",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model_record(model, model_or_path, path, model_label),
+        "model": model_record(model, model_or_path, path, model_label) if model is not None else None,
         "tasks": report_tasks,
         "provenance": {
             "task_spec": tasks if isinstance(tasks, str) else list(tasks),

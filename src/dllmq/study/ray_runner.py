@@ -12,20 +12,25 @@ A cell becomes units (`Unit`):
   units. A cell whose quantized model the driver finds in the cache has no quantize unit.
 - `reference`: the FP reference of the measures (dllmq.study.measures), one per model and seed, shared
   by every cell of that model through the object store.
-- `eval`: one (cell, task, shard of the task's items). Mini tasks are cut into shards of about
-  `shard_items` items (a generation task's shards start at multiples of the evaluation batch size, so
-  every batch - and its padding - is the one a whole-task run makes); a harness task is one unit.
+- `eval`: one (cell, task, shard of the task's items), `shard_items` items a shard. A mini task's
+  generation shards start at multiples of the evaluation batch size, so every batch - and its padding -
+  is the one a whole-task run makes. A harness task is cut into shards of its documents when it has
+  more than `shard_items` (the driver counts them: it reads the tasks' data); each shard returns the
+  model's answers to its documents' requests (dllmq.evaluate.harness_shards), else it is one unit.
 - `measure`: the cell's measures against its model's FP reference.
 
-When every unit of a cell has returned, the driver merges the shards - outcomes concatenated in item
-order and summarized by the same function a single process uses, so value, stderr and items are the
-ones `run_study` writes - and writes the cell's rows, items and measures in one transaction
-(store.finish_cell), exactly as the local runner does.
+When every unit of a cell has returned, the driver merges the shards - a mini task's outcomes
+concatenated in item order and summarized by the same function a single process uses; a harness
+task's answers scored together by lm-eval (filters, metrics, aggregation, stderr, logged samples), so
+value, stderr and items are the ones `run_study` writes - and writes the cell's rows, items and
+measures in one transaction (store.finish_cell), exactly as the local runner does.
 
 Claims, resume and faults: the driver claims a cell (store.claim_cell) when it submits its units and
 keeps every claim alive from one heartbeat thread; a rerun skips done cells and takes over the claims
-of a dead driver (at once on the same host, after `stale_after` s elsewhere) - the database is the
-only state, as with the local runner. A worker or node that dies mid-unit gets the unit retried by Ray
+of a dead driver (at once on the same host, after `stale_after` s elsewhere). Every unit's result is
+kept in the database's `units` table as it arrives (the driver writes it; store.save_unit), so a rerun
+runs only the units of an unfinished cell that had not returned; the rows go when the cell is written.
+A worker or node that dies mid-unit gets the unit retried by Ray
 (`retries` times, on any node); a unit that still dies, or raises, fails its cell with the error and
 the run goes on; nothing of a failed cell is written but its error. Ctrl-C cancels every unit in
 flight, frees the claims and re-raises.
@@ -91,6 +96,12 @@ class Unit:
         shard = f" items {self.shard[0]}-{self.shard[1] - 1}" if self.shard else ""
         return f"{cell.describe()}: {what}{shard}"
 
+    @property
+    def name(self) -> str:
+        """The unit's key within its cell in the database's `units` table."""
+        shard = f"{self.shard[0]}-{self.shard[1]}" if self.shard else ""
+        return f"{self.kind}|{self.task or ''}|{shard}"
+
 
 def task_size(task: str, limit: int | None) -> int | None:
     """Items of a mini task at `limit` (None: a harness task, whose size only the harness knows)."""
@@ -98,23 +109,41 @@ def task_size(task: str, limit: int | None) -> int | None:
     return len(load_items(task, limit)) if task in TASKS else None
 
 
-def plan_shards(task: str, limit: int | None, batch_size: int, shard_items: int) -> list[tuple[int, int] | None]:
-    """The item ranges of a task's units: [None] (the whole task) for a harness task; for a mini task
-    ranges of `shard_items` items, rounded up to whole batches for the generation tasks (so that each
-    batch is the one a whole-task run generates)."""
+def plan_shards(task: str, limit: int | None, batch_size: int, shard_items: int,
+                harness_items: int | None = None) -> list[tuple[int, int] | None]:
+    """The item ranges of a task's units. A mini task: ranges of `shard_items` items, rounded up to whole
+    batches for the generation tasks (so that each batch is the one a whole-task run generates). A
+    harness task of `harness_items` documents: ranges of `shard_items` documents (any cut is exact, see
+    dllmq.evaluate.harness_shards), or [None] - the whole task as one unit - when it fits one shard or
+    its size is not given."""
     n = task_size(task, limit)
-    if n is None:
-        return [None]
     size = max(1, shard_items)
+    if n is None:
+        if harness_items is None or harness_items <= size:
+            return [None]
+        return [(start, min(start + size, harness_items)) for start in range(0, harness_items, size)]
     if task != "mini_general":
         size = math.ceil(size / batch_size) * batch_size
     return [(start, min(start + size, n)) for start in range(0, n, size)] or [(0, 0)]
 
 
-def auto_shard_items(config: StudyConfig, slots: int) -> int:
+def harness_sizes(config: StudyConfig, cells: list[StudyCell]) -> dict[str, int]:
+    """Documents of each harness task of the grid at its limit (the driver reads the tasks' data for it)."""
+    from dllmq.evaluate import MINI_TASKS
+    from dllmq.evaluate.harness_shards import task_items
+    from dllmq.study.runner import harness_options
+
+    tasks = [t for t in config.tasks if t not in MINI_TASKS]
+    if not tasks or not cells:
+        return {}
+    options = harness_options(cells[0], config, samples=False)
+    return {t: task_items(t, options) for t in tasks}
+
+
+def auto_shard_items(config: StudyConfig, slots: int, harness: dict[str, int] | None = None) -> int:
     """Items per shard that give every slot of the cluster work within one cell's largest task, but at
     least MIN_SHARD_ITEMS."""
-    sizes = [n for n in (task_size(t, config.limit) for t in config.tasks) if n]
+    sizes = [n for n in (task_size(t, config.limit) for t in config.tasks) if n] + list((harness or {}).values())
     if not sizes:
         return MIN_SHARD_ITEMS
     return max(MIN_SHARD_ITEMS, math.ceil(max(sizes) / max(1, slots)))
@@ -243,10 +272,12 @@ def unit_reference(ctx: UnitContext, cell: StudyCell):
 
 
 def unit_eval(ctx: UnitContext, cell: StudyCell, task: str, shard: tuple[int, int] | None, blob: dict | None) -> dict:
-    """One task (or a shard of its items) on the cell's model: the items' outcomes, or a harness task's row."""
+    """One task (or a shard of its items) on the cell's model: a mini shard's outcomes, a harness shard's
+    answers to its documents' requests, or a whole harness task's row."""
     from dllmq.evaluate import MINI_TASKS, evaluate_mini
+    from dllmq.evaluate.harness_shards import answer_shard
     from dllmq.study.measures import mini_items
-    from dllmq.study.runner import _evaluate_task
+    from dllmq.study.runner import _evaluate_task, harness_options
 
     _started(ctx, Unit("eval", cell.cell_key, task, shard))
     model, tokenizer = _load(ctx, cell, blob)
@@ -258,6 +289,9 @@ def unit_eval(ctx: UnitContext, cell: StudyCell, task: str, shard: tuple[int, in
                               chat=ev.chat, batch_size=ev.batch_size, return_samples=True, shard=shard)[task]
             return {"correct": [bool(s["correct"]) for s in r["samples"]], "items": mini_items(task, r["samples"]),
                     "seconds": time.perf_counter() - start}
+        if shard is not None:
+            out = answer_shard((model, tokenizer), task, harness_options(cell, ctx.config, samples=False), shard)
+            return {**out, "seconds": time.perf_counter() - start}
         items: list[dict] = []
         row = _evaluate_task(model, tokenizer, task, cell, ctx.config, False, items)
         return {"row": row, "items": items, "seconds": time.perf_counter() - start}
@@ -279,11 +313,15 @@ def unit_measure(ctx: UnitContext, cell: StudyCell, blob: dict | None, reference
 
 
 # ----------------------------------------------------------------------------- merging (on the driver)
-def merge_cell(cell: StudyCell, results: dict[Unit, dict], quant_seconds: float | None) -> tuple[list, list, list, float]:
+def merge_cell(cell: StudyCell, results: dict[Unit, dict], quant_seconds: float | None,
+               config: StudyConfig | None = None) -> tuple[list, list, list, float]:
     """(result rows, items, measures, measure seconds) of a cell from its units' results: the rows a
-    single-process run writes (eval_seconds: the shards' seconds summed)."""
+    single-process run writes (eval_seconds: the shards' seconds summed, plus the scoring of a sharded
+    harness task's answers, which runs here and reads the task's data; it needs `config`)."""
     from dllmq.evaluate import MINI_TASKS
+    from dllmq.evaluate.harness_shards import score_answers
     from dllmq.evaluate.mini import summarize
+    from dllmq.study.runner import harness_options, harness_row
 
     rows, items, measures, measure_seconds = [], [], [], 0.0
     for task in cell.tasks:
@@ -293,9 +331,16 @@ def merge_cell(cell: StudyCell, results: dict[Unit, dict], quant_seconds: float 
         if task in MINI_TASKS:
             correct = [c for u in shards for c in results[u]["correct"]]
             r = mini_result(task, summarize(correct, task))
-        else:
+            items += [it for u in shards for it in results[u]["items"]]
+        elif shards[0].shard is None:     # a harness task run whole
             r = results[shards[0]]["row"]
-        items += [it for u in shards for it in results[u]["items"]]
+            items += results[shards[0]]["items"]
+        else:                             # a harness task's shards: lm-eval scores all their answers at once
+            if config is None:
+                raise ValueError("merging a sharded harness task needs the study's config")
+            report = score_answers(task, harness_options(cell, config), [results[u] for u in shards])
+            r = harness_row(task, report, items)
+            seconds += report["merge_seconds"]
         rows.append({"model": cell.model, "method": cell.method, "bits": cell.bits, "task": task, "seed": cell.seed,
                      "quant_seconds": quant_seconds, "eval_seconds": seconds, **r})
     for u, r in results.items():
@@ -418,8 +463,10 @@ class _Driver:
                              "GPU nodes or use --device cpu.")
         slots = max(1, slots)
         self.max_cells = max_cells or slots + 2
-        shard_items = shard_items or auto_shard_items(config, slots)
-        self.shards = {t: plan_shards(t, config.limit, config.eval.batch_size, shard_items) for t in config.tasks}
+        sizes = harness_sizes(config, cells)
+        shard_items = shard_items or auto_shard_items(config, slots, sizes)
+        self.shards = {t: plan_shards(t, config.limit, config.eval.batch_size, shard_items, sizes.get(t))
+                       for t in config.tasks}
         self.measured = config.measures is not None
 
         def options(uses_gpu: bool) -> dict:
@@ -450,10 +497,23 @@ class _Driver:
     def cached_before(self, cell: StudyCell) -> bool:
         return cell.is_fp or (self.qcache is not None and self.qcache.lookup(cell.quant_key) is not None)
 
-    def units_of(self, cell: StudyCell) -> list[Unit]:
-        units = [] if self.cached_before(cell) else [Unit("quantize", cell.cell_key)]
-        units += [Unit("eval", cell.cell_key, t, s) for t in cell.tasks for s in self.shards[t]]
-        return units + ([Unit("measure", cell.cell_key)] if self.measured else [])
+    def units_of(self, cell: StudyCell, finished: dict | None = None) -> list[Unit]:
+        """The units a cell still needs: its eval and measure units that `finished` (unit name -> result, from
+        the database) lacks, and a quantize unit when one of them needs a model the cache does not have."""
+        finished = finished or {}
+        units = [Unit("eval", cell.cell_key, t, s) for t in cell.tasks for s in self.shards[t]]
+        units += [Unit("measure", cell.cell_key)] if self.measured else []
+        units = [u for u in units if u.name not in finished]
+        quantize = Unit("quantize", cell.cell_key)
+        if not self.cached_before(cell) and (units or quantize.name not in finished):
+            units.insert(0, quantize)
+        return units
+
+    def finished_units(self, cell: StudyCell, finished: dict) -> dict[Unit, dict]:
+        """The cell's units the database holds results of, as Units (only those of the current plan)."""
+        planned = [Unit("quantize", cell.cell_key)] + [Unit("eval", cell.cell_key, t, s) for t in cell.tasks
+                                                       for s in self.shards[t]] + [Unit("measure", cell.cell_key)]
+        return {u: finished[u.name] for u in planned if u.name in finished}
 
     # --------------------------------------------------------------------- progress
     def eta(self) -> str:
@@ -503,17 +563,28 @@ class _Driver:
             self.release_reference(cell)
             return
         self.beats.add(cell.cell_key)
-        run = _CellRun(cell, self.units_of(cell))
-        self.drop_units(self.planned[cell.cell_key] - len(run.units))   # another runner cached its model meanwhile
+        finished = store.unit_results(self.conn, [cell.cell_key]).get(cell.cell_key, {})
+        done = self.finished_units(cell, finished)
+        run = _CellRun(cell, self.units_of(cell, finished))
+        run.results.update({u: r for u, r in done.items() if u not in run.units})
+        quantized = run.results.get(Unit("quantize", cell.cell_key))
+        if quantized is not None:                   # quantized by an earlier driver
+            run.quant_seconds, run.cached = _finite(quantized.get("quant_seconds")), bool(quantized.get("cached"))
+        elif not cell.is_fp and self.qcache is not None and self.qcache.lookup(cell.quant_key) is not None:
+            run.quant_seconds = _finite(self.qcache.meta(cell.quant_key).get("quant_seconds"))
+            run.cached = True
+        self.drop_units(self.planned[cell.cell_key] - len(run.units))   # another runner cached / finished some
         self.active[cell.cell_key] = run
+        if not run.units:      # everything was finished before: only the merge is left
+            if self.hook:
+                self.hook("submitted", cell, None)
+            self.close(run, "done")
+            return
         blob = None    # the quantized model's files in the object store (no cache), or None
-        if not self.cached_before(cell):
+        if run.units[0].kind == "quantize":
             meta, blob = self.remote_quantize.remote(self.ctx, cell)
             run.refs[run.units[0]] = meta
             run.blob = blob
-        elif not cell.is_fp and self.qcache is not None:
-            run.quant_seconds = _finite(self.qcache.meta(cell.quant_key).get("quant_seconds"))
-            run.cached = True
         for u in run.units:
             if u.kind == "eval":
                 run.refs[u] = self.remote_eval.remote(self.ctx, cell, u.task, u.shard, blob)
@@ -555,10 +626,15 @@ class _Driver:
         if unit.kind == "quantize":
             run.quant_seconds = _finite(result.get("quant_seconds"))
             run.cached = bool(result.get("cached"))
+        try:     # kept so that a restarted driver does not run it again
+            store.save_unit(self.conn, key, self.owner, unit.name, result)
+        except (sqlite3.Error, TypeError, ValueError) as err:
+            log.warning("%s: could not keep the unit's result (%s); a restart would run it again",
+                        unit.describe(run.cell), err)
         self.count_done()
         if self.hook:
             self.hook("unit_done", run.cell, unit)
-        if len(run.results) == len(run.units):
+        if all(u in run.results for u in run.units):
             self.close(run, "done")
 
     def close(self, run: _CellRun, status: str, error: str | None = None) -> None:
@@ -572,9 +648,16 @@ class _Driver:
         self.beats.discard(cell.cell_key)
         self.active.pop(cell.cell_key, None)
         self.release_reference(cell)
-        outcome = CellOutcome(cell, status, seconds=time.perf_counter() - run.started, error=error, cached=run.cached)
+        merged = None
         if status == "done":
-            rows, items, measures, outcome.measure_seconds = merge_cell(cell, run.results, run.quant_seconds)
+            try:
+                merged = merge_cell(cell, run.results, run.quant_seconds, self.config)
+            except Exception as err:  # noqa: BLE001 - scoring merged harness answers failed: the cell fails
+                log.debug("merging %s failed", cell.describe(), exc_info=True)
+                status, error = "failed", f"merging the units: {type(err).__name__}: {err}"
+        outcome = CellOutcome(cell, status, seconds=time.perf_counter() - run.started, error=error, cached=run.cached)
+        if merged is not None:
+            rows, items, measures, outcome.measure_seconds = merged
             facts = {"threads": self.threads, "calib_threads": None if cell.is_fp else self.config.calibration.threads,
                      "measure_seconds": outcome.measure_seconds}
             if cell.cell_key in self.beats.lost or not store.finish_cell(self.conn, cell.cell_key, self.owner, rows,
@@ -600,13 +683,14 @@ class _Driver:
         self.conn = store.connect(self.db)
         try:
             known = store.cell_rows(self.conn, [c.cell_key for c in self.cells])
+            kept = store.unit_results(self.conn, [c.cell_key for c in self.cells])
             self.started = time.time()
             for cell in self.cells:
                 if known.get(cell.cell_key, {}).get("status") == "done":
                     self.outcomes[cell.cell_key] = CellOutcome(cell, "skipped")
                 else:
                     self.pending.append(cell)
-                    self.planned[cell.cell_key] = len(self.units_of(cell))
+                    self.planned[cell.cell_key] = len(self.units_of(cell, kept.get(cell.cell_key)))
                     key = (cell.model, cell.seed)
                     self.ref_users[key] = self.ref_users.get(key, 0) + 1
             self.ref_planned = set(self.ref_users) if self.measured else set()

@@ -194,13 +194,22 @@ def _evaluate_task(model, tokenizer, task: str, cell: StudyCell, config: StudyCo
         if items is not None:
             items += mini_items(task, r["samples"])
         return mini_result(task, r)
+    report = run_eval((model, tokenizer), [task], harness_options(cell, config, progress, items is not None))
+    return harness_row(task, report, items)
+
+
+def harness_options(cell: StudyCell, config: StudyConfig, progress: bool = False, samples: bool = True) -> EvalOptions:
+    """How a cell's harness tasks are evaluated (the same for a whole task and for its shards)."""
     ev = config.eval
     overrides = {"chat": ev.chat, **ev.harness}  # eval.chat applies to harness tasks too, unless harness sets it
-    options = EvalOptions(limit=cell.limit, allow_code_execution=ev.allow_code_execution, data_dir=ev.data_dir,
-                          overrides=overrides, seed=cell.seed, offline=True if ev.offline else None,
-                          progress=progress, model_name=cell.model, return_samples=items is not None,
-                          profile=ev.profile)
-    report = run_eval((model, tokenizer), [task], options)
+    return EvalOptions(limit=cell.limit, allow_code_execution=ev.allow_code_execution, data_dir=ev.data_dir,
+                       overrides=overrides, seed=cell.seed, offline=True if ev.offline else None,
+                       progress=progress, model_name=cell.model, return_samples=samples, profile=ev.profile)
+
+
+def harness_row(task: str, report: dict, items: list[dict] | None = None) -> dict:
+    """{metric, value, stderr, n, category} of a harness task from its run_eval report; its per-item answers
+    are appended to `items` when given."""
     t = report["tasks"][task]
     if items is not None and t.get("metric"):
         items += harness_items(task, report.get("samples") or [], t["metric"])

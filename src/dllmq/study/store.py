@@ -15,6 +15,9 @@ transaction when it finishes, so a killed run never leaves a partial cell behind
 
 Values are fractions in [0, 1]; reports show points (x 100).
 
+- `units` (schema 3): results of the finished units of cells a Ray driver (dllmq.study.ray_runner) has
+  not finished yet, so that a restarted driver runs only the rest; a cell's units go when it is written.
+
 Older databases are migrated when opened (`migrate`): missing tables and columns are added in one
 transaction and PRAGMA user_version records the schema; nothing is rewritten or dropped, so an old
 database keeps its results and reports as before (without the new measures).
@@ -89,8 +92,15 @@ CREATE TABLE IF NOT EXISTS measures (
     seconds    REAL,              -- time the measure (its kind) took in this cell
     PRIMARY KEY (cell_key, measure, param)
 );
+CREATE TABLE IF NOT EXISTS units (
+    cell_key   TEXT NOT NULL,
+    unit       TEXT NOT NULL,     -- the unit of a cell `dllmq study --ray` finished: kind|task|start-stop
+    result     TEXT NOT NULL,     -- JSON: what the unit returned (outcomes, answers, rows)
+    created    REAL NOT NULL,
+    PRIMARY KEY (cell_key, unit)
+);
 """
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added after schema 1 (table, column, SQL type): migrate() adds those an old database lacks.
 ADDED_COLUMNS = (
     ("cells", "threads", "INTEGER"),          # torch intra-op threads the cell evaluated with
@@ -294,7 +304,7 @@ def finish_cell(conn: sqlite3.Connection, cell_key: str, owner: str, rows: Seque
                            (now, now, *facts.values(), cell_key, owner))
         if cur.rowcount != 1:
             return False
-        for table in ("results", "items", "measures"):  # none expected; never two copies
+        for table in ("results", "items", "measures", "units"):  # none expected but units; never two copies
             conn.execute(f"DELETE FROM {table} WHERE cell_key = ?", (cell_key,))
         cols = RESULT_COLUMNS
         conn.executemany(f"INSERT INTO results ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
@@ -313,6 +323,37 @@ def finish_cell(conn: sqlite3.Connection, cell_key: str, owner: str, rows: Seque
               json.dumps([float(u) for u in m.get("units", ())]), m.get("setup"), m.get("seconds"))
              for m in measures])
         return True
+
+
+def _json_default(value):
+    if hasattr(value, "item"):          # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def save_unit(conn: sqlite3.Connection, cell_key: str, owner: str, unit: str, result) -> bool:
+    """Keep a finished unit's result (JSON) while our claim on its cell runs; False when the claim is not ours."""
+    text = json.dumps(result, default=_json_default)
+    with immediate(conn):
+        mine = conn.execute("SELECT 1 FROM cells WHERE cell_key = ? AND owner = ? AND status = 'running'",
+                            (cell_key, owner)).fetchone()
+        if not mine:
+            return False
+        conn.execute("INSERT OR REPLACE INTO units (cell_key, unit, result, created) VALUES (?, ?, ?, ?)",
+                     (cell_key, unit, text, time.time()))
+        return True
+
+
+def unit_results(conn: sqlite3.Connection, cell_keys: Sequence[str]) -> dict[str, dict[str, object]]:
+    """{cell_key: {unit: result}} of the finished units kept for the given cells."""
+    out: dict[str, dict[str, object]] = {}
+    keys = list(cell_keys)
+    for i in range(0, len(keys), 500):
+        chunk = keys[i:i + 500]
+        for r in conn.execute(f"SELECT cell_key, unit, result FROM units WHERE cell_key IN "
+                              f"({', '.join('?' * len(chunk))})", chunk):
+            out.setdefault(r["cell_key"], {})[r["unit"]] = json.loads(r["result"])
+    return out
 
 
 def fail_cell(conn: sqlite3.Connection, cell_key: str, owner: str, error: str, now: float | None = None) -> bool:
