@@ -14,6 +14,14 @@ from dllmq.models.describe import human_bytes
 from dllmq.models.loading import save_model, state_dict_for_saving
 from dllmq.models.modeling import TransformerLM
 from dllmq.quant.config import QuantConfig
+from dllmq.quant.dllm_calib import (
+    NONE,
+    certainty_weights,
+    fp_confidence,
+    mask_windows,
+    needs_confidence,
+    ratio_summary,
+)
 from dllmq.quant.format import quantization_config, read_quantization, tool_config
 from dllmq.quant.pipeline import QuantReport, quantize_model
 from dllmq.quant.qlinear import QuantLinear
@@ -36,6 +44,26 @@ def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> tor
     return calibration_set(tokenizer, cal.source, cal.nsamples, cal.seqlen, config.seed)
 
 
+def dllm_aware_calibration(model: TransformerLM, calib: torch.Tensor, config: QuantConfig,
+                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration windows masked per --mask-schedule (seeded by the run's seed) and, with
+    --weighting, each token's weight from its mask status and the FP model's confidence."""
+    cal = config.calibration
+    if model.family.causal:
+        raise DllmqError(f"--mask-schedule calibrates on what a diffusion model sees while denoising; "
+                         f"{model.family.name} is an autoregressive family, so leave it out.")
+    mask_id = model.config.mask_token_id
+    if mask_id is None:
+        raise DllmqError("--mask-schedule needs the model's mask_token_id, and its config has none; set it in "
+                         "config.json.")
+    windows = mask_windows(calib, cal.mask_schedule, int(mask_id), seed=config.seed)
+    log.info(ratio_summary(windows))
+    if cal.weighting == NONE:
+        return windows.ids, None
+    confidence = fp_confidence(model, windows.ids, device) if needs_confidence(cal.weighting) else None
+    return windows.ids, certainty_weights(windows, confidence, cal.weighting)
+
+
 def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: str | torch.device = "cpu",
              offload_activations: bool = False, progress: bool = True) -> QuantReport:
     """Quantize `model`'s block linears in place with `config`; records the quantization_config on it.
@@ -47,8 +75,11 @@ def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: st
     if note:
         log.warning(note)
     calib = calibration_ids(model, tokenizer, config)
+    weights = None
+    if calib is not None and config.calibration.mask_schedule != NONE:
+        calib, weights = dllm_aware_calibration(model, calib, config, torch.device(device))
     report = quantize_model(model, config.make_method(), calib, device=device,
-                            offload_activations=offload_activations, progress=progress)
+                            offload_activations=offload_activations, progress=progress, token_weights=weights)
     model.config.raw["quantization_config"] = quantization_config(model, config)
     return report
 
