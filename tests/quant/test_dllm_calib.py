@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dllmq.cli import main
+from dllmq.data import chat_windows
 from dllmq.diffusion.llada_sampler import llada_generate
 from dllmq.errors import DllmqError
 from dllmq.models.random_models import random_model
@@ -31,6 +32,7 @@ from dllmq.quant.qlinear import QuantLinear
 from dllmq.study.config import load_config, parse_study_config
 
 MASK = 999
+_, TOKENIZER = random_model("random-llada")   # one tokenizer, so the calibration text is tokenized once
 
 
 def tokens(n, length, seed=0):
@@ -243,8 +245,8 @@ def test_equal_weighting_through_the_config_equals_masking_alone(method):
     base = dict(wbits=3, group_size=32, nsamples=4, seqlen=48)
     states = []
     for weighting in (None, "masked=1,unmasked=1,frontier=1"):
-        model, tokenizer = random_model("random-llada", seed=4)
-        quantize(model, tokenizer, QuantConfig(method, mask_schedule="uniform", weighting=weighting, **base),
+        model, _ = random_model("random-llada", seed=4)
+        quantize(model, TOKENIZER, QuantConfig(method, mask_schedule="uniform", weighting=weighting, **base),
                  progress=False)
         states.append(_state(model))
     for key in states[0]:
@@ -256,17 +258,17 @@ def test_options_change_the_calibration():
     base = dict(wbits=3, group_size=32, nsamples=4, seqlen=48)
     states = []
     for extra in ({}, dict(mask_schedule="uniform"), dict(mask_schedule="uniform", weighting="certainty")):
-        model, tokenizer = random_model("random-llada", seed=4)
-        quantize(model, tokenizer, QuantConfig("gptq", **base, **extra), progress=False)
+        model, _ = random_model("random-llada", seed=4)
+        quantize(model, TOKENIZER, QuantConfig("gptq", **base, **extra), progress=False)
         states.append(_state(model))
     for a, b in ((0, 1), (1, 2)):
         assert any(not torch.equal(states[a][k][0], states[b][k][0]) for k in states[a])
 
 
 def test_masked_calibration_refuses_an_autoregressive_model():
-    model, tokenizer = random_model("random-llama", seed=0)
+    model, _ = random_model("random-llama", seed=0)
     with pytest.raises(DllmqError, match="autoregressive family"):
-        quantize(model, tokenizer, QuantConfig("gptq", nsamples=2, seqlen=16, mask_schedule="uniform"),
+        quantize(model, TOKENIZER, QuantConfig("gptq", nsamples=2, seqlen=16, mask_schedule="uniform"),
                  progress=False)
 
 
@@ -301,3 +303,27 @@ def test_study_entries_take_the_options_and_the_example_grid_parses():
     labels = {m.label for m in grid.methods}
     assert {"gptq", "gptq-masked", "gptq-sampler", "gptq-weighted", "awq-weighted", "quarot-weighted",
             "duquant-masked"} <= labels and len(grid.methods) == 15
+
+
+def test_chat_windows_never_mask_the_prompt(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    records = [{"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    model, _ = random_model("random-llada", seed=4)
+    ids, response = chat_windows(TOKENIZER, path, 8, 64, seed=1)
+    assert ids.shape == response.shape == (8, 64)
+    for row, resp in zip(ids, response):
+        text = TOKENIZER.decode(row[~resp].tolist())
+        assert "Question" in text and "It is" not in text         # the prompt (in the chat template) is unmaskable
+        assert TOKENIZER.decode(row[resp].tolist()).startswith("It is")
+    config = QuantConfig("gptq", wbits=3, group_size=32, nsamples=8, seqlen=64, calib=str(path),
+                         calib_windows="chat", mask_schedule="1")
+    from dllmq.quant.api import calibration_windows, dllm_aware_calibration
+    calib, maskable = calibration_windows(model, TOKENIZER, config)
+    masked, _ = dllm_aware_calibration(model, calib, config, torch.device("cpu"), maskable)
+    mask_id = model.config.mask_token_id
+    assert torch.equal(masked == mask_id, maskable) and torch.equal(masked[~maskable], calib[~maskable])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no prompt"}))
+    with pytest.raises(DllmqError, match="lacks a string"):
+        calibration_windows(model, TOKENIZER, QuantConfig("gptq", calib=str(bad), calib_windows="chat", seqlen=64))

@@ -17,7 +17,7 @@ from dllmq.models.describe import human_bytes
 from dllmq.quant import QuantConfig, format_report, preset_settings, quantize, save_quantized
 from dllmq.quant.api import directory_bytes, theoretical_bytes
 from dllmq.quant.dllm_calib import SCHEDULE_HELP, WEIGHTING_HELP
-from dllmq.quant.config import DEFAULT_PROFILE, PROFILES, merge_preset, parse_keep_fp
+from dllmq.quant.config import CALIB_WINDOWS, DEFAULT_PROFILE, PROFILES, merge_preset, parse_keep_fp
 from dllmq.quant.formats import FORMAT_NAMES
 from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, WEIGHT_ONLY, Method
 from dllmq.quant.registry import get_method, methods
@@ -71,6 +71,10 @@ def add_parser(sub) -> None:
                    help="calibration windows (default 128; AWQ's paper profile: 128 documents)")
     p.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per window (default {DEFAULT_SEQLEN}, or the model's context when that is shorter)")
+    p.add_argument("--calib-windows", choices=CALIB_WINDOWS, default=None,
+                   help="how --calib becomes windows: random starts (default), documents (AWQ's: short documents "
+                        "concatenated), chat (a .jsonl with \"prompt\" and \"response\" per line, one window each in the "
+                        "chat template; --mask-schedule never masks the prompt)")
     p.add_argument("--mask-schedule", default=None, metavar="SCHEDULE",
                    help="dLLM-aware calibration: mask each calibration window as the model sees text while denoising, "
                         "with a ratio per window from " + SCHEDULE_HELP + "; masks are placed per token as in LLaDA's "
@@ -109,7 +113,7 @@ def run(args) -> None:
                  **method_settings_from_args(args, args.method))
     if args.nsamples is not None:
         given["nsamples"] = args.nsamples
-    for key in ("mask_schedule", "weighting"):
+    for key in ("calib_windows", "mask_schedule", "weighting"):
         if getattr(args, key) is not None:
             given[key] = getattr(args, key)
     if args.keep_fp is not None:
@@ -152,7 +156,8 @@ def paper_lines(config: QuantConfig) -> list[str]:
     if config.needs_calibration:
         cut = (f"the first {cal.nsamples} documents of at most 512 tokens (AWQ's way, shuffled with seed 42) "
                f"concatenated and cut into {cal.seqlen}-token windows" if cal.windows == "documents" else
-               f"{cal.nsamples} windows of {cal.seqlen} tokens at random starts (GPTQ's way, seed {config.seed})")
+               f"{cal.nsamples} prompt/response records, one {cal.seqlen}-token window each" if cal.windows == "chat"
+               else f"{cal.nsamples} windows of {cal.seqlen} tokens at random starts (GPTQ's way, seed {config.seed})")
         lines.append(f"note: the study's calibration windowing applied to --calib {cal.source}: {cut}")
     return lines   # the method's warning, where it has one, is logged when quantization starts
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dllmq.data import calibration_set, document_windows
+from dllmq.data import calibration_set, chat_windows, document_windows
 from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
 from dllmq.models.loading import save_model, state_dict_for_saving
@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> torch.Tensor | None:
+    windows = calibration_windows(model, tokenizer, config)
+    return None if windows is None else windows[0]
+
+
+def calibration_windows(model: TransformerLM, tokenizer, config: QuantConfig
+                        ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(ids [n, L], maskable [n, L] or None: every token) of the calibration, None when the method needs none.
+    Chat windows mark their prompts unmaskable."""
     if not config.needs_calibration:
         return None
     cal = config.calibration
@@ -40,23 +48,31 @@ def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> tor
     if tokenizer is None:
         raise DllmqError("Calibration needs the model's tokenizer, and this model directory has none.")
     if cal.windows == "documents":
-        return document_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen)
-    return calibration_set(tokenizer, cal.source, cal.nsamples, cal.seqlen, config.seed)
+        return document_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen), None
+    if cal.windows == "chat":
+        return chat_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, config.seed)
+    return calibration_set(tokenizer, cal.source, cal.nsamples, cal.seqlen, config.seed), None
 
 
-def dllm_aware_calibration(model: TransformerLM, calib: torch.Tensor, config: QuantConfig,
-                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The calibration windows masked per --mask-schedule (seeded by the run's seed) and, with
-    --weighting, each token's weight from its mask status and the FP model's confidence."""
-    cal = config.calibration
+def check_dllm_aware(model: TransformerLM) -> None:
+    """Masked calibration needs a diffusion model with a mask token."""
     if model.family.causal:
         raise DllmqError(f"--mask-schedule calibrates on what a diffusion model sees while denoising; "
                          f"{model.family.name} is an autoregressive family, so leave it out.")
-    mask_id = model.config.mask_token_id
-    if mask_id is None:
+    if model.config.mask_token_id is None:
         raise DllmqError("--mask-schedule needs the model's mask_token_id, and its config has none; set it in "
                          "config.json.")
-    windows = mask_windows(calib, cal.mask_schedule, int(mask_id), seed=config.seed)
+
+
+def dllm_aware_calibration(model: TransformerLM, calib: torch.Tensor, config: QuantConfig, device: torch.device,
+                           maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration windows masked per --mask-schedule (seeded by the run's seed; positions where
+    `maskable` is False, chat prompts, never) and, with --weighting, each token's weight from its mask
+    status and the FP model's confidence."""
+    cal = config.calibration
+    check_dllm_aware(model)
+    windows = mask_windows(calib, cal.mask_schedule, int(model.config.mask_token_id), seed=config.seed,
+                           maskable=maskable)
     log.info(ratio_summary(windows))
     if cal.weighting == NONE:
         return windows.ids, None
@@ -74,10 +90,14 @@ def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: st
     note = config.paper_note()
     if note:
         log.warning(note)
-    calib = calibration_ids(model, tokenizer, config)
+    dllm_aware = config.needs_calibration and config.calibration.mask_schedule != NONE
+    if dllm_aware:
+        check_dllm_aware(model)
+    windows = calibration_windows(model, tokenizer, config)
+    calib, maskable = (None, None) if windows is None else windows
     weights = None
-    if calib is not None and config.calibration.mask_schedule != NONE:
-        calib, weights = dllm_aware_calibration(model, calib, config, torch.device(device))
+    if dllm_aware:
+        calib, weights = dllm_aware_calibration(model, calib, config, torch.device(device), maskable)
     report = quantize_model(model, config.make_method(), calib, device=device,
                             offload_activations=offload_activations, progress=progress, token_weights=weights)
     model.config.raw["quantization_config"] = quantization_config(model, config)

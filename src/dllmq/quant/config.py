@@ -32,9 +32,10 @@ OPTIONAL = {"profile": "dllmq", "family": None, "keep_fp": [], "calib_windows": 
 
 PROFILES = ("dllmq", "paper")   # dllmq's defaults, or the study code's (docs/fidelity.md)
 DEFAULT_PROFILE = "dllmq"
-# How calibration text becomes windows: `random` starts (GPTQ's reference, dllmq's default) or
-# `documents` (AWQ's: short documents concatenated and cut into consecutive windows).
-CALIB_WINDOWS = ("random", "documents")
+# How calibration text becomes windows: `random` starts (GPTQ's reference, dllmq's default),
+# `documents` (AWQ's: short documents concatenated and cut into consecutive windows) or `chat` (one
+# window per prompt/response record, the prompt never masked by --mask-schedule).
+CALIB_WINDOWS = ("random", "documents", "chat")   # chat: (prompt, response) records of a .jsonl (instruct models)
 # The order a sequential method (GPTQ) calibrates a block's groups in: `execution` (true-sequential) or
 # `down-first` (down on the full-precision gate/up outputs before gate/up are quantized: the study's
 # LLaDA layer list).
