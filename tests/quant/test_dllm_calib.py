@@ -24,6 +24,7 @@ from dllmq.quant.dllm_calib import (
     parse_mask_schedule,
     parse_weighting,
     sampler_ratios,
+    trajectory_windows,
     window_ratios,
 )
 from dllmq.quant.gptq_solver import HessianAccumulator
@@ -327,3 +328,32 @@ def test_chat_windows_never_mask_the_prompt(tmp_path):
     bad.write_text(json.dumps({"text": "no prompt"}))
     with pytest.raises(DllmqError, match="lacks a string"):
         calibration_windows(model, TOKENIZER, QuantConfig("gptq", calib=str(bad), calib_windows="chat", seqlen=64))
+
+
+def test_trajectory_states_are_what_the_sampler_visits():
+    model, _ = random_model("random-llada", seed=2)
+    ids = tokens(5, 20, seed=7)
+    schedule = parse_mask_schedule("trajectory:steps=6,gen_length=12,block_length=4,states=3")
+    assert schedule == "trajectory:steps=6,gen_length=12,block_length=4,states=3"
+    windows = trajectory_windows(model, ids, schedule, seed=3)
+    mask_id = model.config.mask_token_id
+    expected = []
+    for row in ids[:2]:   # 5 windows from 3 states per prompt: the first two prompts
+        prompt = row[None, :8]
+        visited = [torch.cat([prompt, prompt.new_full((1, 12), mask_id)], dim=1)]
+        llada_generate(model, prompt, gen_length=12, steps=6, block_length=4, seed=3,
+                       callback=lambda step, x: visited.append(x))
+        expected += [visited[i][0] for i in (0, 2, 5)]   # the states read before steps 0, 2 and 5 of 0..5
+    assert torch.equal(windows.ids, torch.stack(expected[:5]))
+    assert not windows.masked[:, :8].any() and torch.equal(windows.masked, windows.ids == mask_id)
+    assert windows.ratios.tolist() == [1.0, 8 / 12, 2 / 12, 1.0, 8 / 12]   # 2 tokens a step
+    with pytest.raises(DllmqError, match="leaves no prompt"):
+        trajectory_windows(model, ids[:, :12], schedule)
+
+
+def test_trajectory_calibration_runs_through_quantize():
+    model, _ = random_model("random-llada", seed=4)
+    config = QuantConfig("gptq", wbits=3, group_size=32, nsamples=4, seqlen=48, weighting="certainty",
+                         mask_schedule="trajectory:steps=4,gen_length=16,block_length=16,states=2")
+    quantize(model, TOKENIZER, config, progress=False)
+    assert config.to_dict()["mask_schedule"].startswith("trajectory:")

@@ -18,9 +18,11 @@ from dllmq.quant.dllm_calib import (
     NONE,
     certainty_weights,
     fp_confidence,
+    is_trajectory,
     mask_windows,
     needs_confidence,
     ratio_summary,
+    trajectory_windows,
 )
 from dllmq.quant.format import quantization_config, read_quantization, tool_config
 from dllmq.quant.pipeline import QuantReport, quantize_model
@@ -71,8 +73,14 @@ def dllm_aware_calibration(model: TransformerLM, calib: torch.Tensor, config: Qu
     status and the FP model's confidence."""
     cal = config.calibration
     check_dllm_aware(model)
-    windows = mask_windows(calib, cal.mask_schedule, int(model.config.mask_token_id), seed=config.seed,
-                           maskable=maskable)
+    if is_trajectory(cal.mask_schedule):
+        if maskable is not None:
+            raise DllmqError("--mask-schedule trajectory takes its prompts from the first tokens of text windows; "
+                             "with --calib-windows chat use a ratio schedule (uniform, sampler or a list) instead.")
+        windows = trajectory_windows(model, calib, cal.mask_schedule, seed=config.seed)
+    else:
+        windows = mask_windows(calib, cal.mask_schedule, int(model.config.mask_token_id), seed=config.seed,
+                               maskable=maskable)
     log.info(ratio_summary(windows))
     if cal.weighting == NONE:
         return windows.ids, None

@@ -14,6 +14,10 @@ mask ratio falls from 1 to 0 over the denoising steps. Two calibration options f
     `0.25,0.5,1.0`             a fixed list of ratios
   Ratios are drawn stratified (window i of n from quantile (i + u)/n), so even a few windows cover
   the schedule evenly; the masks themselves are seeded Bernoulli draws.
+- Trajectory calibration (`trajectory[:steps=S,gen_length=G,block_length=B,states=K]`): the
+  full-precision model runs LLaDA's sampler from the first seqlen - G tokens of each calibration
+  window as the prompt, and K states it visits (evenly spaced over its steps, the all-masked start
+  included) become calibration windows: the masks exactly where the sampler leaves them, not drawn.
 - Certainty weighting (`weighting`, DLLMQuant's CGQ / FAIR-Calib idea): each calibration token gets
   a weight from its mask status and the full-precision model's confidence, and GPTQ's Hessian
   (H = 2/N sum_t w_t x_t x_t^T) and AWQ's losses are weighted by it. Unmasked tokens weigh
@@ -38,10 +42,12 @@ from dllmq.errors import DllmqError
 NONE = "none"
 EPS = 1e-3   # LLaDA's forward process: p = (1 - eps) t + eps (dllmq.train.loop uses the same)
 SAMPLER_DEFAULTS = {"steps": 128, "gen_length": 128, "block_length": 128}   # llada_generate's defaults
+TRAJECTORY_DEFAULTS = {**SAMPLER_DEFAULTS, "states": 4}
 WEIGHTING_DEFAULTS = {"masked": 1.0, "unmasked": 0.5, "frontier": 2.0, "k": 4, "steps": 128}
 SCHEDULE_HELP = ("none (clean text, the default), uniform (ratio uniform over the diffusion time, as in "
                  "pre-training), sampler or sampler:steps=S,gen_length=G,block_length=B (the ratios LLaDA's sampler "
-                 "visits), or a list of ratios in (0, 1] such as 0.25,0.5,1.0")
+                 "visits), trajectory or trajectory:steps=S,gen_length=G,block_length=B,states=K (K states of the FP "
+                 "sampler run from each window's first tokens), or a list of ratios in (0, 1] such as 0.25,0.5,1.0")
 WEIGHTING_HELP = ("none (the default), certainty (masked=1, unmasked=0.5, frontier=2, k=4, steps=128), or "
                   "key=value pairs among masked, unmasked, frontier, k, steps")
 
@@ -83,6 +89,11 @@ def parse_mask_schedule(value: Any) -> str:
     text = value.strip().lower()
     if text in (NONE, "uniform"):
         return text
+    if text == "trajectory" or text.startswith("trajectory:"):
+        s = sampler_settings(text, TRAJECTORY_DEFAULTS)
+        if s == TRAJECTORY_DEFAULTS:
+            return "trajectory"
+        return "trajectory:" + ",".join(f"{k}={s[k]}" for k in TRAJECTORY_DEFAULTS)
     if text == "sampler" or text.startswith("sampler:"):
         s = sampler_settings(text)
         if s == SAMPLER_DEFAULTS:
@@ -94,10 +105,11 @@ def parse_mask_schedule(value: Any) -> str:
     return ",".join(f"{r:g}" for r in ratios)
 
 
-def sampler_settings(text: str) -> dict:
-    """steps / gen_length / block_length of a `sampler[:...]` schedule, checked as the sampler checks them."""
-    _, _, rest = text.partition(":")
-    s = _key_values(rest, SAMPLER_DEFAULTS, "--mask-schedule sampler", "sampler:steps=S,gen_length=G,block_length=B")
+def sampler_settings(text: str, defaults: dict = SAMPLER_DEFAULTS) -> dict:
+    """steps / gen_length / block_length (and states) of a `sampler[:...]` or `trajectory[:...]`
+    schedule, checked as the sampler checks them."""
+    kind, _, rest = text.partition(":")
+    s = _key_values(rest, defaults, f"--mask-schedule {kind}", f"{kind}:" + ",".join(f"{k}=N" for k in defaults))
     if min(s.values()) < 1:
         raise DllmqError(f"--mask-schedule {text}: steps, gen_length and block_length must be positive.")
     if s["gen_length"] % s["block_length"] or s["steps"] % (s["gen_length"] // s["block_length"]):
@@ -183,6 +195,51 @@ def mask_windows(ids: Tensor, schedule: str, mask_id: int, seed: int = 0,
     maskable = torch.ones_like(ids, dtype=torch.bool) if maskable is None else maskable.bool()
     masked = (torch.rand(n, length, generator=generator, dtype=torch.float64) < ratios[:, None]) & maskable
     return MaskedWindows(ids.masked_fill(masked, mask_id), masked, maskable, ratios)
+
+
+def is_trajectory(schedule: str) -> bool:
+    return schedule.startswith("trajectory")
+
+
+@torch.no_grad()
+def trajectory_windows(model, ids: Tensor, schedule: str, seed: int = 0) -> MaskedWindows:
+    """Calibration windows from the FP sampler's own states: windows are taken `states` at a time as
+    prompts (their first L - gen_length tokens), LLaDA's sampler (greedy, low-confidence remasking,
+    `seed`) runs on them where the model is, and the states it reads before `states` evenly spaced
+    steps (step 0: the prompt and an all-masked answer) are the windows, n in all, in order."""
+    from dllmq.diffusion.llada_sampler import llada_generate
+
+    s = sampler_settings(schedule, TRAJECTORY_DEFAULTS)
+    n, length = ids.shape
+    prompt_len = length - s["gen_length"]
+    if prompt_len < 1:
+        raise DllmqError(f"--mask-schedule {schedule}: a window of {length} tokens leaves no prompt before "
+                         f"gen_length {s['gen_length']}; use a longer --seqlen or a shorter gen_length.")
+    k = min(s["states"], s["steps"])
+    picks = sorted({round(i * (s["steps"] - 1) / max(1, k - 1)) for i in range(k)})   # 0-based steps, first and last
+    mask_id = int(model.config.mask_token_id)
+    device = next(model.parameters()).device
+    prompts = -(-n // len(picks))
+    states: list[Tensor] = []
+    for rows in ids[:prompts].split(16):
+        prompt = rows[:, :prompt_len]
+        start = torch.cat([prompt, prompt.new_full((prompt.shape[0], s["gen_length"]), mask_id)], dim=1)
+        seen = {0: start}   # the state read before step i (0-based): the start, or the state after step i
+
+        def keep(step, x):
+            if step in picks:
+                seen[step] = x.cpu()
+
+        llada_generate(model, prompt.to(device), gen_length=s["gen_length"], steps=s["steps"],
+                       block_length=s["block_length"], seed=seed, callback=keep)
+        for r in range(prompt.shape[0]):
+            states.extend(seen[i][r] for i in picks)
+    windows = torch.stack(states[:n])
+    maskable = torch.zeros_like(windows, dtype=torch.bool)
+    maskable[:, prompt_len:] = True
+    masked = (windows == mask_id) & maskable
+    ratios = masked.sum(1).double() / s["gen_length"]
+    return MaskedWindows(windows, masked, maskable, ratios)
 
 
 # -- certainty weights ----------------------------------------------------------------------------------
