@@ -6,7 +6,7 @@ bootstrap intervals over the windows, and the relative change of KL against the 
         --preset W3A16-g128 --windows 32
 
 Settings: baseline (clean text), masked (--mask-schedule uniform), sampler (--mask-schedule sampler),
-weighted (uniform + --weighting certainty). Prints the calibration CPU time of each.
+weighted (uniform + --weighting certainty), trajectory (4 FP sampler states per prompt). Prints the calibration CPU time of each.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from dllmq.quant.config import PRESETS
 from dllmq.study.stats import Resampler, interval
 
 SETTINGS = {"baseline": {}, "masked": dict(mask_schedule="uniform"), "sampler": dict(mask_schedule="sampler"),
-            "weighted": dict(mask_schedule="uniform", weighting="certainty")}
+            "weighted": dict(mask_schedule="uniform", weighting="certainty"),
+            "trajectory": dict(mask_schedule="trajectory:steps=64,gen_length=64,block_length=64,states=4")}
 
 
 def main() -> None:
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--ratios", default="0.25,0.5,0.75,1.0")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--against", default="baseline", help="the setting the relative changes are taken against")
     args = p.parse_args()
     torch.set_num_threads(1)
     ratios = tuple(float(r) for r in args.ratios.split(","))
@@ -56,14 +58,15 @@ def main() -> None:
         print(f"{name:9s} calibration {cpu:6.1f} s CPU ({wall:6.1f} s wall)  " + "  ".join(
             f"KL@{r:g} {np.mean(results[name][r]):.4f}" for r in ratios), flush=True)
     rs = Resampler({"windows": args.windows})
-    base = results.get("baseline")
-    print(f"\n{args.model} {args.method} {args.preset}, {args.windows} windows x 128 tokens, 95 % paired bootstrap")
+    base = results.get(args.against)
+    print(f"\n{args.model} {args.method} {args.preset}, {args.windows} windows x 128 tokens, 95 % paired bootstrap, "
+          f"changes against {args.against}")
     for name, kl in results.items():
         cells = []
         for r in ratios:
             iv = interval(float(np.mean(kl[r])), rs.mean("windows", kl[r]))
             cell = f"KL@{r:g} {iv.value:.4f} [{iv.lo:.4f}, {iv.hi:.4f}]"
-            if base is not None and name != "baseline":
+            if base is not None and name != args.against:
                 rel = rs.mean("windows", kl[r]) / rs.mean("windows", base[r]) - 1
                 rv = interval(float(np.mean(kl[r]) / np.mean(base[r]) - 1), rel)
                 cell += f" ({100 * rv.value:+.1f} % [{100 * rv.lo:+.1f}, {100 * rv.hi:+.1f}])"

@@ -303,7 +303,7 @@ def test_study_entries_take_the_options_and_the_example_grid_parses():
     grid = load_config(str(path))
     labels = {m.label for m in grid.methods}
     assert {"gptq", "gptq-masked", "gptq-sampler", "gptq-weighted", "awq-weighted", "quarot-weighted",
-            "duquant-masked"} <= labels and len(grid.methods) == 15
+            "duquant-masked", "gptq-trajectory"} <= labels and len(grid.methods) == 17
 
 
 def test_chat_windows_never_mask_the_prompt(tmp_path):
