@@ -102,7 +102,7 @@ def parse_mask_schedule(value: Any) -> str:
     ratios = [_number(r) for r in text.split(",") if r.strip()]
     if not ratios or not all(0 < r <= 1 for r in ratios):
         raise DllmqError(f"--mask-schedule ratios must lie in (0, 1], got {value!r}; give {SCHEDULE_HELP}.")
-    return ",".join(f"{r:g}" for r in ratios)
+    return ",".join(f"{r:.12g}" for r in ratios)
 
 
 def sampler_settings(text: str, defaults: dict = SAMPLER_DEFAULTS) -> dict:
@@ -163,6 +163,8 @@ def sampler_ratios(steps: int, gen_length: int, block_length: int) -> list[float
 def window_ratios(schedule: str, n: int, generator: torch.Generator) -> Tensor:
     """[n] mask ratios for n windows from a canonical schedule, stratified: window i takes the
     schedule's quantile (i + u_i) / n (u_i uniform), so any n covers the schedule evenly."""
+    if is_trajectory(schedule):
+        raise ValueError("a trajectory schedule has no ratios to draw; its windows come from trajectory_windows")
     u = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
     if schedule == "uniform":
         t = 1 - u                                   # t in (0, 1]
@@ -181,7 +183,7 @@ class MaskedWindows:
     ids: Tensor        # [n, L] with mask tokens
     masked: Tensor     # [n, L] bool: which positions hold the mask token
     maskable: Tensor   # [n, L] bool: False on prompt positions (never masked)
-    ratios: Tensor     # [n] the ratio each window was masked with
+    ratios: Tensor     # [n] the ratio each window was masked with (trajectory: the fraction of the answer masked)
 
 
 def mask_windows(ids: Tensor, schedule: str, mask_id: int, seed: int = 0,
