@@ -16,7 +16,8 @@ from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
 from dllmq.quant import QuantConfig, format_report, preset_settings, quantize, save_quantized
 from dllmq.quant.api import directory_bytes, theoretical_bytes
-from dllmq.quant.config import DEFAULT_PROFILE, PROFILES, merge_preset, parse_keep_fp
+from dllmq.quant.dllm_calib import SCHEDULE_HELP, WEIGHTING_HELP
+from dllmq.quant.config import CALIB_WINDOWS, DEFAULT_PROFILE, PROFILES, merge_preset, parse_keep_fp
 from dllmq.quant.formats import FORMAT_NAMES
 from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, WEIGHT_ONLY, Method
 from dllmq.quant.registry import get_method, methods
@@ -34,7 +35,9 @@ EPILOG = ("presets: W4A16-g128, W3A16-g128 (the study's), W4A16, W3A16 (per-chan
           "--weight-method gptq --out qr/\n"
           "  dllmq quantize MODEL --method duquant --preset W4A4 --out dq/\n"
           "  dllmq quantize MODEL --method rtn --wformat fp8 --aformat fp8 --out f8/   # = --preset W8A8-fp8\n"
-          "  dllmq quantize MODEL --method quarot --preset W4A4-nvfp4 --out qn/")
+          "  dllmq quantize MODEL --method quarot --preset W4A4-nvfp4 --out qn/\n"
+          "  dllmq quantize MODEL --method gptq --preset W3A16-g128 --mask-schedule uniform --weighting certainty "
+          "--out qd/   # dLLM-aware")
 
 
 DEFAULT_SEQLEN = 2048   # the study's calibration window, where the model's context allows
@@ -68,6 +71,18 @@ def add_parser(sub) -> None:
                    help="calibration windows (default 128; AWQ's paper profile: 128 documents)")
     p.add_argument("--seqlen", type=int, default=None,
                    help=f"tokens per window (default {DEFAULT_SEQLEN}, or the model's context when that is shorter)")
+    p.add_argument("--calib-windows", choices=CALIB_WINDOWS, default=None,
+                   help="how --calib becomes windows: random starts (default), documents (AWQ's: short documents "
+                        "concatenated), chat (a .jsonl with \"prompt\" and \"response\" per line, one window each in the "
+                        "chat template; --mask-schedule never masks the prompt)")
+    p.add_argument("--mask-schedule", default=None, metavar="SCHEDULE",
+                   help="dLLM-aware calibration: mask each calibration window as the model sees text while denoising, "
+                        "with a ratio per window from " + SCHEDULE_HELP + "; masks are placed per token as in LLaDA's "
+                        "pre-training (docs/dllm-aware.md)")
+    p.add_argument("--weighting", default=None, metavar="WEIGHTS",
+                   help="with --mask-schedule: weigh calibration tokens in GPTQ's Hessian and AWQ's losses by mask status "
+                        "and the FP model's confidence (masked, unmasked, and the frontier the sampler commits within "
+                        "k steps): " + WEIGHTING_HELP)
     add_calib_device_arg(p)
     p.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations on the CPU between blocks (less device memory)")
@@ -98,6 +113,9 @@ def run(args) -> None:
                  **method_settings_from_args(args, args.method))
     if args.nsamples is not None:
         given["nsamples"] = args.nsamples
+    for key in ("calib_windows", "mask_schedule", "weighting"):
+        if getattr(args, key) is not None:
+            given[key] = getattr(args, key)
     if args.keep_fp is not None:
         given["keep_fp"] = parse_keep_fp(args.keep_fp)
         if not given["keep_fp"]:
@@ -138,7 +156,8 @@ def paper_lines(config: QuantConfig) -> list[str]:
     if config.needs_calibration:
         cut = (f"the first {cal.nsamples} documents of at most 512 tokens (AWQ's way, shuffled with seed 42) "
                f"concatenated and cut into {cal.seqlen}-token windows" if cal.windows == "documents" else
-               f"{cal.nsamples} windows of {cal.seqlen} tokens at random starts (GPTQ's way, seed {config.seed})")
+               f"{cal.nsamples} prompt/response records, one {cal.seqlen}-token window each" if cal.windows == "chat"
+               else f"{cal.nsamples} windows of {cal.seqlen} tokens at random starts (GPTQ's way, seed {config.seed})")
         lines.append(f"note: the study's calibration windowing applied to --calib {cal.source}: {cut}")
     return lines   # the method's warning, where it has one, is logged when quantization starts
 

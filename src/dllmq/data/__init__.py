@@ -2,6 +2,7 @@
 from dllmq.data.text import (
     CORPORA,
     calibration_set,
+    chat_windows,
     document_windows,
     calibration_windows,
     check_corpus,
@@ -13,5 +14,5 @@ from dllmq.data.text import (
     wiki_articles,
 )
 
-__all__ = ["CORPORA", "calibration_set", "document_windows", "calibration_windows", "check_corpus", "eval_token_ids", "heldout_text",
+__all__ = ["CORPORA", "calibration_set", "chat_windows", "document_windows", "calibration_windows", "check_corpus", "eval_token_ids", "heldout_text",
            "load_corpus", "mask_windows", "tokenize_text", "wiki_articles"]

@@ -275,6 +275,52 @@ def calibration_set(tokenizer, name_or_path: str | os.PathLike = "wiki", nsample
     return mask_windows(windows, mask_ratio, mask_token_id, seed)
 
 
+def chat_windows(tokenizer, path: str | os.PathLike, nsamples: int = 128, seqlen: int = 2048,
+                 seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Instruct-style calibration: (ids [n, seqlen], response [n, seqlen] bool) from a .jsonl file with
+    "prompt" and "response" fields per line. Records are shuffled with `seed` and the first `nsamples`
+    taken (fewer if the file has fewer); each is the user turn in the tokenizer's chat template (the
+    prompt, plain when it has none) followed by the response and EOS, cut to `seqlen` and padded with
+    EOS, which counts as response as in LLaDA's SFT. `response` is False on the prompt: a masked
+    calibration never masks it."""
+    path = Path(path).expanduser()
+    if _file_kind(path) != ".jsonl":
+        raise DllmqError(f"Chat calibration reads a .jsonl file with \"prompt\" and \"response\" fields; {path} is not "
+                         ".jsonl.")
+    records = []
+    for number, line in enumerate(_read_bytes(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DllmqError(f"Line {number} of {path} is not valid JSON; give one JSON object per line.") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "response")):
+            raise DllmqError(f"Line {number} of {path} lacks a string \"prompt\" or \"response\"; chat calibration "
+                             "needs both on every line.")
+        records.append(record)
+    if not records:
+        raise DllmqError(f"{path} has no records; give one JSON object with \"prompt\" and \"response\" per line.")
+    random.Random(seed).shuffle(records)
+    eos = tokenizer.eos_token_id
+    rows, responses = [], []
+    for record in records[:nsamples]:
+        if getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}], tokenize=False,
+                                                   add_generation_prompt=True)
+        else:
+            prompt = record["prompt"] + "\n"
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        r = tokenizer.encode(record["response"], add_special_tokens=False) + [eos]
+        if len(p) >= seqlen:
+            raise DllmqError(f"A prompt in {path} has {len(p)} tokens, which leaves no response in a window of {seqlen}; "
+                             "use a longer --seqlen or shorter prompts.")
+        row = (p + r)[:seqlen]
+        rows.append(row + [eos] * (seqlen - len(row)))
+        responses.append([False] * len(p) + [True] * (seqlen - len(p)))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(responses, dtype=torch.bool)
+
+
 def eval_token_ids(tokenizer, name_or_path: str | os.PathLike = "wiki") -> Tensor:
     """1-D token ids of the held-out text, to be cut into non-overlapping perplexity windows
     (e.g. with `dllmq.diffusion.perplexity.split_windows`)."""

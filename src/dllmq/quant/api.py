@@ -8,12 +8,22 @@ from pathlib import Path
 
 import torch
 
-from dllmq.data import calibration_set, document_windows
+from dllmq.data import calibration_set, chat_windows, document_windows
 from dllmq.errors import DllmqError
 from dllmq.models.describe import human_bytes
 from dllmq.models.loading import save_model, state_dict_for_saving
 from dllmq.models.modeling import TransformerLM
 from dllmq.quant.config import QuantConfig
+from dllmq.quant.dllm_calib import (
+    NONE,
+    certainty_weights,
+    fp_confidence,
+    is_trajectory,
+    mask_windows,
+    needs_confidence,
+    ratio_summary,
+    trajectory_windows,
+)
 from dllmq.quant.format import quantization_config, read_quantization, tool_config
 from dllmq.quant.pipeline import QuantReport, quantize_model
 from dllmq.quant.qlinear import QuantLinear
@@ -23,6 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> torch.Tensor | None:
+    windows = calibration_windows(model, tokenizer, config)
+    return None if windows is None else windows[0]
+
+
+def calibration_windows(model: TransformerLM, tokenizer, config: QuantConfig
+                        ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(ids [n, L], maskable [n, L] or None: every token) of the calibration, None when the method needs none.
+    Chat windows mark their prompts unmaskable."""
     if not config.needs_calibration:
         return None
     cal = config.calibration
@@ -32,8 +50,42 @@ def calibration_ids(model: TransformerLM, tokenizer, config: QuantConfig) -> tor
     if tokenizer is None:
         raise DllmqError("Calibration needs the model's tokenizer, and this model directory has none.")
     if cal.windows == "documents":
-        return document_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen)
-    return calibration_set(tokenizer, cal.source, cal.nsamples, cal.seqlen, config.seed)
+        return document_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen), None
+    if cal.windows == "chat":
+        return chat_windows(tokenizer, cal.source, cal.nsamples, cal.seqlen, config.seed)
+    return calibration_set(tokenizer, cal.source, cal.nsamples, cal.seqlen, config.seed), None
+
+
+def check_dllm_aware(model: TransformerLM) -> None:
+    """Masked calibration needs a diffusion model with a mask token."""
+    if model.family.causal:
+        raise DllmqError(f"--mask-schedule calibrates on what a diffusion model sees while denoising; "
+                         f"{model.family.name} is an autoregressive family, so leave it out.")
+    if model.config.mask_token_id is None:
+        raise DllmqError("--mask-schedule needs the model's mask_token_id, and its config has none; set it in "
+                         "config.json.")
+
+
+def dllm_aware_calibration(model: TransformerLM, calib: torch.Tensor, config: QuantConfig, device: torch.device,
+                           maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration windows masked per --mask-schedule (seeded by the run's seed; positions where
+    `maskable` is False, chat prompts, never) and, with --weighting, each token's weight from its mask
+    status and the FP model's confidence."""
+    cal = config.calibration
+    check_dllm_aware(model)
+    if is_trajectory(cal.mask_schedule):
+        if maskable is not None:
+            raise DllmqError("--mask-schedule trajectory takes its prompts from the first tokens of text windows; "
+                             "with --calib-windows chat use a ratio schedule (uniform, sampler or a list) instead.")
+        windows = trajectory_windows(model, calib, cal.mask_schedule, seed=config.seed)
+    else:
+        windows = mask_windows(calib, cal.mask_schedule, int(model.config.mask_token_id), seed=config.seed,
+                               maskable=maskable)
+    log.info(ratio_summary(windows))
+    if cal.weighting == NONE:
+        return windows.ids, None
+    confidence = fp_confidence(model, windows.ids, device) if needs_confidence(cal.weighting) else None
+    return windows.ids, certainty_weights(windows, confidence, cal.weighting)
 
 
 def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: str | torch.device = "cpu",
@@ -46,9 +98,16 @@ def quantize(model: TransformerLM, tokenizer, config: QuantConfig, *, device: st
     note = config.paper_note()
     if note:
         log.warning(note)
-    calib = calibration_ids(model, tokenizer, config)
+    dllm_aware = config.needs_calibration and config.calibration.mask_schedule != NONE
+    if dllm_aware:
+        check_dllm_aware(model)
+    windows = calibration_windows(model, tokenizer, config)
+    calib, maskable = (None, None) if windows is None else windows
+    weights = None
+    if dllm_aware:
+        calib, weights = dllm_aware_calibration(model, calib, config, torch.device(device), maskable)
     report = quantize_model(model, config.make_method(), calib, device=device,
-                            offload_activations=offload_activations, progress=progress)
+                            offload_activations=offload_activations, progress=progress, token_weights=weights)
     model.config.raw["quantization_config"] = quantization_config(model, config)
     return report
 

@@ -52,8 +52,10 @@ class BlockContext:
     batches `[b, L, H]`), and helpers to run it over them. `config` is the run's QuantConfig."""
 
     def __init__(self, block: Block, index: int, inputs: list[torch.Tensor] | None, rope, mask,
-                 device: torch.device, config):
+                 device: torch.device, config, weights: list[torch.Tensor] | None = None):
         self.block, self.index, self.inputs = block, index, inputs
+        # per-token calibration weights ([b, L] per batch of `inputs`; None: every token weighs 1)
+        self.weights = weights
         self.rope, self.mask, self.device, self.config = rope, mask, device, config
         self.family = block.family
         self._mid: list[torch.Tensor] | None = None   # residual stream after the (final) attention half
@@ -65,6 +67,14 @@ class BlockContext:
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
+
+    def weighted(self, fn: Callable[[torch.Tensor, torch.Tensor | None], None]) -> Callable[[torch.Tensor], None]:
+        """`fn(x, weights)` as a feed function: each call gets the next batch's token weights (a feed
+        visits the batches once, in order). Without weights, `fn` itself (called with x alone)."""
+        if self.weights is None:
+            return fn
+        batches = iter(self.weights)
+        return lambda x: fn(x, next(batches))
 
     def quantized(self, names) -> list[str]:
         """The names among `names` that are quantized (not kept in full precision)."""

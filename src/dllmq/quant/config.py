@@ -16,6 +16,7 @@ from typing import Any
 
 from dllmq.errors import DllmqError
 from dllmq.models.family import Family, Role
+from dllmq.quant.dllm_calib import NONE, parse_mask_schedule, parse_weighting
 from dllmq.quant.formats import FP8, INT, MXFP4, NVFP4, Format, get_format
 from dllmq.quant.methods.base import EITHER, WEIGHT_ACTIVATION, Method
 from dllmq.quant.registry import get_method, methods
@@ -26,13 +27,15 @@ SHARED = ("wbits", "group_size", "sym", "weight_clip", "abits", "act_sym", "act_
           "kv_clip", "calib", "nsamples", "seqlen", "seed")
 # Settings a flat config lists after the method's own only where they differ from these defaults, so
 # the configs (and study keys) of runs that do not use them read exactly as before they existed.
-OPTIONAL = {"profile": "dllmq", "family": None, "keep_fp": [], "calib_windows": "random", "group_order": "execution"}
+OPTIONAL = {"profile": "dllmq", "family": None, "keep_fp": [], "calib_windows": "random", "group_order": "execution",
+            "mask_schedule": "none", "weighting": "none"}
 
 PROFILES = ("dllmq", "paper")   # dllmq's defaults, or the study code's (docs/fidelity.md)
 DEFAULT_PROFILE = "dllmq"
-# How calibration text becomes windows: `random` starts (GPTQ's reference, dllmq's default) or
-# `documents` (AWQ's: short documents concatenated and cut into consecutive windows).
-CALIB_WINDOWS = ("random", "documents")
+# How calibration text becomes windows: `random` starts (GPTQ's reference, dllmq's default),
+# `documents` (AWQ's: short documents concatenated and cut into consecutive windows) or `chat` (one
+# window per prompt/response record, the prompt never masked by --mask-schedule).
+CALIB_WINDOWS = ("random", "documents", "chat")   # chat: (prompt, response) records of a .jsonl (instruct models)
 # The order a sequential method (GPTQ) calibrates a block's groups in: `execution` (true-sequential) or
 # `down-first` (down on the full-precision gate/up outputs before gate/up are quantized: the study's
 # LLaDA layer list).
@@ -89,7 +92,8 @@ class QuantConfig:
                act_sym: bool | None = None, act_clip: float | None = None, kv_bits: int = NOT_QUANTIZED,
                kv_group_size: int = 128, kv_clip: float = 0.95, calib: str = "wiki", nsamples: int = 128,
                seqlen: int = 2048, seed: int = 0, keep_fp: Any = (), calib_windows: str = "random",
-               group_order: str = "execution", wformat: str = INT, aformat: str = INT, **settings: Any) -> None:
+               group_order: str = "execution", mask_schedule: Any = "none", weighting: Any = "none",
+               wformat: str = INT, aformat: str = INT, **settings: Any) -> None:
         self.method_class: type[Method] = cls
         self.method = cls.name
         self.settings: MethodSettings = cls.Settings.build(cls.name, settings)
@@ -142,12 +146,22 @@ class QuantConfig:
             raise DllmqError(f"calib_windows must be {' or '.join(CALIB_WINDOWS)}, got {calib_windows!r}.")
         if group_order not in GROUP_ORDERS:
             raise DllmqError(f"group_order must be {' or '.join(GROUP_ORDERS)}, got {group_order!r}.")
-        self.calibration = CalibSpec(calib, nsamples, seqlen, calib_windows, group_order)
+        mask_schedule, weighting = parse_mask_schedule(mask_schedule), parse_weighting(weighting)
+        if weighting != NONE and mask_schedule == NONE:
+            raise DllmqError("--weighting weighs tokens by their mask status, and clean calibration text has no masked "
+                             "tokens; give --mask-schedule too (e.g. uniform).")
+        self.calibration = CalibSpec(calib, nsamples, seqlen, calib_windows, group_order, mask_schedule, weighting)
         self.keep_fp = parse_keep_fp(keep_fp)
         if self.keep_fp and self.weight_activation:
             raise DllmqError(f"--keep-fp works with weight-only quantization; {cls.name} with activation bits runs "
                              "online transforms and activation quantizers on every linear, so leave --keep-fp out.")
         self.seed = seed
+        if not self.needs_calibration and mask_schedule != NONE:
+            raise DllmqError(f"--mask-schedule shapes calibration text, and {cls.name} with these settings does not "
+                             "calibrate; leave it out or use a method that calibrates (gptq, awq, ...).")
+        if weighting != NONE and not cls.takes_token_weights(self.settings):
+            raise DllmqError(f"--weighting weighs GPTQ's Hessian and AWQ's losses; {cls.name} with these settings "
+                             "has neither, so leave it out (--mask-schedule still applies).")
         if self.needs_calibration:
             if nsamples <= 0:
                 raise DllmqError(f"--nsamples must be at least 1, got {nsamples}.")
@@ -175,7 +189,8 @@ class QuantConfig:
         if (w.format, a.format) != (INT, INT):   # integer configs read exactly as before the formats existed
             formats = {"wformat": w.format, "aformat": a.format}
         optional = {"profile": self.profile, "family": self.family, "keep_fp": list(self.keep_fp),
-                    "calib_windows": cal.windows, "group_order": cal.group_order}
+                    "calib_windows": cal.windows, "group_order": cal.group_order,
+                    "mask_schedule": cal.mask_schedule, "weighting": cal.weighting}
         return {"method": self.method, **dict(zip(SHARED, shared)), **formats, **self.settings.to_dict(),
                 **{k: v for k, v in optional.items() if v != OPTIONAL[k]}}
 

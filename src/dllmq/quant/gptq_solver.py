@@ -51,23 +51,31 @@ HESSIAN_CHUNK = 512
 
 
 class HessianAccumulator:
-    """H = 2/N sum_t x_t x_t^T in float32 (float64 when asked, for tests).
+    """H = 2/N sum_t w_t x_t x_t^T in float32 (float64 when asked, for tests); w_t = 1 unless token
+    weights are given (--weighting: dllmq.quant.dllm_calib), N counts tokens either way.
 
-    `add` takes any [..., n_in] tensor; every row run of at most HESSIAN_CHUNK tokens of each leading
-    index (window) is added as one product, in order, to a running sum, so the result is the same
-    bit for bit however the windows are batched and however many threads run."""
+    `add` takes any [..., n_in] tensor (and optionally its token weights [...]); every row run of at
+    most HESSIAN_CHUNK tokens of each leading index (window) is added as one product, in order, to a
+    running sum, so the result is the same bit for bit however the windows are batched and however
+    many threads run. Weights of 1 give exactly the unweighted sum (x * 1 is x)."""
 
     def __init__(self, n_in: int, device, dtype=torch.float32):
         self.S = torch.zeros(n_in, n_in, device=device, dtype=dtype)
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         x = x.detach()
         windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x.reshape(1, 1, -1)
-        for window in windows:
-            for chunk in window.split(HESSIAN_CHUNK):
+        if weights is not None:
+            weights = weights.reshape(windows.shape[:2]).to(device=self.S.device, dtype=self.S.dtype)
+        for i, window in enumerate(windows):
+            for k, chunk in enumerate(window.split(HESSIAN_CHUNK)):
                 c = chunk.to(self.S.dtype)
-                self.S.addmm_(c.T, c)
+                if weights is None:
+                    self.S.addmm_(c.T, c)
+                else:
+                    w = weights[i, k * HESSIAN_CHUNK:k * HESSIAN_CHUNK + c.shape[0]]
+                    self.S.addmm_((c * w[:, None]).T, c)
                 self.n += c.shape[0]
 
     @property
@@ -342,14 +350,14 @@ def gptq_block(ctx: BlockContext, spec: WeightSpec, settings: GPTQSettings) -> d
             down = ctx.family.group(Role.MLP_OUT)
             if ctx.quantized(down.linears):
                 ahead[Role.MLP_OUT] = HessianAccumulator(ctx.linear(down.linears[0]).in_features, ctx.device)
-                ctx.feed_ahead(down, ahead[Role.MLP_OUT].add)
+                ctx.feed_ahead(down, ctx.weighted(ahead[Role.MLP_OUT].add))
         if not names:
             continue
         linears = [ctx.linear(name) for name in names]
         hessian = ahead.pop(group.role, None)
         if hessian is None:
             hessian = HessianAccumulator(linears[0].in_features, ctx.device)
-            feed(hessian.add)
+            feed(ctx.weighted(hessian.add))     # token weights (--weighting) when the run has them
         H = hessian.H
         W = torch.cat([l.weight.detach().float() for l in linears])
         scales = [weight_tensor_scale(l.weight, fmt) for l in linears] if fmt.is_float else [None]

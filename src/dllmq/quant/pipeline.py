@@ -88,10 +88,11 @@ def _rss_peak() -> int:
 
 def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor | None = None,
                    device: str | torch.device = "cpu", offload_activations: bool = False,
-                   progress: bool = True, batch_tokens: int = CALIB_BATCH_TOKENS) -> QuantReport:
+                   progress: bool = True, batch_tokens: int = CALIB_BATCH_TOKENS,
+                   token_weights: torch.Tensor | None = None) -> QuantReport:
     """Quantize every block linear of `model` in place; embeddings, norms and the LM head stay as they are.
     The calibration windows go through each block `batch_tokens` tokens (whole windows) at a time; the
-    result does not depend on it."""
+    result does not depend on it. `token_weights` [n, L] weigh the calibration tokens (--weighting)."""
     device = torch.device(device)
     home = next(model.parameters()).device
     store = torch.device("cpu") if offload_activations else device
@@ -103,11 +104,14 @@ def quantize_model(model: TransformerLM, method: Method, calib_ids: torch.Tensor
     inputs = rope = mask = None
     if calib_ids is not None:
         inputs, rope, mask = capture_block_inputs(model, calib_ids, device, store, batch_tokens)
+    weights = None
+    if token_weights is not None:   # split as the windows were, so batch i's weights sit beside inputs[i]
+        weights = [w.to(store) for w in token_weights.float().split([x.shape[0] for x in inputs])]
     blocks = model.get_blocks()
     bar = tqdm(range(len(blocks)), desc=f"{method.name} block", unit="block", disable=not progress, dynamic_ncols=True)
     for i in bar:
         block = blocks[i].to(device)
-        ctx = BlockContext(block, i, inputs, rope, mask, device, method.config)
+        ctx = BlockContext(block, i, inputs, rope, mask, device, method.config, weights)
         fp_outputs = None
         if inputs is not None and not method.propagate_quantized:
             fp_outputs = ctx.fp_outputs()

@@ -73,13 +73,17 @@ class KVSpec:
 @dataclass(frozen=True)
 class CalibSpec:
     """The calibration text: a source name or file, and how many windows of how many tokens, cut at random
-    starts (`random`) or, with `documents`, from `nsamples` short documents concatenated (AWQ's way)."""
+    starts (`random`) or, with `documents`, from `nsamples` short documents concatenated (AWQ's way); masked
+    (`mask_schedule`) and token-weighted (`weighting`) for a diffusion model when asked."""
 
     source: str = "wiki"
     nsamples: int = 128
     seqlen: int = 2048
     windows: str = "random"
     group_order: str = "execution"   # the order a sequential method calibrates a block's groups in
+    # dLLM-aware calibration (dllmq.quant.dllm_calib): the mask ratios of the windows and the token weights
+    mask_schedule: str = "none"
+    weighting: str = "none"
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, invert: bool = False,

@@ -76,6 +76,10 @@ class AWQ(Method):
     propagate_quantized = False
 
     @classmethod
+    def takes_token_weights(cls, settings) -> bool:
+        return True
+
+    @classmethod
     def paper_settings(cls, family: str | None) -> dict:
         # The study's llm-awq fork (entry.py, quantize/auto_scale.py, auto_clip.py, utils/calib_data.py):
         # asymmetric (zero_point), scales x_max^alpha without duo scaling, 20-point grids, every search on
@@ -98,12 +102,15 @@ class AWQ(Method):
             fold_scales(ctx, group, scales)
             feats[group.role] = [x / scales.to(x.dtype) for x in feats[group.role]]
         results = {}
+        # token weights (--weighting) sampled at the same stride as the tokens
+        clip_w = None if ctx.weights is None else sample_tokens([w[..., None] for w in ctx.weights],
+                                                                st.awq_clip_tokens)[:, 0]
         for group in ctx.family.groups:
             x = sample_tokens(feats[group.role], st.awq_clip_tokens).float()
             for name in ctx.quantized(group.linears):   # kept linears keep their (scaled) full-precision weights
                 linear = ctx.linear(name)
                 if st.awq_clip and group.clip_search(name):
-                    clip_weight(linear, x, spec, st.awq_grid, st.awq_max_shrink)
+                    clip_weight(linear, x, spec, st.awq_grid, st.awq_max_shrink, clip_w)
                 q = rtn_weight(linear.weight, spec)
                 q.error = _relative_output_error(linear.weight.float(), q.weight, x)
                 q.error_kind = "output"
@@ -116,7 +123,9 @@ class AWQ(Method):
 
         A group scored on its own linear's output is scored on every calibration token through
         their Gram matrix (||(W - Q) x||^2 summed over tokens is a quadratic form in W - Q); a group
-        scored through attention or the MLP on `awq_search_tokens` of them."""
+        scored through attention or the MLP on `awq_search_tokens` of them. With token weights
+        (ctx.weights, --weighting) every loss is the weighted sum over tokens; the scale statistic
+        mean|x| is not weighted."""
         st, spec = self.settings, replace(self.config.weight, clip=1.0)
         linears = [ctx.linear(n) for n in group.linears]
         x_mean = flatten_tokens(inputs).abs().float().mean(0)
@@ -125,15 +134,15 @@ class AWQ(Method):
         candidates = [candidate_scales(x_mean, w_mean, i / st.awq_grid) for i in range(st.awq_grid)]
         with torch.no_grad():
             if group.scored_on == SCORE_LINEAR and len(linears) == 1:
-                losses = _linear_losses(originals[0].float(), inputs, candidates, spec)
+                losses = _linear_losses(originals[0].float(), inputs, candidates, spec, ctx.weights)
             else:
                 whole_block = st.awq_score_block and group.reads_norm
                 if whole_block:   # the group's input (a norm's output) run through the whole block
                     fn = lambda h: ctx.block(h, ctx.rope, ctx.mask)    # noqa: E731
                 else:
                     fn = ctx.scored_output(group)
-                search = _search_inputs(inputs, st.awq_search_tokens,
-                                        whole_block or group.scored_on == SCORE_ATTENTION)
+                search, search_w = _search_inputs(inputs, st.awq_search_tokens,
+                                                  whole_block or group.scored_on == SCORE_ATTENTION, ctx.weights)
                 reference = [fn(x) for x in search]
                 count = sum(r.numel() for r in reference)
                 losses = []
@@ -142,35 +151,45 @@ class AWQ(Method):
                     for name, l, w in zip(group.linears, linears, originals):
                         if name in quantized:
                             l.weight.data = (rtn_weight(w.float() * s, spec).weight / s).to(w.dtype)
-                    losses.append(sum(F.mse_loss(fn(x).float(), r.float(), reduction="sum").item()
-                                      for x, r in zip(search, reference)) / count)
+                    if search_w is None:
+                        losses.append(sum(F.mse_loss(fn(x).float(), r.float(), reduction="sum").item()
+                                          for x, r in zip(search, reference)) / count)
+                    else:
+                        losses.append(sum(((fn(x).float() - r.float()).pow(2).sum(-1) * w.to(r.device)).sum().item()
+                                          for x, r, w in zip(search, reference, search_w)) / count)
                 for l, w in zip(linears, originals):
                     l.weight.data = w
         best = min(range(len(losses)), key=losses.__getitem__)  # the first of equal losses, as the reference
         return candidates[best].to(originals[0].device), losses
 
 
-def _search_inputs(inputs: list[torch.Tensor], n_tokens: int, whole_windows: bool) -> list[torch.Tensor]:
+def _search_inputs(inputs: list[torch.Tensor], n_tokens: int, whole_windows: bool,
+                   weights: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """What a scale search scores on: every input (n_tokens 0 or more than there are), whole windows
-    at an even stride (attention needs whole sequences), or tokens at an even stride."""
+    at an even stride (attention needs whole sequences), or tokens at an even stride; with the
+    token weights of what it picked (None without weights)."""
     total = sum(x.shape[:-1].numel() for x in inputs)
     if n_tokens <= 0 or n_tokens >= total:
-        return inputs
+        return inputs, weights
     if not whole_windows:
-        return [sample_tokens(inputs, n_tokens)]
+        picked_w = None if weights is None else [sample_tokens([w[..., None] for w in weights], n_tokens)[:, 0]]
+        return [sample_tokens(inputs, n_tokens)], picked_w
     windows = [w for x in inputs for w in x.reshape(-1, x.shape[-2], x.shape[-1])]
     keep = max(1, n_tokens // windows[0].shape[0])
-    picked = windows[:: max(1, len(windows) // keep)][:keep]
-    return [torch.stack(picked)]
+    stride = max(1, len(windows) // keep)
+    picked = windows[::stride][:keep]
+    picked_w = None if weights is None else [torch.cat(weights)[::stride][:keep]]
+    return [torch.stack(picked)], picked_w
 
 
 def _linear_losses(w: torch.Tensor, inputs: list[torch.Tensor], candidates: list[torch.Tensor],
-                   spec: WeightSpec) -> list[float]:
+                   spec: WeightSpec, weights: list[torch.Tensor] | None = None) -> list[float]:
     """Mean squared output error of the linear for each candidate s, over every token, from the
-    inputs' Gram matrix G = sum x x^T: sum_t ||D x_t||^2 = sum(D G * D) with D = W - Q(W s) / s."""
+    inputs' Gram matrix G = sum x x^T: sum_t ||D x_t||^2 = sum(D G * D) with D = W - Q(W s) / s
+    (with token weights, G = sum w x x^T)."""
     gram = HessianAccumulator(w.shape[1], w.device)     # float32, in fixed chunks (thread-count independent)
-    for x in inputs:
-        gram.add(x)
+    for i, x in enumerate(inputs):
+        gram.add(x, None if weights is None else weights[i])
     G = gram.S
     count = gram.n * w.shape[0]
     losses = []
@@ -180,9 +199,11 @@ def _linear_losses(w: torch.Tensor, inputs: list[torch.Tensor], candidates: list
     return losses
 
 
-def clip_weight(linear: nn.Linear, x: torch.Tensor, spec: WeightSpec, n_grid: int, max_shrink: float) -> None:
+def clip_weight(linear: nn.Linear, x: torch.Tensor, spec: WeightSpec, n_grid: int, max_shrink: float,
+                token_weights: torch.Tensor | None = None) -> None:
     """Per (output row, group): the max |w| (shrunk by up to max_shrink) whose quantized partial
-    outputs x_g . w_g best match the originals; then clamp the weight to it."""
+    outputs x_g . w_g best match the originals (the mean over tokens, weighted by `token_weights`
+    [T] when given); then clamp the weight to it."""
     w = linear.weight.data.float()
     n_out, n_in = w.shape
     g = n_in if spec.group_size == -1 else spec.group_size
@@ -206,7 +227,11 @@ def clip_weight(linear: nn.Linear, x: torch.Tensor, spec: WeightSpec, n_grid: in
                 q = fp_fake_quantize(clipped.reshape(-1, g), rows_fmt, tensor_scale).reshape(clipped.shape)
             else:
                 q = fake_quantize(clipped.reshape(-1, g), row_spec).reshape(clipped.shape)
-            err = (torch.einsum("tgk,ogk->otg", xg, q) - ref).pow(2).mean(dim=1)
+            err = (torch.einsum("tgk,ogk->otg", xg, q) - ref).pow(2)
+            if token_weights is None:
+                err = err.mean(dim=1)
+            else:
+                err = (err * token_weights.to(err)[None, :, None]).sum(dim=1) / token_weights.shape[0]
             better = err < min_err
             min_err[better] = err[better]
             best_max[o:o + chunk][better] = m[better]

@@ -60,6 +60,12 @@ class Method:
         return True
 
     @classmethod
+    def takes_token_weights(cls, settings: MethodSettings) -> bool:
+        """Whether calibration weighs tokens (--weighting: GPTQ's Hessian, AWQ's losses); methods whose
+        statistics are activation maxima do not."""
+        return False
+
+    @classmethod
     def check_weight_format(cls, settings: MethodSettings, fmt: Format) -> None:
         """Raise DllmqError when the method's settings cannot put weights in the (floating-point) format."""
 

@@ -17,6 +17,10 @@ class GPTQ(Method):
     propagate_quantized = True
 
     @classmethod
+    def takes_token_weights(cls, settings) -> bool:
+        return True
+
+    @classmethod
     def paper_settings(cls, family: str | None) -> dict:
         # The study's AutoGPTQ fork: BaseQuantizeConfig's sym=True, damp_percent=0.01, static_groups=False,
         # true_sequential=True; quantize.py sets desc_act=False, group 128; min/max grids (mse=False);

@@ -137,6 +137,10 @@ class QuaRot(Method):
         return settings.weight_method == "gptq"
 
     @classmethod
+    def takes_token_weights(cls, settings: QuaRotSettings) -> bool:
+        return settings.weight_method == "gptq"   # GPTQ's Hessian takes --weighting's token weights
+
+    @classmethod
     def check_weight_format(cls, settings: QuaRotSettings, fmt: Format) -> None:
         if fmt.is_float and settings.weight_method == "gptq":
             check_float_format(fmt, settings)
