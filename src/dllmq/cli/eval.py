@@ -26,7 +26,7 @@ examples:
 
 # Flags that override a task preset's model settings (presets.OVERRIDABLE), all None = the preset's.
 OVERRIDE_FLAGS = ("mc_num", "batch_size", "gen_batch_size", "gen_length", "steps", "block_length", "cfg",
-                  "temperature", "top_p", "num_fewshot", "alg", "remasking", "chat")
+                  "temperature", "top_p", "num_fewshot", "alg", "remasking", "chat", "nll_type")
 
 
 def add_parser(sub) -> None:
@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
                    help="Dream unmasking order (preset entropy)")
     p.add_argument("--remasking", default=None, choices=["low_confidence", "random"], help="LLaDA remasking")
     p.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the chat template")
+    p.add_argument("--nll-type", default=None, choices=["mc", "ar_ftb", "ar_btf"],
+                   help="Dream's likelihood (--profile paper on Dream): mc (default), or its autoregressive-order "
+                        "variants ar_ftb / ar_btf")
     p.add_argument("--sandbox-workers", type=int, default=None, help="programs run in parallel (default min(4, cores))")
     add_kv_cache_arg(p, "mini_math and mini_code only; ")
     p.add_argument("--profile", default="dllmq",

@@ -10,6 +10,7 @@ from dllmq.diffusion.generate import default_sampler, generate, generate_text
 from dllmq.diffusion.likelihood import (
     bernoulli_mc_loglikelihood,
     causal_loglikelihood,
+    dream_ar_loglikelihood,
     greedy_matches,
     loglikelihood,
     loglikelihood_many,
@@ -37,6 +38,7 @@ __all__ = [
     "causal_generate",
     "bernoulli_mc_loglikelihood",
     "causal_loglikelihood",
+    "dream_ar_loglikelihood",
     "causal_perplexity",
     "decode_generation",
     "default_sampler",

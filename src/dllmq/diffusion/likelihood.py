@@ -255,3 +255,43 @@ def greedy_matches(
         positions = masked[0].nonzero().squeeze(1)
         seq[0, positions[best]] = tokens[best]
     return bool((seq[0, n_prompt:].cpu() == answer).all())
+
+
+AR_ORDERS = ("ftb", "btf")   # Dream's nll_type ar_ftb / ar_btf: the answer scored front to back or back to front
+
+
+@torch.no_grad()
+def dream_ar_loglikelihood(
+    model: torch.nn.Module,
+    prompt_ids: TokenIds,
+    answer_ids: TokenIds,
+    *,
+    order: str = "ftb",
+    batch_size: int = 32,
+) -> float:
+    """Dream's autoregressive-order log p(answer | prompt) (its lm-eval model, nll_type `ar_ftb` /
+    `ar_btf`, log_type "ftb"): one row per answer token i; with `ftb` row i masks answer positions
+    i.. (sees the prompt and answer[:i]), with `btf` positions ..i (sees answer[i+1:]); the sum over
+    rows of log p(answer[i]) at position i. Deterministic; rows run `batch_size` at a time. The study's
+    Dream evaluation appends EOS to the answer, so pass it as the answer's last token."""
+    require_diffusion(model, "autoregressive-order likelihood")
+    if order not in AR_ORDERS:
+        raise DllmqError(f"order must be {' or '.join(AR_ORDERS)}, got {order!r}.")
+    if batch_size < 1:
+        raise DllmqError(f"batch_size ({batch_size}) must be positive.")
+    prompt, answer = as_ids(prompt_ids, "prompt_ids"), as_ids(answer_ids, "answer_ids")
+    _check_pair(model, prompt, answer)
+    device = model_device(model)
+    n_prompt, n = prompt.numel(), answer.numel()
+    rows = torch.arange(n)[:, None]
+    cols = torch.arange(n)[None, :]
+    masked = cols >= rows if order == "ftb" else cols <= rows            # [n, n]: row i's masked answer slots
+    noisy = torch.cat([prompt.repeat(n, 1), answer.repeat(n, 1).masked_fill(masked, mask_token_id(model))], 1)
+    total = 0.0
+    for start in range(0, n, batch_size):
+        chunk = noisy[start:start + batch_size].to(device)
+        logits = mask_predictor_logits(model, chunk)                     # [b, n_prompt + n, V]
+        i = torch.arange(start, start + chunk.shape[0], device=device)
+        scored = logits[torch.arange(chunk.shape[0], device=device), n_prompt + i].float()
+        total += float(F.cross_entropy(scored, answer.to(device)[i], reduction="sum"))
+    return -total

@@ -45,7 +45,9 @@ id), mc_num, batch_size, gen_batch_size, cfg, gen_length, steps, block_length, r
 temperature, alg, alg_temp, top_p, top_k, sampler, dtype, device, seed, chat, add_bos, greedy,
 max_length, progress, likelihood (llada: the estimator above; dream: Dream's evaluation estimator,
 `bernoulli_mc_loglikelihood`, with EOS appended to every continuation and no greedy flag),
-stop_strings (false: generations are cut at end-of-text only, not at the request's `until`).
+max_new_tokens (when gen_length is not given: the generation length is the request's max_gen_toks capped
+at this, or this when the request gives none, as Dream's study evaluation does), nll_type (with likelihood dream: mc, or Dream's autoregressive-order variants ar_ftb / ar_btf,
+`dream_ar_loglikelihood`), stop_strings (false: generations are cut at end-of-text only, not at the request's `until`).
 """
 from __future__ import annotations
 
@@ -63,14 +65,16 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from tqdm.auto import tqdm
 
 from dllmq.api import load_model
-from dllmq.diffusion import (bernoulli_mc_loglikelihood, decode_generation, default_sampler, encode_prompts,
-                             format_prompt, generate, greedy_matches, loglikelihood)
+from dllmq.diffusion import (bernoulli_mc_loglikelihood, decode_generation, default_sampler, dream_ar_loglikelihood,
+                             encode_prompts, format_prompt, generate, greedy_matches, loglikelihood)
 from dllmq.diffusion.text import pad_token_id
 from dllmq.errors import DllmqError
 
 log = logging.getLogger(__name__)
 
 LIKELIHOODS = ("llada", "dream")   # LLaDA's estimator (k of L masked, weight L/k) or Dream's (Bernoulli, 1/p)
+# Dream's estimator variants (its nll_type): Monte Carlo, or the answer scored in autoregressive order
+NLL_TYPES = ("mc", "ar_ftb", "ar_btf")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -151,6 +155,8 @@ class DllmqLM(TemplateLM):
         progress: bool | str = True,
         likelihood: str = "llada",
         stop_strings: bool | str = True,
+        nll_type: str = "mc",
+        max_new_tokens: int | None = None,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -200,6 +206,13 @@ class DllmqLM(TemplateLM):
         if likelihood not in LIKELIHOODS:
             raise DllmqError(f"likelihood must be {' or '.join(LIKELIHOODS)}, got {likelihood!r}.")
         self.likelihood = str(likelihood)
+        if nll_type not in NLL_TYPES:
+            raise DllmqError(f"nll_type must be {', '.join(NLL_TYPES)}, got {nll_type!r}.")
+        if nll_type != "mc" and self.likelihood != "dream":
+            raise DllmqError(f"nll_type {nll_type} is a variant of Dream's likelihood; it needs likelihood=dream "
+                             "(--profile paper on a Dream model).")
+        self.nll_type = str(nll_type)
+        self.max_new_tokens = _as_int("max_new_tokens", max_new_tokens)
         self.stop_strings = _as_bool("stop_strings", stop_strings)
         # only(request) -> bool: answer just the requests it accepts (the others get None). The whole list
         # still decides what an accepted request gets (the greedy flag's count per document, the generation
@@ -253,7 +266,9 @@ class DllmqLM(TemplateLM):
                 "alg": self.alg, "alg_temp": self.alg_temp, "top_p": self.top_p, "top_k": self.top_k,
                 "sampler": self.sampler, "seed": self.seed, "chat": self.chat, "add_bos": self.add_bos,
                 "greedy": self.greedy, "max_length": self.max_length, "likelihood": self.likelihood,
-                "stop_strings": self.stop_strings}
+                "stop_strings": self.stop_strings,
+                **({"nll_type": self.nll_type} if self.nll_type != "mc" else {}),
+                **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {})}
 
     # ------------------------------------------------------------------ loglikelihood
     def _wrap_chat(self, context: str) -> str:
@@ -313,6 +328,10 @@ class DllmqLM(TemplateLM):
     def score(self, ctx_ids: Sequence[int], cont_ids: Sequence[int], *, greedy: bool = True) -> tuple[float, bool]:
         """(log p(continuation | context), greedy flag) from token ids: what loglikelihood returns."""
         ctx_ids, cont_ids = self._fit(ctx_ids, cont_ids)
+        if self.likelihood == "dream" and not self.family.causal and self.nll_type != "mc":
+            order = self.nll_type.removeprefix("ar_")   # one row per answer token, deterministic
+            ll = dream_ar_loglikelihood(self.model, ctx_ids, cont_ids, order=order, batch_size=self.batch_size)
+            return float(ll), False
         if self.likelihood == "dream" and not self.family.causal:
             # Dream's estimator: max(mc_num // batch, 1) batches of batch_size rows, whatever the answer's length
             ll = bernoulli_mc_loglikelihood(self.model, ctx_ids, cont_ids, mc_num=self.mc_num,
@@ -350,7 +369,10 @@ class DllmqLM(TemplateLM):
     # ------------------------------------------------------------------ generation
     def generation_settings(self, max_gen_toks: int | None = None) -> dict:
         """The sampler settings for one request: gen_length / steps / block_length resolved."""
-        gen_length = self.gen_length or int(max_gen_toks or 256)
+        if self.gen_length or not self.max_new_tokens:
+            gen_length = self.gen_length or int(max_gen_toks or 256)
+        else:   # Dream's study evaluation: the request's max_gen_toks, capped at max_new_tokens
+            gen_length = min(int(max_gen_toks or self.max_new_tokens), self.max_new_tokens)
         name = self.sampler or default_sampler(self.model)
         if name == "causal":
             return {"gen_length": gen_length, "temperature": self.temperature, "top_p": self.top_p,

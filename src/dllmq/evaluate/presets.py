@@ -109,10 +109,17 @@ FAMILY_GENERATION = {
 PROFILES = ("dllmq", "paper")
 PAPER_LIKELIHOOD = {"dream": {"likelihood": "dream", "batch_size": 32}}
 PAPER_GENERATION = {"dream": {"alg": "entropy", "temperature": 0.0, "top_p": 0.95, "stop_strings": False}}
+# Dream's lengths as the study ran them: AutoGPTQ/quantize.py and llm-awq/entry.py pass max_new_tokens 768 and
+# diffusion_steps 512 to its lm-eval model, which generates min(the request's max_gen_toks, 768) tokens (all
+# tokens when the task sets none); HumanEval with scripts/dream_*_code.sh (0-shot, chat template, 128 / 128,
+# temperature 0.08, top_p 0.9). The preset's own gen_length / steps give way to these.
+PAPER_DREAM_LENGTHS = {"max_new_tokens": 768, "steps": 512}
+PAPER_DREAM_TASK = {"humaneval": {"max_new_tokens": 128, "steps": 128, "temperature": 0.08, "top_p": 0.9,
+                                  "alg_temp": 0.0, "chat": True}}
 # Model settings a caller may override (the DllmqLM argument names), plus num_fewshot.
 OVERRIDABLE = ("mc_num", "batch_size", "gen_batch_size", "cfg", "gen_length", "steps", "block_length",
                "remasking", "temperature", "alg", "alg_temp", "top_p", "top_k", "sampler", "chat", "greedy",
-               "likelihood", "stop_strings", "num_fewshot")
+               "likelihood", "stop_strings", "nll_type", "max_new_tokens", "num_fewshot")
 
 
 def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
@@ -172,6 +179,9 @@ def model_settings(preset: TaskPreset, family: str, overrides: Mapping | None = 
         settings.update(FAMILY_GENERATION[family_key(family)])
         if paper:
             settings.update(PAPER_GENERATION.get(family_key(family), {}))
+            if family_key(family) == "dream":
+                settings.pop("gen_length", None)
+                settings.update(PAPER_DREAM_LENGTHS, **PAPER_DREAM_TASK.get(preset.name, {}))
     if "gen_length" in overrides:
         # a new length: steps follow it (one token per step) and a block never exceeds it
         settings["steps"] = overrides["gen_length"]

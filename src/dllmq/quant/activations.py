@@ -26,9 +26,10 @@ class ActQuantizer(nn.Module):
     token: activations are quantized dynamically). The float formats have no static grid."""
 
     def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0, static: bool = False,
-                 format: str = INT):
+                 format: str = INT, signed_grid: bool = False):
         super().__init__()
-        self.spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip_ratio)
+        self.spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip_ratio,
+                              signed_grid=signed_grid)
         self.static = static
         self.format = format
         self.fmt = get_format(format, "--aformat")
@@ -41,7 +42,7 @@ class ActQuantizer(nn.Module):
     def calibrate(self, x: torch.Tensor) -> None:
         """Widen the static grid to cover x (call over the calibration set)."""
         spec = QuantSpec(bits=self.spec.bits, symmetric=self.spec.symmetric, granularity="tensor",
-                         clip_ratio=self.spec.clip_ratio)
+                         clip_ratio=self.spec.clip_ratio, signed_grid=self.spec.signed_grid)
         lo = torch.minimum(x.min().float(), torch.zeros(()))
         hi = torch.maximum(x.max().float(), torch.zeros(()))
         if self.static_scale.item() > 0:  # merge with the range seen so far
@@ -64,7 +65,8 @@ class ActQuantizer(nn.Module):
         kind = "static per-tensor" if self.static else "per-token dynamic"
         if self.fmt.is_float:
             return f"format={self.format}, {kind}"
-        sym = "symmetric" if self.spec.symmetric else "asymmetric"
+        sym = ("symmetric (signed grid)" if self.spec.signed_grid else "symmetric") if self.spec.symmetric \
+            else "asymmetric"
         return f"bits={self.spec.bits}, {kind}, {sym}, clip={self.spec.clip_ratio}"
 
 

@@ -94,9 +94,10 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def _row_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_grid(w: torch.Tensor, bits: int, sym: bool, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row min/max grid of a column slice [out, k]; scales rounded to their stored float16 value."""
-    scale, zero = compute_qparams(w, QuantSpec(bits=bits, symmetric=sym, granularity="channel"))
+    spec = QuantSpec(bits=bits, symmetric=sym, granularity="channel", signed_grid=signed)
+    scale, zero = compute_qparams(w, spec)
     return round_scales(scale.reshape(-1)), zero.reshape(-1).to(torch.float32)
 
 
@@ -107,17 +108,17 @@ def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: 
 
 
 def group_grid(w: torch.Tensor, bits: int, sym: bool, search: bool = False, points: int = 20,
-               min_shrink: float = 0.5, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+               min_shrink: float = 0.5, norm: float = 2.4, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-row grid of one group of columns w [out, k]: its min/max range, or with `search` the
     range shrunk by the factor (1, 1 - (1 - min_shrink)/points, ..., min_shrink) whose rounding error
-    sum |w - q|^norm is smallest, row by row."""
-    scale, zero = _row_grid(w, bits, sym)
+    sum |w - q|^norm is smallest, row by row. `signed`: the symmetric grid's scale is max / (2^(b-1) - 1)."""
+    scale, zero = _row_grid(w, bits, sym, signed)
     if not search:
         return scale, zero
     maxq = 2 ** bits - 1
     best = (w - _fake_quant(w, scale, zero, maxq)).abs_().pow_(norm).sum(1)
     for i in range(1, points + 1):
-        s, z = _row_grid(w * (1 - (1 - min_shrink) * i / points), bits, sym)
+        s, z = _row_grid(w * (1 - (1 - min_shrink) * i / points), bits, sym, signed)
         err = (w - _fake_quant(w, s, z, maxq)).abs_().pow_(norm).sum(1)
         better = err < best
         best = torch.where(better, err, best)
@@ -160,13 +161,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                   damp: float = 0.01, blocksize: int = 128, act_order: bool = False,
                   static_groups: bool = True, *, group_act_order: bool = False, static_grids: bool = False,
                   grid_search: bool = False, grid_points: int = 20, grid_min_shrink: float = 0.5,
-                  fmt: Format | None = None, tensor_scale: torch.Tensor | None = None):
+                  fmt: Format | None = None, tensor_scale: torch.Tensor | None = None, signed_grid: bool = False):
     """Quantize W [out, in] against the Hessian H [in, in]. The keyword defaults are the reference's.
 
     With a floating-point `fmt` (dllmq.quant.formats) each group's grid is the format's scale rule on the
     group's columns (the group is the format's block, or the whole row for FP8) and columns round to the
     format's elements; `tensor_scale` ([out, 1], NVFP4) is the tensor scale of each row's matrix. The
-    grid search does not apply (the format fixes its scales); zero is 0.
+    grid search does not apply (the format fixes its scales); zero is 0. `signed_grid`: symmetric grids
+    scaled max / (2^(b-1) - 1) (QuaRot's code) instead of 2 max / (2^b - 1).
 
     Returns (Q dequantized [out, in], scale [out, n_groups], zero [out, n_groups], g_idx [in] or None).
     """
@@ -185,7 +187,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         if float_format:
             scale = block_scales(w, replace(fmt, block=0), tensor_scale)[0].reshape(-1)
             return scale, torch.zeros_like(scale)
-        return group_grid(w, bits, sym, grid_search, grid_points, grid_min_shrink)
+        return group_grid(w, bits, sym, grid_search, grid_points, grid_min_shrink, signed=signed_grid)
 
     act_order = act_order and not group_act_order     # group-aware ordering replaces plain act-order
     perm = column_order(H.diagonal(), g, act_order, group_act_order)
@@ -365,7 +367,7 @@ def gptq_block(ctx: BlockContext, spec: WeightSpec, settings: GPTQSettings) -> d
             torch.cat([s.expand(l.out_features, 1) for s, l in zip(scales, linears)]).to(W.device)
         with one_thread():
             Q, scale, zero, g_idx = gptq_quantize(W, H, spec.bits, spec.group_size, spec.sym, **options,
-                                                  fmt=fmt, tensor_scale=tensor_scale)
+                                                  fmt=fmt, tensor_scale=tensor_scale, signed_grid=spec.signed_grid)
         row = 0
         for k, (name, linear) in enumerate(zip(names, linears)):
             rows = slice(row, row + linear.out_features)

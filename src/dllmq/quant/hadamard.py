@@ -167,3 +167,26 @@ class HadamardTransform(nn.Module):
     def extra_repr(self) -> str:
         m, power = factorize(self.n)
         return f"n={self.n} ({m} x {power})"
+
+
+class CrossHeadHadamard(nn.Module):
+    """Online Hadamard across attention heads: x [..., heads * head_dim] viewed as [..., heads, head_dim],
+    mixed along the heads axis by H_heads / sqrt(heads) (= x @ kron(H_heads, I) / sqrt(heads)). After a
+    per-head Hadamard it makes a full-width one (QuaRot's online rotation before the attention output).
+    Computed in float32 at least, returned in the input dtype."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        factorize(heads)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        shape = y.shape
+        y = y.reshape(*shape[:-1], self.heads, shape[-1] // self.heads).transpose(-1, -2)
+        y = fast_hadamard(y).transpose(-1, -2).reshape(shape)
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}"

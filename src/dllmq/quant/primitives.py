@@ -13,7 +13,8 @@ Parameters (computed in float32 whatever the input dtype) over each reduction se
   range, as in GPTQ, so 0.0 is exactly representable), ``s = (xmax - xmin) / (2^b - 1)``,
   ``z = round(-xmin / s)``.
 * symmetric (GPTQ convention): ``m = max(|xmin|, |xmax|)``, ``s = 2m / (2^b - 1)``,
-  ``z = 2^(b-1)``.
+  ``z = 2^(b-1)``. With ``signed_grid`` (QuaRot's code): ``s = m / (2^(b-1) - 1)``, same ``z``, so
+  the codes are the signed integers -2^(b-1) .. 2^(b-1) - 1 and +m is one of them exactly.
 * an all-zero set uses ``xmin = -1, xmax = 1`` so ``s > 0`` (no division by zero, no NaN).
 
 Granularities (the reduction set of one scale/zero pair):
@@ -51,6 +52,7 @@ class QuantSpec:
     granularity: Granularity = "channel"
     group_size: int | None = None
     clip_ratio: float = 1.0
+    signed_grid: bool = False   # symmetric only: scale m / (2^(b-1) - 1) instead of 2m / (2^b - 1)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -150,7 +152,7 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     if spec.symmetric:
         m = torch.maximum(-lo, hi)
         m = torch.where(m == 0, torch.ones_like(m), m)
-        scale = 2 * m / maxq
+        scale = m / (2 ** (spec.bits - 1) - 1) if spec.signed_grid else 2 * m / maxq
         zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
     else:
         degenerate = (lo == 0) & (hi == 0)

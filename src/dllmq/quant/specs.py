@@ -27,6 +27,7 @@ class WeightSpec:
     sym: bool = False
     clip: float = 1.0
     format: str = "int"   # dllmq.quant.formats: int, fp8, mxfp4, nvfp4
+    signed_grid: bool = False   # symmetric scale max / (2^(b-1) - 1) (QuaRot's code; set by the method)
 
     @property
     def fmt(self) -> Format:
@@ -34,9 +35,10 @@ class WeightSpec:
 
     def quant_spec(self) -> QuantSpec:
         if self.group_size == -1:
-            return QuantSpec(bits=self.bits, symmetric=self.sym, granularity="channel", clip_ratio=self.clip)
+            return QuantSpec(bits=self.bits, symmetric=self.sym, granularity="channel", clip_ratio=self.clip,
+                             signed_grid=self.signed_grid)
         return QuantSpec(bits=self.bits, symmetric=self.sym, granularity="group", group_size=self.group_size,
-                         clip_ratio=self.clip)
+                         clip_ratio=self.clip, signed_grid=self.signed_grid)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class MethodSettings:
     # Settings added after configs were first saved, with the behaviour those configs ran: a stored
     # config that lacks one of them is read with this value, not today's default.
     STORED_BEFORE: ClassVar[dict[str, Any]] = {}
+    # Settings the flat form lists only where they differ from their defaults (the paper profile's
+    # additions), so the configs and study keys of runs that leave them alone read as before they existed.
+    LISTED_WHEN_SET: ClassVar[tuple[str, ...]] = ()
 
     def check(self) -> None:
         """Raise DllmqError for a value the method cannot use."""
@@ -119,5 +124,6 @@ class MethodSettings:
         return settings
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in asdict(self).items() if k not in self.LISTED_WHEN_SET or v != defaults[k]}
 

@@ -11,24 +11,33 @@ Before calibration, on the whole model (all exact in full precision):
 Then weights by GPTQ or RTN (per channel, symmetric), activations per token (symmetric, clip 0.9 at
 4 bits), and with --kv-bits a Hadamard on Q and K after RoPE and K/V quantized per head (asymmetric,
 group 128, clip 0.95). The LM head stays in high precision.
+
+Three settings reproduce QuaRot's own code (its fake_quant/ as the study ran it; `--profile paper`
+sets them): `signed_grid` (every symmetric grid scaled max / (2^(b-1) - 1), codes -2^(b-1) ..
+2^(b-1) - 1), `cross_head` (an online Hadamard across heads before the attention output, so with
+step 3 its input sees a full-width Hadamard) and `kv_per_token` (K and V quantized symmetric per
+token across all heads, after the Q/K Hadamard).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from dllmq.errors import DllmqError
 from dllmq.models.family import Role
-from dllmq.models.modeling import TransformerLM
+from dllmq.models.modeling import Block, TransformerLM
+from dllmq.quant.activations import ActQuantizer
 from dllmq.quant.block import BlockContext, QuantizedWeight
 from dllmq.quant.formats import Format
 from dllmq.quant.gptq_solver import GPTQSettings, check_float_format, gptq_block
-from dllmq.quant.hadamard import HadamardTransform, hadamard_matrix, random_hadamard
+from dllmq.quant.hadamard import CrossHeadHadamard, HadamardTransform, fast_hadamard, hadamard_matrix, random_hadamard
 from dllmq.quant.methods.base import WEIGHT_ACTIVATION, Method
 from dllmq.quant.modules import replace_module
 from dllmq.quant.online import OnlineLinear
+from dllmq.quant.primitives import QuantSpec, fake_quantize
 from dllmq.quant.rounding import round_block
 from dllmq.quant.specs import setting
 
@@ -52,8 +61,9 @@ def untie(model: TransformerLM) -> None:
         model.config.raw["tie_word_embeddings"] = False
 
 
-def rotate_model(model: TransformerLM, seed: int = 0) -> None:
-    """Steps 1-4 above, in place; the model computes the same function afterwards."""
+def rotate_model(model: TransformerLM, seed: int = 0, cross_head: bool = False) -> None:
+    """Steps 1-4 above (with `cross_head`, also the online Hadamard across heads before the attention
+    output), in place; the model computes the same function afterwards."""
     fam, c = model.family, model.config
     untie(model)
     with torch.no_grad():
@@ -78,6 +88,8 @@ def rotate_model(model: TransformerLM, seed: int = 0) -> None:
                 if lin.bias is not None:
                     _set(lin.bias, lin.bias.detach().double() @ Q)
             _rotate_heads(part(v), part(o), H_head, c.head_dim)
+            if cross_head:
+                _mix_heads(block, o, c.n_heads)
             lin = OnlineLinear.wrap(part(down))
             _set(lin.weight, lin.weight.detach().double() @ H_ffn)
             lin.input_transform = HadamardTransform(c.intermediate_size)
@@ -97,10 +109,59 @@ def _rotate_heads(v: nn.Linear, o: nn.Linear, H: torch.Tensor, d: int) -> None:
     _set(o.weight, (wo.reshape(wo.shape[0], -1, d) @ H).reshape(wo.shape))
 
 
+def _mix_heads(block: nn.Module, name: str, heads: int) -> None:
+    """The attention output reads x @ T online (T = kron(H_heads, I) / sqrt(heads), CrossHeadHadamard)
+    and its weight becomes W T, so the block computes the same function."""
+    lin = OnlineLinear.wrap(block.get_submodule(name))
+    H = hadamard_matrix(heads).double() / math.sqrt(heads)
+    w = lin.weight.detach().double()
+    _set(lin.weight, torch.einsum("ohd,hk->okd", w.reshape(w.shape[0], heads, -1), H).reshape(w.shape))
+    lin.input_transform = CrossHeadHadamard(heads)
+    replace_module(block, name, lin)
+
+
+class TokenKVQuantizer(nn.Module):
+    """QuaRot's K/V quantization as its code runs it, on a block's kv_hook: Q and K times a head-dim
+    Hadamard after RoPE (in float32; Q K^T is unchanged and Q stays in full precision), then K and V
+    each quantized per token across all their heads, symmetric (QuaRot's `k_quantizer` on K reshaped
+    to [tokens, heads * head_dim], and v_proj's output quantizer)."""
+
+    def __init__(self, bits: int, clip_ratio: float = 1.0, signed_grid: bool = True):
+        super().__init__()
+        self.spec = QuantSpec(bits=bits, symmetric=True, granularity="token", clip_ratio=clip_ratio,
+                              signed_grid=signed_grid)
+
+    def _per_token(self, t: torch.Tensor) -> torch.Tensor:   # [B, heads, L, head_dim]
+        b, h, length, d = t.shape
+        rows = t.transpose(1, 2).reshape(b, length, h * d)
+        return fake_quantize(rows, self.spec).reshape(b, length, h, d).transpose(1, 2)
+
+    def forward(self, q, k, v):
+        dtype = q.dtype
+        q, k = fast_hadamard(q.float()).to(dtype), fast_hadamard(k.float()).to(dtype)
+        return q, self._per_token(k), self._per_token(v)
+
+    def extra_repr(self) -> str:
+        grid = ", signed grid" if self.spec.signed_grid else ""
+        return f"bits={self.spec.bits}, per token across heads, symmetric{grid}, clip={self.spec.clip_ratio}"
+
+
+# The settings that reproduce QuaRot's own code; a flat config lists them only where they are on.
+_QUAROT_CODE = ("signed_grid", "cross_head", "kv_per_token")
+
+
 @dataclass(frozen=True)
 class QuaRotSettings(GPTQSettings):
     weight_method: str = setting("gptq", "how the rotated weights are quantized", flag="--weight-method",
                                  choices=("gptq", "rtn"))
+    signed_grid: bool = setting(False, "symmetric grids (weights, activations, K/V) scaled max / (2^(b-1) - 1), "
+                                       "codes -2^(b-1)..2^(b-1)-1 (QuaRot's code), instead of 2 max / (2^b - 1)")
+    cross_head: bool = setting(False, "an online Hadamard across heads before the attention output: with the "
+                                      "per-head one, a full-width Hadamard on its input (QuaRot's code)")
+    kv_per_token: bool = setting(False, "with --kv-bits: K and V quantized symmetric per token across all heads "
+                                        "(QuaRot's code) instead of per head in groups, asymmetric")
+
+    LISTED_WHEN_SET = _QUAROT_CODE
 
     def check(self) -> None:
         super().check()
@@ -123,11 +184,14 @@ class QuaRot(Method):
     def paper_settings(cls, family: str | None) -> dict:
         # QuaRot/fake_quant (utils.py defaults, scripts/llada_quarot.sh --w_clip): GPTQ with percdamp 0.01,
         # no act-order, and an MSE search over the shrink factors 1, 0.99, ..., 0.21 (grid 100, maxshrink
-        # 0.8, norm 2.4 in quant_utils.py); calibration windows of model.seqlen tokens, 4096 on LLaDA
-        # (model_utils.py). Its symmetric grid (max / (2^(b-1) - 1)) and K/V settings are not reproduced
-        # yet (docs/fidelity.md, item 8).
+        # 0.8, norm 2.4 in quant_utils.py) on its signed symmetric grid; activations per token with
+        # a_clip_ratio 1.0 (the scripts pass none); an online cross-head Hadamard on attn_out's input
+        # (main.py, online_partial_had); K and V at 8 bits (the script's --k_bits 8 --v_bits 8), symmetric
+        # per token, clip 1.0 (rotation_utils.QKRotationWrapper, v_proj's out_quantizer); calibration
+        # windows of model.seqlen tokens, 4096 on LLaDA (model_utils.py). docs/fidelity.md, item 8.
         settings = dict(weight_method="gptq", damp=0.01, act_order=False, static_groups=False, grid_search=True,
-                        grid_points=79, grid_min_shrink=0.21)
+                        grid_points=79, grid_min_shrink=0.21, signed_grid=True, cross_head=True,
+                        kv_per_token=True, act_clip=1.0, kv_bits=8, kv_clip=1.0)
         if family == "llada":
             settings["seqlen"] = 4096
         return settings
@@ -146,12 +210,31 @@ class QuaRot(Method):
             check_float_format(fmt, settings)
 
     def prepare_model(self, model: TransformerLM) -> None:
-        rotate_model(model, seed=self.config.seed)
+        rotate_model(model, seed=self.config.seed, cross_head=self.settings.cross_head)
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        spec = replace(self.config.weight, signed_grid=self.settings.signed_grid)
         if self.settings.weight_method == "gptq":
-            return gptq_block(ctx, self.config.weight, self.settings)
-        return round_block(ctx, self.config.weight)
+            return gptq_block(ctx, spec, self.settings)
+        return round_block(ctx, spec)
+
+    def build_runtime(self, block: Block) -> None:
+        s = self.settings
+        if s.cross_head:
+            [o] = block.family.group(Role.ATTN_OUT).linears
+            linear = block.get_submodule(o)
+            if getattr(linear, "input_transform", None) is None:   # a saved model loading: its weights hold W T
+                linear.input_transform = CrossHeadHadamard(block.n_heads)
+        super().build_runtime(block)
+        if not self.config.weight_activation:
+            return
+        act, kv = self.config.act, self.config.kv
+        if s.signed_grid:
+            for name in block.family.block_linears:
+                block.get_submodule(name).act_quantizer = ActQuantizer(
+                    act.bits, symmetric=act.sym, clip_ratio=act.clip, format=act.format, signed_grid=True)
+        if kv.enabled and s.kv_per_token:
+            block.kv_hook = TokenKVQuantizer(kv.bits, kv.clip, signed_grid=s.signed_grid)
 
     def input_transform(self, role: Role, in_features: int) -> nn.Module | None:
         return HadamardTransform(in_features) if role == Role.MLP_OUT else None
