@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from dllmq.errors import DllmqError
+from dllmq.models.loading import Stream
 from dllmq.models.registry import build_model, parse_model_config
 from dllmq.quant import kernels as K
 from dllmq.quant.activations import ActQuantizer
@@ -437,20 +438,39 @@ def convert(model: nn.Module, backend: str) -> BackendReport:
             if backend == FAKE:
                 report.layers[path] = FAKE
                 continue
-            choice = choose_kernel(module)
-            layer = to_kernel(module, choice)
-            if layer is None:
-                report.layers[path], report.reasons[path] = FAKE, choice.reason
-            else:
+            layer = convert_layer(path, module, report)
+            if layer is not module:
                 replace_module(model, path, layer)
-                report.layers[path] = layer.kernel
-                release_freed_memory()
     if report.reasons:
         log.info("kernel backend: %s", report.summary())
     refused = {r for path, r in report.reasons.items() if isinstance(model.get_submodule(path), FPQuantLinear)}
     if refused:   # the formats' kernels are refused in one sentence; fake quantization still runs
         log.warning("Floating-point layers run fake quantization: %s.", "; ".join(sorted(refused)))
     return report
+
+
+def convert_layer(path: str, module: QuantLinear | FPQuantLinear, report: BackendReport) -> nn.Module:
+    """The kernel layer for one quantized linear, or the linear itself when no kernel fits (the reason goes
+    to ``report``). The one way a QuantLinear's tensors become a kernel layer: set_backend on a loaded model
+    and the streaming loader (kernel_stream) both come here."""
+    choice = choose_kernel(module)
+    layer = to_kernel(module, choice)
+    if layer is None:
+        report.layers[path], report.reasons[path] = FAKE, choice.reason
+        return module
+    report.layers[path] = layer.kernel
+    release_freed_memory()
+    return layer
+
+
+def kernel_stream(report: BackendReport | None = None) -> Stream:
+    """For ``load_checkpoint(stream=...)``: each quantized linear becomes its kernel layer as soon as its
+    tensors are read, so a quantized model loads for the kernel backend at about its packed size (plus one
+    layer's working set) instead of holding the whole checkpoint while it converts. The layers equal those
+    of loading with the fake backend and then calling set_backend(model, "kernel"), buffer for buffer."""
+    report = report if report is not None else BackendReport("kernel")
+    return Stream(claims=lambda m: isinstance(m, (QuantLinear, FPQuantLinear)),
+                  convert=lambda path, m: convert_layer(path, m, report))
 
 
 def release_freed_memory() -> None:
