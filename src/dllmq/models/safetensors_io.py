@@ -2,8 +2,8 @@
 
 Tensors come back as zero-copy views into a private (copy-on-write) memory map, so loading a
 checkpoint in its own dtype costs about the file size in memory, not two or three times it.
-`MappedTensors.read_unmapped` reads one tensor into fresh memory with plain file reads instead, for tensors that are
-converted as they load: their pages never become part of the process's mapped (resident) memory.
+`MappedTensors.read_unmapped` reads one tensor into fresh memory with plain file reads instead, for
+tensors converted as they load: their pages never become part of the process's mapped (resident) memory.
 Writing goes through the `safetensors` library.
 """
 from __future__ import annotations
