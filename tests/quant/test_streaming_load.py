@@ -197,3 +197,17 @@ def test_keep_fp_linears_stay_plain_and_stream(tmp_path):
     reference, counts = _two_step(path)
     assert counts == {"int4_weight": 12}
     assert_same_layers(streamed, reference)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_another_tools_checkpoint_streams(fmt, saved, tmp_path):
+    """A foreign checkpoint's tensors are converted by the prepare hook; those stream as they are."""
+    from dllmq.quant.interop.export import export_quantized
+    fake = dllmq.load_model(saved("gptq-W4A16-g128"), backend="fake")
+    exported = export_quantized(fake.model, fake.tokenizer, tmp_path / "e", fmt)
+    streamed = dllmq.load_model(exported, backend="kernel").model
+    reference, counts = _two_step(exported)
+    assert counts == {"int4_weight": 14}
+    assert_same_layers(streamed, reference)
+    with torch.no_grad():
+        assert torch.equal(streamed(_ids()), reference(_ids()))
