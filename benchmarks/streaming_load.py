@@ -38,7 +38,8 @@ import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
 import dllmq
-from dllmq.quant.backend import set_backend, weight_bytes
+from dllmq.quant.backend import set_backend
+from transformers import AutoTokenizer  # noqa: F401  (imported by every load; counted before it)
 
 def rss_mib():
     for line in open("/proc/self/status"):
@@ -86,6 +87,7 @@ def main() -> None:
     for name in args.cases.split(","):
         checkpoint, mode = CASES[name]
         results[name] = measure(dirs[checkpoint], mode)   # one case at a time: each peak is its own
+        print(f"measured {name}", flush=True)
     base = results.get("bf16")
     print(f"{'case':<15} {'peak RSS':>10} {'vs bf16':>8} {'growth':>10} {'vs bf16':>8} {'weights':>9} "
           f"{'after':>9} {'load wall':>10} {'load CPU':>9}")

@@ -211,3 +211,23 @@ def test_another_tools_checkpoint_streams(fmt, saved, tmp_path):
     assert_same_layers(streamed, reference)
     with torch.no_grad():
         assert torch.equal(streamed(_ids()), reference(_ids()))
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "Hello", "--gen-length", "8", "--steps", "2"],
+                                  ["bench", "--seq-len", "32", "--gen-length", "8", "--steps", "2", "--repeats", "1",
+                                   "--backend", "both"]])
+def test_cli_kernel_backend_loads_by_streaming(argv, saved, monkeypatch, capsys):
+    """`dllmq generate` (kernel by default) and `dllmq bench` build their kernel layers while loading."""
+    from dllmq.cli import main
+    from dllmq.quant import backend
+    converted = []
+    real = backend.kernel_stream
+
+    def spying_stream(report=None):
+        stream = real(report)
+        return Stream(stream.claims, lambda path, m: converted.append(path) or stream.convert(path, m))
+
+    monkeypatch.setattr(backend, "kernel_stream", spying_stream)
+    assert main([argv[0], str(saved("rtn-W8A8")), *argv[1:]]) == 0
+    assert len(converted) == 14
+    capsys.readouterr()
