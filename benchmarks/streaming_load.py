@@ -6,7 +6,7 @@ Uses the checkpoints of benchmarks/kernel_generate.py (a 1.03B-parameter random 
 layers, FFN 5632, byte-level vocabulary; saved in bf16, and RTN-quantized as W8A8 and W4A16-g128), made once
 in --workdir. Every case runs in a fresh process: import torch and dllmq, note the resident memory, load
 (bf16 parameters), run one 16-token forward so every weight page is really read, then report the peak
-resident memory (ru_maxrss) of the whole process, imports included. Ratios are to the bf16 load's peak; the
+resident memory (VmHWM) of the whole process, imports included. Ratios are to the bf16 load's peak; the
 growth over the imports (peak minus the memory before loading) is printed beside it.
 
     python benchmarks/streaming_load.py --workdir /tmp/kg              # the ~1B model; about 6 GB RAM to prepare
@@ -34,10 +34,11 @@ CASES = {   # name: (checkpoint, how it is loaded)
 }
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 torch.set_num_threads(1)
 import dllmq
+from dllmq.bench import peak_rss_bytes   # VmHWM: ru_maxrss would carry over the parent's peak through exec
 from dllmq.quant.backend import set_backend
 from transformers import AutoTokenizer  # noqa: F401  (imported by every load; counted before it)
 
@@ -57,7 +58,7 @@ else:   # "stream" for a quantized checkpoint; "plain" for the bf16 one (the bac
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 with torch.inference_mode():
     model(torch.zeros(1, 16, dtype=torch.long))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = peak_rss_bytes() / 2**20
 held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t is not None)
 print("RESULT " + json.dumps({"before": before, "peak": peak, "after": rss_mib(), "model_mib": held / 2**20,
                               "load_wall_s": wall, "load_cpu_s": cpu}))

@@ -231,3 +231,23 @@ def test_cli_kernel_backend_loads_by_streaming(argv, saved, monkeypatch, capsys)
     assert main([argv[0], str(saved("rtn-W8A8")), *argv[1:]]) == 0
     assert len(converted) == 14
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("n,k", [(256, 8192), (1024, 4096), (192, 96)])
+def test_chunked_conversion_equals_whole_layer(n, k):
+    """Conversion works a chunk of rows at a time to bound its temporaries; the result is the whole-layer one."""
+    from dllmq.quant import kernels as K
+    g = torch.Generator().manual_seed(n + k)
+    layout = K.int4_layout()
+    if layout is not None:
+        codes4 = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        assert torch.equal(K.pack_int4(codes4, layout.block), K.pack_int4(codes4))
+    for bits in (8, 5):
+        codes = torch.randint(0, 2 ** bits, (k, n), dtype=torch.uint8, generator=g).t()   # [N, K], strided
+        zero = torch.randint(0, 2 ** bits, (n,), dtype=torch.uint8, generator=g)
+        weight, w_zero, w_sum = K.int8_weight_parts(codes, zero, bits)
+        q, z = codes.long(), zero.long()
+        shift = z if bits <= 7 else torch.full_like(z, 128)
+        assert torch.equal(weight.long(), q - shift[:, None]) and weight.dtype == torch.int8
+        assert torch.equal(w_sum.long(), (q - z[:, None]).sum(dim=1)) and w_sum.dtype == torch.int32
+        assert (w_zero is None) if bits <= 7 else torch.equal(w_zero.long(), z - 128)

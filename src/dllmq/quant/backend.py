@@ -23,6 +23,11 @@ Kernel layers are for inference: they run under no_grad (no gradients flow throu
 Layers whose input transform is an online Hadamard or a DuQuant rotation keep it (the fast
 Hadamard, not a dense matrix); K/V quantizers (``kv_hook``) stay fake quantization.
 A kernel-backed layer's ``state_dict`` is the QuantLinear one, so a model can be saved either way.
+
+``dllmq.load_model(path, backend="kernel")`` does not load first and convert after: ``kernel_stream``
+has the loader hand over each quantized linear as soon as its tensors are read (with plain file reads,
+not through the checkpoint's memory map), and ``convert_layer`` — the same function set_backend uses —
+turns it into its kernel layer before the next is read. Peak memory: the low-bit model plus one layer.
 """
 from __future__ import annotations
 
@@ -175,8 +180,9 @@ class Int4WeightLinear(KernelLinear):
         eff = source.effective_group_size
         source_group = (torch.arange(k // group, device=codes.device) * group) // eff
         pad = self.n_pad - n
-        codes_nk = torch.nn.functional.pad(codes.t().to(torch.int32), (0, 0, 0, pad))
-        self.register_buffer("packed", K.pack_int4(codes_nk.cpu()).to(codes.device), persistent=False)
+        codes_nk = torch.nn.functional.pad(codes.t(), (0, 0, 0, pad))   # uint8: widened a chunk at a time
+        self.register_buffer("packed", K.pack_int4(codes_nk.cpu(), layout.block).to(codes.device),
+                             persistent=False)
         self.register_buffer("zeros", torch.nn.functional.pad(zeros.index_select(0, source_group), (0, pad)),
                              persistent=False)                                  # uint8 [K/group, N_pad]
         self.register_buffer("scales", torch.nn.functional.pad(
