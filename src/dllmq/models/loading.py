@@ -9,8 +9,8 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
@@ -146,7 +146,7 @@ def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32, device:
         module.load_state_dict({name.removeprefix(prefix): adopt(name, tensors.read_unmapped(name))
                                 for name in expected if name.startswith(prefix)}, assign=True, strict=True)
         model.set_submodule(path, stream.convert(path, module))
-        del module
+        del module   # its tensors go now, before the next module's are read
     model.tie_weights()
     return model.eval()
 
