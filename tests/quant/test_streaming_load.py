@@ -98,8 +98,9 @@ def test_streamed_layers_equal_load_then_set_backend(case, saved):
         assert torch.equal(streamed(_ids()), reference(_ids()))
 
 
-def test_streamed_model_saves_the_same_files(saved, tmp_path):
-    path = saved("gptq-W4A16-g32-act-order")
+@pytest.mark.parametrize("case", ["gptq-W4A16-g32-act-order", "quarot-W8A8", "rtn-W8A8-fp8"])
+def test_streamed_model_saves_the_same_files(case, saved, tmp_path):
+    path = saved(case)
     streamed = dllmq.load_model(path, backend="kernel")
     reference, _ = _two_step(path)
     a = save_quantized(streamed.model, streamed.tokenizer, tmp_path / "a")
