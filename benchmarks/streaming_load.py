@@ -56,11 +56,12 @@ if mode == "two-step":
 else:   # "stream" for a quantized checkpoint; "plain" for the bf16 one (the backend changes nothing there)
     model = dllmq.load_model(path, dtype="bfloat16", backend="kernel").model
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+load_peak = peak_rss_bytes() / 2**20
 with torch.inference_mode():
     model(torch.zeros(1, 16, dtype=torch.long))
 peak = peak_rss_bytes() / 2**20
 held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t is not None)
-print("RESULT " + json.dumps({"before": before, "peak": peak, "after": rss_mib(), "model_mib": held / 2**20,
+print("RESULT " + json.dumps({"before": before, "peak": peak, "load_peak": load_peak, "after": rss_mib(), "model_mib": held / 2**20,
                               "load_wall_s": wall, "load_cpu_s": cpu}))
 """
 
@@ -91,16 +92,16 @@ def main() -> None:
         print(f"measured {name}", flush=True)
     base = results.get("bf16")
     print(f"{'case':<15} {'peak RSS':>10} {'vs bf16':>8} {'growth':>10} {'vs bf16':>8} {'weights':>9} "
-          f"{'after':>9} {'load wall':>10} {'load CPU':>9}")
+          f"{'load peak':>10} {'after':>9} {'load wall':>10} {'load CPU':>9}")
     for name, r in results.items():
         growth = r["peak"] - r["before"]
         ratio = f"{r['peak'] / base['peak']:.2f}x" if base else "-"
         gratio = f"{growth / (base['peak'] - base['before']):.2f}x" if base else "-"
         print(f"{name:<15} {r['peak']:7.0f} MiB {ratio:>8} {growth:6.0f} MiB {gratio:>8} {r['model_mib']:5.0f} MiB "
-              f"{r['after']:5.0f} MiB {r['load_wall_s']:8.1f} s {r['load_cpu_s']:7.1f} s")
-    print(f"(peak: the process's maximum resident memory, imports included ({base['before'] if base else 0:.0f} MiB "
+              f"{r['load_peak']:6.0f} MiB {r['after']:5.0f} MiB {r['load_wall_s']:8.1f} s {r['load_cpu_s']:7.1f} s")
+    print(f"(peak: the process's maximum resident memory, imports included ({next(iter(results.values()))['before']:.0f} MiB "
           "before loading); growth: peak minus that; weights: bytes of the loaded parameters and buffers; "
-          "after: resident memory after the forward)")
+          "load peak: the peak before the forward; after: resident memory after the forward)")
 
 
 if __name__ == "__main__":
