@@ -34,7 +34,9 @@ def add_parser(sub) -> None:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, model_help="built-in name, checkpoint directory or quantized directory",
                    seed_help="seed for the random prompt (default: 0)")
-    add_backend_arg(p, "kernel", both=True, help="how quantized layers compute (default: kernel)")
+    add_backend_arg(p, "kernel", both=True, help="how quantized layers compute: kernel (each layer converted as the "
+                                                  "checkpoint streams in), fake, or both: kernel then fake "
+                                                  "(default: kernel)")
     p.add_argument("--seq-len", type=int, default=512, help="total tokens per step: prompt + generation (default 512)")
     p.add_argument("--gen-length", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--steps", type=int, default=16, help="diffusion steps (default 16)")

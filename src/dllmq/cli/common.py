@@ -60,8 +60,9 @@ def add_backend_arg(p: argparse.ArgumentParser, default: str, *, help: str | Non
     """--backend: how a dllmq-quantized MODEL computes (both: bench runs kernel then fake)."""
     p.add_argument("--backend", choices=("kernel", "fake", "both") if both else ("kernel", "fake"), default=default,
                    help=help or "how a dllmq-quantized MODEL computes: kernel = real int8 / int4 matmuls where one "
-                                "fits (other layers stay fake; `dllmq bench` lists them), fake = quantize-dequantize, "
-                                f"the study's exact reference numbers (default: {default})")
+                                "fits (other layers stay fake; `dllmq bench` lists them; each layer is converted as "
+                                "the checkpoint streams in, so loading peaks near the low-bit size), fake = "
+                                f"quantize-dequantize, the study's exact reference numbers (default: {default})")
 
 
 # ----------------------------------------------------------------------------- devices

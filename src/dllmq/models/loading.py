@@ -9,10 +9,12 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+from torch import nn
 
 from dllmq.atomic import atomic_directory
 from dllmq.errors import DllmqError
@@ -83,13 +85,25 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 Prepare = Callable[[TransformerLM, dict, dict], None]
 
 
+@dataclass
+class Stream:
+    """Modules converted one at a time as the checkpoint is read: each module that `claims` accepts gets
+    its own tensors in fresh memory (read from the file, never through the shared map), and is replaced by
+    what `convert(path, module)` returns before the next one is read. So converting every layer costs the
+    converted size plus one layer's working set, not the checkpoint's size on top."""
+
+    claims: Callable[[nn.Module], bool]
+    convert: Callable[[str, nn.Module], nn.Module]
+
+
 def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    prepare: Prepare | None = None) -> TransformerLM:
+                    prepare: Prepare | None = None, stream: Stream | None = None) -> TransformerLM:
     """Build the module tree without memory, then adopt the checkpoint tensors (checked, converted).
 
     `prepare(model, raw_config, tensors)` may reshape the meta model first (a quantized checkpoint swaps
     its linears for quantized ones) and rewrite the (memory-mapped) tensors it is given (another tool's
     layout converted to dllmq's). Parameters take `dtype`; buffers (packed codes, scales) keep theirs.
+    `stream` converts the modules it claims as they are read (see Stream); the others are mapped as usual.
     """
     raw = read_config_json(directory)
     config = parse_model_config(raw)
@@ -116,9 +130,23 @@ def load_checkpoint(directory: Path, dtype: torch.dtype = torch.float32, device:
     if unexpected:
         log.warning("ignoring %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[0])
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    state = {name: tensors[name].to(device=device, dtype=dtype if name in params else tensors[name].dtype)
-             for name in expected}
-    model.load_state_dict(state, assign=True, strict=True)
+
+    def adopt(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=device, dtype=dtype if name in params else tensor.dtype)
+
+    streamed = [] if stream is None else [path for path, m in model.named_modules() if path and stream.claims(m)]
+    owned = {name for path in streamed for name in expected if name.startswith(path + ".")}
+    state = {name: adopt(name, tensors[name]) for name in expected if name not in owned}
+    result = model.load_state_dict(state, assign=True, strict=not owned)
+    if set(result.missing_keys) != owned or result.unexpected_keys:  # only the streamed modules wait
+        raise RuntimeError(f"state mismatch outside the streamed modules: {result}")
+    for path in streamed:
+        module = model.get_submodule(path)
+        prefix = path + "."
+        module.load_state_dict({name.removeprefix(prefix): adopt(name, tensors.read_unmapped(name))
+                                for name in expected if name.startswith(prefix)}, assign=True, strict=True)
+        model.set_submodule(path, stream.convert(path, module))
+        del module   # its tensors go now, before the next module's are read
     model.tie_weights()
     return model.eval()
 
@@ -153,21 +181,21 @@ def load_tokenizer(directory: Path):
 
 def load_plain_model(name_or_path: str | os.PathLike = "dllmq-tiny", *, dtype: str | torch.dtype = "auto",
                      device: str | torch.device = "cpu", seed: int = 0,
-                     prepare: Prepare | None = None) -> LoadedModel:
+                     prepare: Prepare | None = None, stream: Stream | None = None) -> LoadedModel:
     """The model (eval mode), its tokenizer and its family description, as the checkpoint stores it:
     quantized layers are only rebuilt through `prepare` (dllmq.load_model passes it; use that one).
 
     `name_or_path`: a built-in name (the shipped trained dllmq-tiny / dllmq-tiny-instruct, or the
     random random-llada / random-dream / random-llama), a checkpoint
     directory (config.json + safetensors, single or sharded), or a Hub id when network or the HF
-    cache allows. `seed` only matters for built-in random models.
+    cache allows. `seed` only matters for built-in random models. `stream`: see load_checkpoint.
     """
     torch_dtype = resolve_dtype(dtype, device)
     if str(name_or_path) in RANDOM_MODELS and not Path(name_or_path).exists():
         model, tokenizer = random_model(str(name_or_path), seed=seed, dtype=torch_dtype)
         return LoadedModel(model.to(device), tokenizer, model.family)
     directory = resolve_model_dir(name_or_path)
-    model = load_checkpoint(directory, torch_dtype, device, prepare)
+    model = load_checkpoint(directory, torch_dtype, device, prepare, stream)
     return LoadedModel(model, load_tokenizer(directory), model.family)
 
 

@@ -2,6 +2,8 @@
 
 Tensors come back as zero-copy views into a private (copy-on-write) memory map, so loading a
 checkpoint in its own dtype costs about the file size in memory, not two or three times it.
+`MappedTensors.read_unmapped` reads one tensor into fresh memory with plain file reads instead, for
+tensors converted as they load: their pages never become part of the process's mapped (resident) memory.
 Writing goes through the `safetensors` library.
 """
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -130,6 +133,37 @@ def mmap_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class MappedTensors(dict):
+    """name -> tensor, as load_tensors returns them (memory-mapped views), remembering where each view
+    came from so that `read_unmapped` can read it without the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: dict[str, tuple[torch.Tensor, Path, int]] = {}   # name -> (the view, file, offset)
+
+    def read_unmapped(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` in fresh memory. A view load_tensors made is read from its file with plain
+        reads (its pages never enter the map, so they never count as this process's memory); a tensor put
+        here since (e.g. one a loader hook converted) is in its own memory already and comes back as it is."""
+        tensor = self[name]
+        view, path, offset = self.sources.get(name, (None, None, 0))
+        if view is not tensor:
+            return tensor
+        out = torch.empty(tensor.shape, dtype=tensor.dtype)
+        nbytes = out.numel() * out.element_size()
+        if nbytes == 0:
+            return out
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < nbytes:
+                n = os.preadv(f.fileno(), [buffer[done:]], offset + done)
+                if n <= 0:
+                    raise DllmqError(f"{path} ended while reading {name}; the file is truncated.")
+                done += n
+        return out
+
+
 def checkpoint_files(directory: Path) -> dict[str, Path]:
     """tensor name -> file, from the shard index or the single file."""
     index = directory / INDEX_NAME
@@ -157,15 +191,17 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
     raise DllmqError(f"{directory} has no model.safetensors or {INDEX_NAME}.")
 
 
-def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def load_tensors(directory: Path) -> MappedTensors:
     files = checkpoint_files(directory)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = MappedTensors()
     for path in sorted(set(files.values())):
+        start, header = read_header(path)
         shard = mmap_tensors(path)
         for name in (n for n, p in files.items() if p == path):
             if name not in shard:
                 raise DllmqError(f"The shard index places {name} in {path.name}, but that file does not contain it.")
             tensors[name] = shard[name]
+            tensors.sources[name] = (shard[name], path, start + header[name]["data_offsets"][0])
     return tensors
 
 

@@ -23,6 +23,11 @@ Kernel layers are for inference: they run under no_grad (no gradients flow throu
 Layers whose input transform is an online Hadamard or a DuQuant rotation keep it (the fast
 Hadamard, not a dense matrix); K/V quantizers (``kv_hook``) stay fake quantization.
 A kernel-backed layer's ``state_dict`` is the QuantLinear one, so a model can be saved either way.
+
+``dllmq.load_model(path, backend="kernel")`` does not load first and convert after: ``kernel_stream``
+has the loader hand over each quantized linear as soon as its tensors are read (with plain file reads,
+not through the checkpoint's memory map), and ``convert_layer`` — the same function set_backend uses —
+turns it into its kernel layer before the next is read. Peak memory: the low-bit model plus one layer.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import torch
 from torch import nn
 
 from dllmq.errors import DllmqError
+from dllmq.models.loading import Stream
 from dllmq.models.registry import build_model, parse_model_config
 from dllmq.quant import kernels as K
 from dllmq.quant.activations import ActQuantizer
@@ -174,8 +180,9 @@ class Int4WeightLinear(KernelLinear):
         eff = source.effective_group_size
         source_group = (torch.arange(k // group, device=codes.device) * group) // eff
         pad = self.n_pad - n
-        codes_nk = torch.nn.functional.pad(codes.t().to(torch.int32), (0, 0, 0, pad))
-        self.register_buffer("packed", K.pack_int4(codes_nk.cpu()).to(codes.device), persistent=False)
+        codes_nk = torch.nn.functional.pad(codes.t(), (0, 0, 0, pad))   # uint8: widened a chunk at a time
+        self.register_buffer("packed", K.pack_int4(codes_nk.cpu(), layout.block).to(codes.device),
+                             persistent=False)
         self.register_buffer("zeros", torch.nn.functional.pad(zeros.index_select(0, source_group), (0, pad)),
                              persistent=False)                                  # uint8 [K/group, N_pad]
         self.register_buffer("scales", torch.nn.functional.pad(
@@ -437,20 +444,39 @@ def convert(model: nn.Module, backend: str) -> BackendReport:
             if backend == FAKE:
                 report.layers[path] = FAKE
                 continue
-            choice = choose_kernel(module)
-            layer = to_kernel(module, choice)
-            if layer is None:
-                report.layers[path], report.reasons[path] = FAKE, choice.reason
-            else:
+            layer = convert_layer(path, module, report)
+            if layer is not module:
                 replace_module(model, path, layer)
-                report.layers[path] = layer.kernel
-                release_freed_memory()
     if report.reasons:
         log.info("kernel backend: %s", report.summary())
     refused = {r for path, r in report.reasons.items() if isinstance(model.get_submodule(path), FPQuantLinear)}
     if refused:   # the formats' kernels are refused in one sentence; fake quantization still runs
         log.warning("Floating-point layers run fake quantization: %s.", "; ".join(sorted(refused)))
     return report
+
+
+def convert_layer(path: str, module: QuantLinear | FPQuantLinear, report: BackendReport) -> nn.Module:
+    """The kernel layer for one quantized linear, or the linear itself when no kernel fits (the reason goes
+    to ``report``). The one way a QuantLinear's tensors become a kernel layer: set_backend on a loaded model
+    and the streaming loader (kernel_stream) both come here."""
+    choice = choose_kernel(module)
+    layer = to_kernel(module, choice)
+    if layer is None:
+        report.layers[path], report.reasons[path] = FAKE, choice.reason
+        return module
+    report.layers[path] = layer.kernel
+    release_freed_memory()
+    return layer
+
+
+def kernel_stream(report: BackendReport | None = None) -> Stream:
+    """For ``load_checkpoint(stream=...)``: each quantized linear becomes its kernel layer as soon as its
+    tensors are read, so a quantized model loads for the kernel backend at about its packed size (plus one
+    layer's working set) instead of holding the whole checkpoint while it converts. The layers equal those
+    of loading with the fake backend and then calling set_backend(model, "kernel"), buffer for buffer."""
+    report = report if report is not None else BackendReport("kernel")
+    return Stream(claims=lambda m: isinstance(m, (QuantLinear, FPQuantLinear)),
+                  convert=lambda path, m: convert_layer(path, m, report))
 
 
 def release_freed_memory() -> None:

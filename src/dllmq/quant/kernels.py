@@ -127,16 +127,25 @@ def int8_linear(x: Int8Rows, weight: torch.Tensor, w_scale: torch.Tensor, w_zero
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
+CONVERT_CHUNK = 1 << 20   # weights per chunk when a layer is converted (4 MiB of int32 temporaries)
+
+
 def int8_weight_parts(codes_nk: torch.Tensor, zero: torch.Tensor, bits: int
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """From unsigned codes [N, K] and integer zeros [N]: (int8 ``q - shift``, residual zero int32
     [N] or None, column sums ``sum_i (q_i - z)`` int32 [N])."""
-    q = codes_nk.to(torch.int32)
+    n, k = codes_nk.shape
     z = zero.to(torch.int32)
     shift = z if bits <= 7 else torch.full_like(z, 128)
     residual = z - shift
-    w_sum = (q - z[:, None]).sum(dim=1, dtype=torch.int32)
-    return (q - shift[:, None]).to(torch.int8), (residual if residual.any() else None), w_sum
+    weight = torch.empty(n, k, dtype=torch.int8, device=codes_nk.device)
+    w_sum = torch.empty(n, dtype=torch.int32, device=codes_nk.device)
+    step = max(1, CONVERT_CHUNK // max(k, 1))   # rows at a time: int32 temporaries of one chunk, not the layer
+    for i in range(0, n, step):
+        q = codes_nk[i:i + step].to(torch.int32)
+        w_sum[i:i + step] = (q - z[i:i + step, None]).sum(dim=1, dtype=torch.int32)
+        weight[i:i + step] = q - shift[i:i + step, None]   # in [-128, 127]: the int8 cast is exact
+    return weight, (residual if residual.any() else None), w_sum
 
 
 def int32_safe(in_features: int) -> bool:
@@ -211,9 +220,15 @@ def int4_layout() -> Int4Layout | None:
     return layout
 
 
-def pack_int4(codes_nk: torch.Tensor) -> torch.Tensor:
-    """Unsigned codes [N, K] (values 0..15, N a multiple of the layout block) -> the op's packed uint8."""
-    return _convert(codes_nk)
+def pack_int4(codes_nk: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Unsigned codes [N, K] (values 0..15, N a multiple of the layout block) -> the op's packed uint8.
+    Given the layout's ``block``, whole blocks of rows are packed a chunk at a time (each block's bytes are
+    its own, so the result is the same) and the op's int32 input is one chunk, not the layer."""
+    n, k = codes_nk.shape
+    step = n if block is None else max(block, CONVERT_CHUNK // max(k, 1) // block * block)
+    if step >= n:
+        return _convert(codes_nk)
+    return torch.cat([_convert(codes_nk[i:i + step]) for i in range(0, n, step)])
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int, layout: Int4Layout,
