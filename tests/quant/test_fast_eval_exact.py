@@ -1,24 +1,22 @@
 """The faster weight-activation evaluation path computes the same bits as the straightforward one.
 
-Each fast piece is compared with torch.equal (not allclose) against a plain re-statement kept here:
+Each fast piece is compared with torch.equal (not allclose) against its plain statement (quant/plain_paths.py):
 the per-token activation quantizer, the Hadamard butterflies, DuQuant's rotation, the prepared input
 shared by linears reading one tensor; and end to end, dllmq-tiny's logits under SmoothQuant / QuaRot /
-DuQuant at W8A8 and W4A4 and RTN W4A4-mxfp4, fast path against all the slow ones at once.
+DuQuant at W8A8 and W4A4 and RTN W4A4-mxfp4, the fast path against all the plain ones at once.
 """
-import math
-
 import pytest
 import torch
 from torch import nn
 
 import dllmq.quant.activations as activations
-import dllmq.quant.dequant_linear as dequant_linear
 import dllmq.quant.hadamard as hadamard
 from dllmq.models.loading import load_plain_model
 from dllmq.quant import QuantConfig, quantize
 from dllmq.quant.activations import ActQuantizer, fake_quantize_tokens
 from dllmq.quant.methods.duquant import DuQuantTransform
 from dllmq.quant.online import OnlineLinear
+from dllmq.quant.plain_paths import plain_duquant_orthogonal, plain_hadamard, plain_paths
 from dllmq.quant.primitives import QuantSpec, fake_quantize
 from dllmq.quant.qlinear import keep_dequantized_weights
 
@@ -48,43 +46,13 @@ def test_token_quantizer_is_bitwise_the_reference(dtype, bits, symmetric, clip):
     assert torch.equal(fast, fake_quantize(x, spec))
 
 
-def _slow_hadamard(x, scale):
-    """The butterflies written the plain way: stack (a + b, a - b) each pass."""
-    n = x.shape[-1]
-    m, power = hadamard.factorize(n)
-    y = x.reshape(*x.shape[:-1], m, power)
-    if m > 1:
-        y = torch.einsum("...ij,ik->...kj", y, hadamard._base(m).to(dtype=x.dtype))
-    lead, h = y.shape[:-1], 1
-    while h < power:
-        y = y.reshape(*lead, power // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2).reshape(*lead, power)
-        h *= 2
-    return y.reshape(x.shape) * (1.0 / math.sqrt(n) if scale is None else scale)
-
-
 @pytest.mark.parametrize("n", [1, 2, 4, 12, 28, 64, 148, 384, 576])
 def test_fast_hadamard_is_bitwise_the_plain_butterflies(n):
     for x in (torch.randn(3, 5, n), torch.randn(n, 7).T, torch.randn(n, dtype=torch.float64)):
         before = x.clone()
         for scale in (None, 0.5):
-            assert torch.equal(hadamard._fast_hadamard(x, scale), _slow_hadamard(x, scale))
+            assert torch.equal(hadamard._fast_hadamard(x, scale), plain_hadamard(x, scale))
         assert torch.equal(x, before)
-
-
-def _slow_orthogonal(t: DuQuantTransform, x):
-    """x @ blockdiag(R1) [:, perm] @ blockdiag(R2), block by block, fancy indexing."""
-    def rotate(y, tag):
-        blocks = t._blocks(tag)
-        full = [r for r in blocks if r.shape[0] == t.block]
-        if not full:
-            return y @ blocks[0].to(y.dtype)
-        k, b = len(full), t.block
-        ys = y[..., :k * b].reshape(-1, k, b).transpose(0, 1)
-        out = torch.bmm(ys, torch.stack(full).to(y.dtype)).transpose(0, 1).reshape(*y.shape[:-1], k * b)
-        return out if k == len(blocks) else torch.cat([out, y[..., k * b:] @ blocks[-1].to(y.dtype)], dim=-1)
-    return rotate(rotate(x, "r1")[..., t.perm], "r2")
 
 
 @pytest.mark.parametrize("n, block", [(96, 32), (100, 32), (20, 32)])
@@ -93,10 +61,10 @@ def test_duquant_rotation_is_bitwise_the_plain_one(n, block):
     calib = torch.randn(64, n, generator=gen) * torch.linspace(0.1, 5, n)
     t = DuQuantTransform.fit(calib, torch.rand(n, generator=gen) + 0.5, block, steps=4)
     x = torch.randn(2, 7, n, generator=gen)
-    assert torch.equal(t.orthogonal(x), _slow_orthogonal(t, x))
+    assert torch.equal(t.orthogonal(x), plain_duquant_orthogonal(t, x))
     with torch.no_grad():  # a reloaded rotation is seen, not the cached stack of the old one
         t.r1_0.copy_(torch.linalg.qr(torch.randn(t.r1_0.shape, generator=gen))[0])
-    assert torch.equal(t.orthogonal(x), _slow_orthogonal(t, x))
+    assert torch.equal(t.orthogonal(x), plain_duquant_orthogonal(t, x))
 
 
 def _linear(quantizer, transform=None, seed=0):
@@ -147,23 +115,14 @@ CONFIGS = {
 }
 
 
-def _slow_paths(monkeypatch):
-    """Every fast piece replaced by its plain re-statement."""
-    monkeypatch.setattr(activations, "fake_quantize_tokens", fake_quantize)
-    monkeypatch.setattr(dequant_linear, "_share_key", lambda transform, quantizer: None)
-    monkeypatch.setattr(hadamard, "_fast_hadamard", _slow_hadamard)
-    monkeypatch.setattr(DuQuantTransform, "orthogonal", _slow_orthogonal)
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_tiny_model_logits_are_bitwise_the_slow_paths(name, monkeypatch):
+def test_tiny_model_logits_are_bitwise_the_plain_paths(name):
     method, kw = CONFIGS[name]
     lm = load_plain_model("dllmq-tiny")
     quantize(lm.model, lm.tokenizer, QuantConfig(method, **kw, nsamples=4, seqlen=64), progress=False)
     ids = torch.randint(0, lm.model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), keep_dequantized_weights(lm.model):
         fast = lm.model(ids)
-        with monkeypatch.context() as m:
-            _slow_paths(m)
+        with plain_paths():
             slow = lm.model(ids)
     assert torch.equal(fast, slow)
