@@ -1,13 +1,14 @@
 """What the mini evaluation costs per task and per quantization setting on dllmq-tiny (CPU, 1 thread), and
-what the fast weight-activation path saves against its plain statement (dllmq.quant.plain_paths), measured
+what the fast path saves against the plain one (dllmq.quant.plain_paths; likelihood pair by pair), measured
 in the same run on the same quantized model.
 
 Settings: fp; rtn W4A16; smoothquant / quarot (weight_method rtn) / duquant at W8A8 and W4A4. Each is
 quantized once (calibration: --nsamples windows of --seqlen tokens; not timed), then evaluate_mini runs per
 task on the first --limit items (the default seed), timed: wall seconds and CPU seconds of this process
 (mini_code's sandboxed test programs run in child processes, counted apart as "child CPU"). For a
-weight-activation setting the plain path runs too, and "speed-up" is its time over the fast one; the two
-must give the same answers on every item (the script stops if not).
+weight-activation setting, and for mini_general (likelihood batches stacked into shared forwards), the
+plain path runs too, and "speed-up" is its CPU time over the fast one's; the two must give the same answers
+on every item (the script stops if not).
 
     python benchmarks/eval_speed.py [--limit 32] [--tasks mini_general mini_math mini_code]
         [--settings fp rtn-W4A16 smoothquant-W8A8 ...] [--no-plain]
@@ -18,6 +19,8 @@ import argparse
 import os
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -26,6 +29,7 @@ import torch  # noqa: E402
 from dllmq.evaluate.mini import evaluate_mini  # noqa: E402
 from dllmq.models.loading import load_plain_model  # noqa: E402
 from dllmq.quant import QuantConfig, quantize  # noqa: E402
+from dllmq.diffusion import likelihood  # noqa: E402
 from dllmq.quant.plain_paths import plain_paths  # noqa: E402
 
 SETTINGS = {
@@ -44,6 +48,19 @@ TASKS = ("mini_general", "mini_math", "mini_code")
 def _children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
+
+
+@contextmanager
+def plain_evaluation() -> Iterator[None]:
+    """The straightforward path: plain weight-activation pieces, and every likelihood batch in its own
+    forward (nothing stacked: mc_loglikelihood pair by pair)."""
+    saved = likelihood.MIN_ROWS_TO_STACK
+    likelihood.MIN_ROWS_TO_STACK = float("inf")
+    try:
+        with plain_paths():
+            yield
+    finally:
+        likelihood.MIN_ROWS_TO_STACK = saved
 
 
 def timed_eval(model, tokenizer, task: str, limit: int) -> tuple[dict, float, float, float]:
@@ -74,8 +91,8 @@ def main() -> None:
         for task in args.tasks:
             result, wall, cpu, child = timed_eval(lm.model, lm.tokenizer, task, args.limit)
             row = [name, task, f"{result['acc']:.3f}", f"{wall:.1f}", f"{cpu:.1f}", f"{child:.1f}", "", "", ""]
-            if weight_activation and not args.no_plain:
-                with plain_paths():
+            if (weight_activation or task == "mini_general") and not args.no_plain:
+                with plain_evaluation():
                     plain, pwall, pcpu, _ = timed_eval(lm.model, lm.tokenizer, task, args.limit)
                 if plain != result:
                     raise SystemExit(f"{name} {task}: the plain path's answers differ from the fast one's "

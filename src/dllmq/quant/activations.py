@@ -25,7 +25,7 @@ def fake_quantize_tokens(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     fewer passes: one temporary, rounded and rescaled in place, and no uint8 round trip (the clamped
     codes are small integers, exact in float32). Every element sees the same float ops in the same order."""
     xf = x.detach().float()
-    lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)
+    lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)  # (torch.aminmax: 3-7x slower here)
     lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
     if spec.clip_ratio != 1.0:
         lo, hi = lo.mul_(spec.clip_ratio), hi.mul_(spec.clip_ratio)
