@@ -15,6 +15,7 @@ from dllmq.diffusion.likelihood import (
     loglikelihood,
     loglikelihood_many,
     mc_loglikelihood,
+    mc_loglikelihood_many,
 )
 from dllmq.diffusion.llada_sampler import REMASKING, linear_schedule, llada_generate
 from dllmq.diffusion.logits import mask_predictor_logits
@@ -55,6 +56,7 @@ __all__ = [
     "loglikelihood_many",
     "mask_predictor_logits",
     "mc_loglikelihood",
+    "mc_loglikelihood_many",
     "perplexity",
     "stop_token_ids",
 ]

@@ -8,6 +8,7 @@ model gets its exact log-likelihood so one call site scores every family.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,50 @@ def random_masks(counts: Tensor, length: int, generator: torch.Generator) -> Ten
     return ranks < counts.unsqueeze(1)
 
 
+@dataclass
+class _McPair:
+    """One pair's Monte Carlo batches, drawn up front: the sequence, and per batch the mask counts and the
+    masked positions. `noisy(i)` is batch i's model input."""
+
+    seq: Tensor            # [batch_size, L] on the model's device
+    n_prompt: int
+    n_answer: int
+    draws: list[tuple[Tensor, Tensor]]  # (counts [batch_size], masked [batch_size, L] bool)
+
+    def noisy(self, i: int, mask_id: int) -> Tensor:
+        return self.seq.masked_fill(self.draws[i][1], mask_id)
+
+    def prompt_mask(self) -> Tensor:
+        return torch.arange(self.seq.shape[1], device=self.seq.device) < self.n_prompt
+
+    def batch_loss(self, i: int, logits: Tensor) -> float:
+        """Batch i's estimate from its logits [batch_size, L, V]."""
+        counts, masked = self.draws[i]
+        ce = F.cross_entropy(logits[masked].float(), self.seq[masked], reduction="none")
+        # weight L/k: each row is an unbiased estimate of the answer's ELBO
+        weights = (self.n_answer / counts.to(masked.device).float()).unsqueeze(1).expand_as(masked)[masked]
+        return float((ce * weights).sum()) / self.seq.shape[0]
+
+
+def _mc_pair(model: torch.nn.Module, prompt_ids: TokenIds, answer_ids: TokenIds, mc_num: int, batch_size: int,
+             seed: int) -> _McPair:
+    require_diffusion(model, "Monte Carlo likelihood")
+    prompt, answer = as_ids(prompt_ids, "prompt_ids"), as_ids(answer_ids, "answer_ids")
+    _check_pair(model, prompt, answer)
+    batch_size = _batch_size(mc_num, batch_size)
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)  # CPU: same draws on every device
+    n_prompt, n_answer = prompt.numel(), answer.numel()
+    seq = torch.cat([prompt, answer]).to(device).repeat(batch_size, 1)
+    draws = []
+    for _ in range(mc_num // batch_size):
+        counts = stratified_mask_counts(n_answer, batch_size, generator)
+        answer_mask = random_masks(counts, n_answer, generator).to(device)
+        prompt_part = torch.zeros(batch_size, n_prompt, dtype=torch.bool, device=device)
+        draws.append((counts, torch.cat([prompt_part, answer_mask], dim=1)))
+    return _McPair(seq, n_prompt, n_answer, draws)
+
+
 @torch.no_grad()
 def mc_loglikelihood(
     model: torch.nn.Module,
@@ -95,31 +140,76 @@ def mc_loglikelihood(
     mc_num=1 is what the reference uses for single-token answers (MMLU): it is then exact, the
     log-probability of the answer token at its masked slot.
     """
-    require_diffusion(model, "Monte Carlo likelihood")
-    prompt, answer = as_ids(prompt_ids, "prompt_ids"), as_ids(answer_ids, "answer_ids")
-    _check_pair(model, prompt, answer)
-    batch_size = _batch_size(mc_num, batch_size)
+    pair = _mc_pair(model, prompt_ids, answer_ids, mc_num, batch_size, seed)
     mask_id = mask_token_id(model)
-    device = model_device(model)
-    generator = torch.Generator().manual_seed(seed)  # CPU: same draws on every device
-
-    n_prompt, n_answer = prompt.numel(), answer.numel()
-    seq = torch.cat([prompt, answer]).to(device).repeat(batch_size, 1)
-    prompt_mask = torch.arange(seq.shape[1], device=device) < n_prompt
-
     losses = []
-    for _ in range(mc_num // batch_size):
-        counts = stratified_mask_counts(n_answer, batch_size, generator)
-        answer_mask = random_masks(counts, n_answer, generator).to(device)
-        prompt_part = torch.zeros(batch_size, n_prompt, dtype=torch.bool, device=device)
-        masked = torch.cat([prompt_part, answer_mask], dim=1)
-        noisy = seq.masked_fill(masked, mask_id)
-        logits = mask_predictor_logits(model, noisy, cfg=cfg, prompt_mask=prompt_mask)
-        ce = F.cross_entropy(logits[masked].float(), seq[masked], reduction="none")
-        # weight L/k: each row is an unbiased estimate of the answer's ELBO
-        weights = (n_answer / counts.to(device).float()).unsqueeze(1).expand_as(masked)[masked]
-        losses.append(float((ce * weights).sum()) / batch_size)
+    for i in range(len(pair.draws)):
+        logits = mask_predictor_logits(model, pair.noisy(i, mask_id), cfg=cfg, prompt_mask=pair.prompt_mask())
+        losses.append(pair.batch_loss(i, logits))
     return -sum(losses) / len(losses)
+
+
+# A forward's rows are computed the same bits whatever else is in the batch only when each GEMM already has
+# enough rows on its own: on this project's CPU build (MKL), F.linear gives a row different bits when the
+# whole input has fewer than ~16 rows (measured: up to 15 rows for 768 inputs). A batch of the likelihood's
+# L tokens x batch_size rows is stacked with others only from this many token rows up (4x that margin).
+MIN_ROWS_TO_STACK = 64
+
+
+@torch.no_grad()
+def mc_loglikelihood_many(
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[TokenIds, TokenIds]],
+    *,
+    mc_num: int | Sequence[int] = 128,
+    batch_size: int | Sequence[int] = 32,
+    cfg: float = 0.0,
+    seed: int = 0,
+    max_tokens: int = 4096,
+) -> list[float]:
+    """`mc_loglikelihood` of every pair (mc_num / batch_size: one for all, or one per pair), the same
+    floats, in fewer forwards: Monte Carlo batches of equal sequence length, from any pairs, are stacked
+    into one forward of at most `max_tokens` tokens (rows x length; a batch over it runs alone). Each pair keeps its own draws (its generator seeded with
+    `seed`, as alone), so its value does not depend on its neighbours. Stacking happens on the CPU only, and
+    only for batches of at least MIN_ROWS_TO_STACK token rows (below that, or on other devices, where
+    kernels may pick a different reduction order for a different row count, each batch runs alone)."""
+    n = len(pairs)
+    mc_nums = [mc_num] * n if isinstance(mc_num, int) else list(mc_num)
+    batch_sizes = [batch_size] * n if isinstance(batch_size, int) else list(batch_size)
+    if len(mc_nums) != n or len(batch_sizes) != n:
+        raise DllmqError(f"Got {n} pairs but {len(mc_nums)} mc_num and {len(batch_sizes)} batch_size values.")
+    built = [_mc_pair(model, p, a, m, b, seed) for (p, a), m, b in zip(pairs, mc_nums, batch_sizes)]
+    mask_id = mask_token_id(model)
+    stack = model_device(model).type == "cpu"
+    groups: dict[int, list[tuple[int, int]]] = {}
+    solo: list[list[tuple[int, int]]] = []
+    for j, pair in enumerate(built):
+        rows, length = pair.seq.shape
+        for i in range(len(pair.draws)):
+            if stack and rows * length >= MIN_ROWS_TO_STACK:
+                groups.setdefault(length, []).append((j, i))
+            else:
+                solo.append([(j, i)])
+    chunks = solo
+    for units in groups.values():
+        chunk: list[tuple[int, int]] = []
+        for unit in units:
+            if chunk and sum(built[j].seq.numel() for j, _ in chunk) + built[unit[0]].seq.numel() > max_tokens:
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(unit)
+        chunks.append(chunk)
+    losses: list[dict[int, float]] = [{} for _ in built]
+    for chunk in chunks:
+        noisy = torch.cat([built[j].noisy(i, mask_id) for j, i in chunk])
+        prompt_mask = torch.cat([built[j].prompt_mask().expand_as(built[j].seq) for j, _ in chunk])
+        logits = mask_predictor_logits(model, noisy, cfg=cfg, prompt_mask=prompt_mask)
+        start = 0
+        for j, i in chunk:
+            rows = built[j].seq.shape[0]
+            losses[j][i] = built[j].batch_loss(i, logits[start:start + rows])
+            start += rows
+    return [-sum(v[i] for i in range(len(v))) / len(v) for v in losses]
 
 
 @torch.no_grad()

@@ -20,6 +20,33 @@ from dllmq.quant.primitives import QuantSpec, compute_qparams, dequantize, fake_
 from dllmq.quant.specs import ActSpec, KVSpec
 
 
+def fake_quantize_tokens(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """primitives.fake_quantize(x, spec) for spec.granularity "token", bit for bit on finite inputs, in
+    fewer passes: one temporary, rounded and rescaled in place, and no uint8 round trip (the clamped
+    codes are small integers, exact in float32). Every element sees the same float ops in the same order."""
+    xf = x.detach().float()
+    lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)  # (torch.aminmax: 3-7x slower here)
+    lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
+    if spec.clip_ratio != 1.0:
+        lo, hi = lo.mul_(spec.clip_ratio), hi.mul_(spec.clip_ratio)
+    maxq = spec.maxq
+    if spec.symmetric:
+        m = torch.maximum(lo.neg_(), hi)
+        m.masked_fill_(m == 0, 1.0)
+        scale = m.div_(2 ** (spec.bits - 1) - 1) if spec.signed_grid else m.mul_(2).div_(maxq)
+        zero: torch.Tensor | float = float(2 ** (spec.bits - 1))
+    else:
+        degenerate = (lo == 0) & (hi == 0)
+        lo.masked_fill_(degenerate, -1.0)
+        hi.masked_fill_(degenerate, 1.0)
+        scale = hi.sub_(lo).div_(maxq)
+        zero = lo.neg_().div_(scale).round_().clamp_(0, maxq)
+    scale = scale.clamp_(min=torch.finfo(torch.float32).tiny)
+    q = xf / scale
+    q.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
+    return q.to(x.dtype)
+
+
 class ActQuantizer(nn.Module):
     """`format` "int" (the uniform grid above) or a floating-point format of dllmq.quant.formats: FP8 with
     one scale per token, MXFP4 / NVFP4 with their block scales along each token (NVFP4's tensor scale per
@@ -53,11 +80,17 @@ class ActQuantizer(nn.Module):
         self.static_scale.copy_(scale.reshape(()))
         self.static_zero.copy_(zero.reshape(()))
 
+    @property
+    def share_key(self) -> tuple | None:
+        """Equal for quantizers that compute the same function (dynamic ones with equal settings), so
+        linears reading one input quantize it once (dequant_linear.prepared_input); None: only itself."""
+        return None if self.static else (ActQuantizer, self.spec, self.format)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt.is_float:
             return fp_fake_quantize(x, self.fmt)
         if not self.static:
-            return fake_quantize(x, self.spec)
+            return fake_quantize_tokens(x, self.spec)
         return dequantize(quantize(x, self.static_scale, self.static_zero, self.spec.bits),
                           self.static_scale, self.static_zero).to(x.dtype)
 

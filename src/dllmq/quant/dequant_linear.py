@@ -3,9 +3,69 @@ input transform, the activation quantizer, then a matmul with the dequantized we
 between forwards only inside qlinear.keep_dequantized_weights)."""
 from __future__ import annotations
 
+import itertools
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class _LastInput(threading.local):
+    """The last (input, transform, quantizer) -> prepared input, one entry per thread."""
+
+    source: weakref.ref | None = None
+    version = -1
+    key: tuple | None = None
+    prepared: torch.Tensor | None = None
+
+
+_last = _LastInput()
+
+
+def _share_key(transform: nn.Module | None, quantizer: nn.Module | None) -> tuple | None:
+    """Equal for two (transform, quantizer) pairs that compute the same function now; None: do not share.
+    A transform is itself at its parameters' and buffers' current versions (so a reloaded DuQuant rotation is seen);
+    a quantizer must say what it computes (ActQuantizer.share_key: dynamic ones with equal settings)."""
+    if quantizer is None:
+        qkey = None
+    else:
+        qkey = getattr(quantizer, "share_key", None)
+        if qkey is None:
+            return None
+    if transform is None:
+        tkey = None
+    else:
+        state = itertools.chain(transform.parameters(), transform.buffers())
+        tkey = (id(transform), tuple(t._version for t in state))
+    return tkey, qkey
+
+
+def prepared_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """input_transform then act_quantizer applied to x, as `module` would apply them.
+
+    Linears that read the same tensor (q/k/v, gate/up) with the same transform and equal quantizers get
+    the one result computed for the first of them: the same function of the same input, so the same bits.
+    The entry holds x only weakly (it ends when x is freed) and is not used once x is changed in place."""
+    transform, quantizer = module.input_transform, module.act_quantizer
+    if transform is None and quantizer is None:
+        return x
+    key = None if x.is_inference() else _share_key(transform, quantizer)  # inference tensors: no version
+    if key is not None and _last.source is not None and _last.source() is x and _last.version == x._version \
+            and _last.key == key:
+        return _last.prepared
+    y = transform(x) if transform is not None else x
+    if quantizer is not None:
+        y = quantizer(y)
+    if key is not None:
+        _last.source, _last.version, _last.key, _last.prepared = weakref.ref(x, _forget), x._version, key, y
+    return y
+
+
+def _forget(_ref: weakref.ref) -> None:
+    if _last.source is _ref:
+        _last.source, _last.key, _last.prepared = None, None, None
 
 
 class DequantizingLinear(nn.Module):
@@ -25,10 +85,7 @@ class DequantizingLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
+        x = prepared_input(self, x)
         weight = self._kept_weight
         if weight is None or weight.dtype != x.dtype:
             weight = self.dequantized_weight().to(x.dtype)

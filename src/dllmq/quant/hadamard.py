@@ -133,14 +133,25 @@ def _fast_hadamard(x: torch.Tensor, scale: float | None) -> torch.Tensor:
         base = _base(m).to(dtype=x.dtype, device=x.device)
         y = torch.einsum("...ij,ik->...kj", y, base)
     lead = y.shape[:-1]
+    # Butterflies on the power-of-two factor: pair j with j + h inside blocks of 2h. Each pass writes
+    # a + b and a - b straight into the other of two private buffers (no stack, no temporaries).
+    private = m > 1  # y is ours to overwrite (not a view of x)
+    spare = None
     h = 1
-    while h < power:  # butterflies on the power-of-two factor: pair j with j + h inside blocks of 2h
-        y = y.reshape(*lead, power // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2).reshape(*lead, power)
+    while h < power:
+        if spare is None:
+            spare = torch.empty(*lead, power, dtype=y.dtype, device=y.device)
+        src = y.reshape(*lead, power // (2 * h), 2, h)
+        dst = spare.view(*lead, power // (2 * h), 2, h)
+        torch.add(src[..., 0, :], src[..., 1, :], out=dst[..., 0, :])
+        torch.sub(src[..., 0, :], src[..., 1, :], out=dst[..., 1, :])
+        y, spare = spare, (y if private and y.is_contiguous() else None)
+        private = True
         h *= 2
-    y = y.reshape(x.shape)
-    return y * (1.0 / math.sqrt(n) if scale is None else scale)
+    factor = 1.0 / math.sqrt(n) if scale is None else scale
+    if private:
+        return y.mul_(factor).reshape(x.shape)
+    return y.reshape(x.shape) * factor
 
 
 def random_hadamard(n: int, seed: int) -> torch.Tensor:

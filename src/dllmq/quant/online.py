@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dllmq.quant.dequant_linear import prepared_input
+
 
 class OnlineLinear(nn.Linear):
     """nn.Linear with `input_transform` (x -> T(x) before the matmul) and `act_quantizer` slots,
@@ -26,11 +28,7 @@ class OnlineLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(prepared_input(self, x), self.weight, self.bias)
 
 
 def seen_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -99,13 +99,22 @@ class DuQuantTransform(nn.Module):
         k, b = len(full), self.block
         lead = x.shape[:-1]
         xs = x[..., :k * b].reshape(-1, k, b).transpose(0, 1)                  # [k, tokens, b]
-        out = torch.bmm(xs, torch.stack(full).to(x.dtype)).transpose(0, 1).reshape(*lead, k * b)
+        out = torch.bmm(xs, self._stacked(tag, full, x.dtype)).transpose(0, 1).reshape(*lead, k * b)
         if len(full) == len(blocks):
             return out
         return torch.cat([out, x[..., k * b:] @ blocks[-1].to(x.dtype)], dim=-1)
 
+    def _stacked(self, tag: str, full: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """torch.stack(full).to(dtype), built once and reused while the blocks are unchanged."""
+        key = (dtype, tuple((r.data_ptr(), r._version) for r in full))
+        cache = self.__dict__.setdefault("_stack_cache", {})
+        if tag not in cache or cache[tag][0] != key:
+            cache[tag] = (key, torch.stack(full).to(dtype))
+        return cache[tag][1]
+
     def _apply(self, fn, recurse=True):
         # rotations stay at least float32 when the model is cast to a 16-bit dtype
+        self.__dict__.pop("_stack_cache", None)
         super()._apply(fn, recurse)
         for name, buf in self._buffers.items():
             if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
@@ -113,7 +122,7 @@ class DuQuantTransform(nn.Module):
         return self
 
     def orthogonal(self, x: torch.Tensor) -> torch.Tensor:
-        return self._rotate(self._rotate(x, "r1")[..., self.perm], "r2")
+        return self._rotate(self._rotate(x, "r1").index_select(-1, self.perm), "r2")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
