@@ -35,6 +35,9 @@ CASES = {
     "duquant-W8A8": (dict(method="duquant", wbits=8, abits=8, rotation_steps=8, **FAST), "int8_dynamic"),
     "rtn-W4A4": (dict(method="rtn", wbits=4, abits=4), "int8_dynamic"),
     "quarot-W4A4": (dict(method="quarot", wbits=4, abits=4, weight_method="rtn"), "int8_dynamic"),
+    # QuaRot's own grid (the paper profile): the kernel must quantize activations on it too
+    "quarot-W4A4-signed-grid": (dict(method="quarot", wbits=4, abits=4, weight_method="rtn", signed_grid=True),
+                                "int8_dynamic"),
     "rtn-W4A16-g128": (dict(method="rtn", wbits=4, group_size=128), "int4_weight"),
     "gptq-W4A16-g128": (dict(method="gptq", wbits=4, group_size=128, **FAST), "int4_weight"),
     "awq-W4A16-g128": (dict(method="awq", wbits=4, group_size=128, **FAST), "int4_weight"),
@@ -83,13 +86,14 @@ def _rel(a, b):
 # --- the arithmetic ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,symmetric,clip", [(8, False, 1.0), (8, True, 1.0), (4, False, 0.9), (4, True, 0.9),
-                                                  (6, False, 1.0)])
+                                                  (6, False, 1.0), (4, "signed", 1.0), (8, "signed", 1.0)])
 def test_row_codes_are_the_fake_quantizers_integers(bits, symmetric, clip):
     x = torch.randn(37, 96) * torch.linspace(0.1, 5, 96)
     x[3] = x[3].abs()            # an all-positive row: zero is still inside the range
     x[5] = 0                     # a degenerate row
-    rows = K.quantize_rows(x, bits, symmetric, clip, row_sum=True)
-    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip)
+    signed, symmetric = symmetric == "signed", bool(symmetric)
+    rows = K.quantize_rows(x, bits, symmetric, clip, row_sum=True, signed_grid=signed)
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip, signed_grid=signed)
     scale, zero = compute_qparams(x, spec)
     codes = quantize_codes(x, scale, zero, bits).long()
     residual = torch.zeros(37, dtype=torch.long) if rows.zero is None else rows.zero.long()

@@ -143,7 +143,7 @@ class Int8DynamicLinear(KernelLinear):
         self.register_buffer("scales", source.scales.detach().clone(), persistent=False)
         quantizer: ActQuantizer = source.act_quantizer
         self.act_bits, self.act_sym = quantizer.spec.bits, quantizer.spec.symmetric
-        self.act_clip = quantizer.spec.clip_ratio
+        self.act_clip, self.act_signed = quantizer.spec.clip_ratio, quantizer.spec.signed_grid
 
     def _reference_parts(self):
         # int8_weight_parts shifted by the zero point below 8 bits and by 128 at 8 bits
@@ -159,7 +159,7 @@ class Int8DynamicLinear(KernelLinear):
         quantizer = self.act_quantizer
         static = (quantizer.static_scale, quantizer.static_zero) if quantizer.static else None
         rows = K.quantize_rows(h, self.act_bits, self.act_sym, self.act_clip, static, reuse=True,
-                               row_sum=self.w_zero is not None)
+                               row_sum=self.w_zero is not None, signed_grid=self.act_signed)
         y = K.int8_linear(rows, self.weight, self.scales[0].float(), self.w_zero, self.w_sum, self.bias, dtype)
         return y.reshape(*shape[:-1], self.out_features)
 

@@ -54,12 +54,13 @@ class Int8Rows:
 
 def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0,
                   static: tuple[torch.Tensor, torch.Tensor] | None = None, reuse: bool = False,
-                  row_sum: bool = False) -> Int8Rows:
+                  row_sum: bool = False, signed_grid: bool = False) -> Int8Rows:
     """Quantize each row of ``x`` [M, K] on its own grid, bit-identically to ``fake_quantize``
     with granularity "token" (or to a static per-tensor grid ``(scale, zero)``).
 
     ``reuse`` writes the codes into a shared scratch buffer (valid until the next call);
-    ``row_sum`` also returns each row's code sum (needed against an asymmetric 8-bit weight)."""
+    ``row_sum`` also returns each row's code sum (needed against an asymmetric 8-bit weight).
+    ``signed_grid``: QuaRot's symmetric scale max / (2^(b-1) - 1) (its codes still fit the same int8 range)."""
     maxq = 2**bits - 1
     t = scratch("rows_f32", x.shape, torch.float32, x.device)
     t.copy_(x)  # float32, as fake quantization computes
@@ -70,7 +71,8 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float
         # amin/amax rather than aminmax: the latter is several times slower on CPU.
         lo, hi = t.amin(dim=-1, keepdim=True), t.amax(dim=-1, keepdim=True)
         # The row's range is all compute_qparams needs: min/max of [lo, hi] equal those of the row.
-        spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip_ratio)
+        spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip_ratio,
+                         signed_grid=signed_grid)
         scale, zero = compute_qparams(torch.cat([lo, hi], dim=-1), spec)
     # Same float32 division and rounding as primitives.quantize, so the integers are identical.
     t.div_(scale).round_()
