@@ -83,10 +83,13 @@ class CalibSpec:
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, invert: bool = False,
-            choices: tuple[str, ...] | None = None) -> Any:
+            choices: tuple[str, ...] | None = None, optional: bool = False) -> Any:
     """A method setting: its default, one line of help and, when the CLI exposes it, its flag. A
-    boolean flag sets True, or False with `invert` (e.g. --no-clip for clip=True)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "invert": invert, "choices": choices})
+    boolean flag sets True, or False with `invert` (e.g. --no-clip for clip=True). An `optional`
+    setting is listed in the flat form only where it differs from its default, so adding one leaves
+    the saved configs and study keys of runs that do not use it as they were."""
+    return field(default=default, metadata={"help": help, "flag": flag, "invert": invert, "choices": choices,
+                                            "optional": optional})
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,13 @@ class MethodSettings:
         settings.check()
         return settings
 
+    @classmethod
+    def listed_names(cls) -> tuple[str, ...]:
+        """The settings a flat form always lists (the optional ones only where set otherwise)."""
+        return tuple(f.name for f in fields(cls) if not f.metadata.get("optional"))
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        return {f.name: values[f.name] for f in fields(self)
+                if not (f.metadata.get("optional") and values[f.name] == f.default)}
 

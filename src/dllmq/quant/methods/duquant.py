@@ -183,9 +183,15 @@ class DuQuant(Method):
     @classmethod
     def paper_settings(cls, family: str | None) -> dict:
         # scripts/{llada,dream}_duquant.sh: --alpha 0.5 --lac 0.9 --swc 0.8 --block_size 128
-        # --max_rotation_step 256, whatever the bits (the scripts run W8A8). The study's rotation
-        # construction is not reproduced yet (docs/fidelity.md, item 7).
-        return dict(alpha=0.5, act_clip=0.9, weight_clip=0.8, rotation_block=128, rotation_steps=256)
+        # --max_rotation_step 256, whatever the bits (the scripts run W8A8); main.py's --seed 2 for the
+        # calibration windows and Q/K/V at the activation bits (Q/K through a Hadamard, clipped at lac)
+        # (docs/fidelity.md, items 4, 6, 7).
+        return dict(alpha=0.5, act_clip=0.9, weight_clip=0.8, rotation_block=128, rotation_steps=256, seed=2,
+                    qkv_quant=True)
+
+    def qk_hadamard_block(self) -> int | None:
+        # QuantMatMul(rotate=None) builds get_hadamard(block_size) for Q and K when quant_method is duquant
+        return self.settings.rotation_block
 
     def transform_block(self, ctx: BlockContext) -> None:
         """Smooth + rotate + permute every group of the block (exact in full precision)."""

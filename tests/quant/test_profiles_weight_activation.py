@@ -1,0 +1,236 @@
+"""The `paper` profile of SmoothQuant and DuQuant against small re-statements of the study's code (QDLM's
+DuQuant fork: generate_act_scale_shift.py, main.py, quantize/duquant.py, quantize/utils.py,
+models/transformation.py, quantize/quantizer.py, models/int_llada_layer.py), written here from reading it.
+The re-statements follow the study's loops and names on purpose; the dllmq profile must NOT agree with
+them, so each test can fail."""
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from dllmq.data.text import calibration_windows
+from dllmq.models.random_models import random_model
+from dllmq.quant import QuantConfig
+from dllmq.quant.activations import QKVQuantizer
+from dllmq.quant.block import BlockContext
+from dllmq.quant.config import OPTIONAL
+from dllmq.quant.methods.smoothquant import SmoothQuant
+from dllmq.quant.pipeline import capture_block_inputs
+from dllmq.quant.smoothing import InputScale
+
+W4A4 = dict(wbits=4, abits=4, group_size=-1)
+
+
+def _ids(n=3, length=24, seed=0):
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -- item 4: the calibration windows of generate_act_scale_shift.py / main.py ------------------------------
+def study_get_wikitext2_windows(ids, nsamples, seed, seqlen):
+    """datautils.get_wikitext2: random.seed(seed), then per sample one random.randint start."""
+    random.seed(seed)
+    out = []
+    for _ in range(nsamples):
+        i = random.randint(0, ids.shape[1] - seqlen - 1)
+        out.append(ids[:, i:i + seqlen])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "duquant"])
+def test_paper_calibration_is_the_studys_seed_2_windowing(method):
+    paper = QuantConfig(method, profile="paper", family="llada", **W4A4)
+    assert (paper.seed, paper.calibration.nsamples, paper.calibration.seqlen) == (2, 128, 2048)
+    assert QuantConfig(method, **W4A4).seed == 0
+    ids = torch.arange(5000)[None]
+    ours = calibration_windows(ids[0], 16, 64, seed=paper.seed)
+    assert torch.equal(ours, study_get_wikitext2_windows(ids, 16, 2, 64))
+    assert not torch.equal(calibration_windows(ids[0], 16, 64, seed=0), ours)
+
+
+# -- item 5: SmoothQuant's smoothing as quantize/duquant.py + smooth_and_let_inplace do it -----------------
+STUDY_PAIRS = {   # duquant(): the keys are matched as fragments of a linear's name
+    "llada": {"q_proj": "qkv", "attn_out": "out", "up_proj": "fc1", "ff_out": "down"},
+    "dream": {"q_proj": "qkv", "o_proj": "out", "up_proj": "fc1", "down_proj": "down"},
+}
+CLIPMIN = 1e-5
+
+
+def study_act_scales(model, ids):
+    """get_act_scales: max |x| per input channel of every nn.Linear, over the calibration windows."""
+    scales, hooks = {}, []
+    for i, block in enumerate(model.get_blocks()):
+        for name, m in block.named_modules():
+            if isinstance(m, nn.Linear):
+                def hook(m, x, y, key=(i, name)):
+                    t = x[0].reshape(-1, x[0].shape[-1]).abs().amax(0).float()
+                    scales[key] = torch.maximum(scales[key], t) if key in scales else t
+                hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        for row in ids:
+            model(row[None])
+    for h in hooks:
+        h.remove()
+    return scales
+
+
+def study_smooth(model, ids, alpha=0.5):
+    """duquant() with --smooth: s per pair from the named linear's weight max, CLIPMIN floors, then
+    smooth_and_let_inplace (truncate_number at 1e-2; under GQA the v -> out fold raises and the out
+    projection divides its input online instead). Returns the online divisions {block: s_out}."""
+    act_scales = study_act_scales(model, ids)
+    fam = model.family.name
+    online = {}
+    for i, block in enumerate(model.get_blocks()):
+        p = {}
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                for key in STUDY_PAIRS[fam]:
+                    if key in name:
+                        act = act_scales[(i, name)].to(module.weight.dtype).clamp(min=CLIPMIN)
+                        weight = module.weight.abs().max(dim=0)[0].clamp(min=CLIPMIN)
+                        p[STUDY_PAIRS[fam][key]] = (act.pow(alpha) / weight.pow(1 - alpha)).clamp(min=CLIPMIN)
+        for k in p:   # truncate_number(module, 1e-2): |s| < 1e-2 becomes 1e-2 (s > 0 here)
+            small = p[k].abs() < 1e-2
+            p[k][small] = p[k][small].sign() * 1e-2
+        names = ({"norm": "attn_norm", "qkv": ["q_proj", "k_proj", "v_proj"], "ffn": "ff_norm",
+                  "fc1": ["up_proj", "ff_proj"], "up": "up_proj", "down": "ff_out", "v": "v_proj", "o": "attn_out"}
+                 if fam == "llada" else
+                 {"norm": "input_layernorm", "qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                  "ffn": "post_attention_layernorm", "fc1": ["mlp.up_proj", "mlp.gate_proj"], "up": "mlp.up_proj",
+                  "down": "mlp.down_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"})
+        get = block.get_submodule
+        with torch.no_grad():
+            for norm, fcs, s in ((names["norm"], names["qkv"], p["qkv"]), (names["ffn"], names["fc1"], p["fc1"])):
+                get(norm).weight.div_(s)                        # smooth_ln_fcs_inplace (shifts are 0)
+                for fc in fcs:
+                    get(fc).weight.mul_(s.view(1, -1))
+            for fc1, fc2, s in ((names["up"], names["down"], p["down"]), (names["v"], names["o"], p["out"])):
+                v, o = get(fc1), get(fc2)
+                if v.out_features != o.in_features:              # smooth_fc_fc_inplace fails -> smooth_fc_inplace
+                    o.weight.mul_(s.view(1, -1))
+                    online[i] = s
+                    continue
+                if v.bias is not None:
+                    v.bias.div_(s.view(-1))
+                v.weight.div_(s.view(-1, 1))
+                o.weight.mul_(s.view(1, -1))
+    return online
+
+
+def _dllmq_smooth(model, ids, config):
+    method = SmoothQuant(config)
+    inputs, rope, mask = capture_block_inputs(model, ids, torch.device("cpu"), torch.device("cpu"))
+    for i, block in enumerate(model.get_blocks()):
+        ctx = BlockContext(block, i, inputs, rope, mask, torch.device("cpu"), config)
+        method.smooth(ctx)
+        inputs = ctx.run(keep_outputs=True)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["random-llada", "random-dream"])
+def test_paper_smoothquant_smooths_as_the_study(name):
+    ids = _ids()
+    study, _ = random_model(name, seed=5, dtype=torch.float64)
+    with torch.no_grad():   # a few large channels, so that floors and weight maxima matter
+        for block in study.get_blocks():
+            block.get_submodule(study.family.groups[0].source).weight[[3, 17]] *= 40.0
+    ours, dllmq = (random_model(name, seed=5, dtype=torch.float64)[0] for _ in range(2))
+    ours.load_state_dict(study.state_dict()), dllmq.load_state_dict(study.state_dict())
+    with torch.no_grad():
+        before = ours(ids)
+    fam = study.family.name
+    online = study_smooth(study, ids)
+    _dllmq_smooth(ours, ids, QuantConfig("smoothquant", profile="paper", family=fam, **W4A4))
+    _dllmq_smooth(dllmq, ids, QuantConfig("smoothquant", **W4A4))
+    want, got, default = _state(study), _state(ours), _state(dllmq)
+    for key, w in want.items():
+        assert torch.allclose(got[key], w, rtol=1e-5, atol=1e-9), key   # dllmq takes maxima in float32
+    assert any(not torch.allclose(default[k], w, rtol=1e-3) for k, w in want.items())   # the test can fail
+    # Dream (GQA): v -> out divides online, and the full-precision function is unchanged
+    assert bool(online) == (fam == "dream")
+    for i, s in online.items():
+        o = ours.get_blocks()[i].get_submodule("self_attn.o_proj")
+        assert isinstance(o.input_transform, InputScale) and torch.allclose(o.input_transform.scale.double(), s, rtol=1e-5)
+    with torch.no_grad():
+        after = ours(ids)
+    assert ((after - before).norm() / before.norm()).item() < 1e-10
+
+
+def test_paper_smoothquant_floor_and_single_linear_maxima_are_the_studys():
+    paper = QuantConfig("smoothquant", profile="paper", family="dream", **W4A4).settings
+    assert (paper.weight_max, paper.scale_floor, paper.online_division, paper.smooth_pairs) == ("study", 0.01, True,
+                                                                                               True)
+    flat = QuantConfig("smoothquant", **W4A4).to_dict()
+    assert not {"weight_max", "scale_floor", "online_division", "qkv_quant"} & set(flat)   # default keys unchanged
+    again = QuantConfig.from_dict(QuantConfig("smoothquant", profile="paper", family="dream", **W4A4).to_dict())
+    assert again.settings == paper and again.qkv_quant and again.seed == 2
+
+
+# -- item 6: Q, K and V at the activation bits (QuantMatMul's quantizers in int_llada_layer.py) --------------
+def study_get_hadamard(n):
+    """utils.get_hadamard: Sylvester's construction, normalized at every level."""
+    if n == 1:
+        return torch.tensor([[1.]], dtype=torch.float64)
+    h = study_get_hadamard(n // 2)
+    return torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0) / math.sqrt(2)
+
+
+def study_per_token_quant(x, n_bits, lac=None, hadamard_block=None):
+    """UniformAffineQuantizer.forward, dynamic_method per_token, asymmetric: init_duquant (rotate=None:
+    x.reshape(-1, block) @ H when quant_method is duquant), then per_token_dynamic_calibration and fake_quant."""
+    if hadamard_block is not None:
+        shape = x.shape
+        x = x.reshape(-1, hadamard_block).matmul(study_get_hadamard(hadamard_block).to(x)).view(shape)
+    xmin, xmax = x.amin([-1], keepdim=True), x.amax([-1], keepdim=True)
+    if lac:
+        xmax, xmin = lac * xmax, lac * xmin
+    scale = ((xmax - xmin) / (2 ** n_bits - 1)).clamp(min=1e-5, max=1e4)
+    round_zero_point = (-xmin / scale).clamp(min=-1e4, max=1e4).round()
+    x_int = torch.round(x / scale).add(round_zero_point).clamp(0, 2 ** n_bits - 1)
+    return x_int.sub(round_zero_point).mul(scale)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("duquant", [False, True])
+def test_qkv_quantizer_is_the_studys_matmul_quantizers(bits, duquant):
+    """head_dim 128 = the study's block_size: the reshape(-1, 128) Hadamard acts per head and token."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 128, generator=g, dtype=torch.float64) * 3 + 0.5 for _ in range(3))
+    q[..., 7] += 20.0
+    lac = 0.9 if duquant else None
+    block = 128 if duquant else None
+    mine = QKVQuantizer(bits, qk_clip=lac or 1.0, hadamard_block=block)
+    got = mine(q, k, v)
+    want = (study_per_token_quant(q, bits, lac, block), study_per_token_quant(k, bits, lac, block),
+            study_per_token_quant(v, bits))   # v_quant_params: no quant_method, no lac
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-9)
+    # on values of one sign the study's grid (zero not widened into the range) is not dllmq's K/V grid
+    from dllmq.quant.activations import KVQuantizer
+    pos = v.abs() + 10
+    mine_v = mine(q, k, pos)[2]
+    assert torch.allclose(mine_v, study_per_token_quant(pos, bits), atol=1e-9)
+    assert not torch.allclose(KVQuantizer(bits, group_size=128, clip_ratio=1.0)(q, k, pos)[2], mine_v, atol=1e-6)
+    if duquant:   # Q and K come back rotated: Q K^T is that of the unrotated Q, K up to quantization
+        assert not torch.allclose(got[0], study_per_token_quant(q, bits, lac), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "duquant"])
+def test_paper_profile_quantizes_qkv_and_dllmq_does_not(method):
+    from dllmq.quant.pipeline import quantize_model
+    model, _ = random_model("random-llada", seed=1)
+    extra = {"rotation_steps": 2} if method == "duquant" else {}
+    paper = QuantConfig(method, profile="paper", **W4A4, **extra).for_family("llada")
+    quantize_model(model, paper.make_method(), _ids(2, 16), progress=False)
+    hook = model.get_blocks()[0].kv_hook
+    assert isinstance(hook, QKVQuantizer) and hook.bits == 4
+    assert (hook.hadamard_block, hook.qk_clip) == ((128, 0.9) if method == "duquant" else (None, 1.0))
+    plain, _ = random_model("random-llada", seed=1)
+    quantize_model(plain, QuantConfig(method, **W4A4, **extra).make_method(), _ids(2, 16), progress=False)
+    assert plain.get_blocks()[0].kv_hook is None
+    assert OPTIONAL["qkv_quant"] is False
