@@ -234,3 +234,135 @@ def test_paper_profile_quantizes_qkv_and_dllmq_does_not(method):
     quantize_model(plain, QuantConfig(method, **W4A4, **extra).make_method(), _ids(2, 16), progress=False)
     assert plain.get_blocks()[0].kv_hook is None
     assert OPTIONAL["qkv_quant"] is False
+
+
+# -- item 7: DuQuant's rotation as get_rot.py, utils.get_rot and quantizer.py build it -----------------------
+def study_exchange(i, j, tensor):
+    indices_row = torch.arange(tensor.size(0))
+    indices_row[i], indices_row[j] = indices_row[j].item(), indices_row[i].item()
+    tensor = tensor[indices_row]
+    indices_col = torch.arange(tensor.size(1))
+    indices_col[i], indices_col[j] = indices_col[j].item(), indices_col[i].item()
+    return tensor[:, indices_col]
+
+
+def study_rot_pkl(n):
+    """get_rot.py main(): the matrix stored in Rot.pkl for order n."""
+    R = torch.eye(n, dtype=torch.float64)
+    for i in range(n - 1):
+        rot_i = torch.eye(n, dtype=torch.float64)
+        cos = 1 / math.sqrt(i + 2)
+        sin = math.sqrt(i + 1) / math.sqrt(i + 2)
+        rot_i[i, i] = rot_i[i + 1, i + 1] = cos
+        rot_i[i, i + 1] = -sin
+        rot_i[i + 1, i] = sin
+        R = torch.matmul(rot_i, R)
+    return study_exchange(0, n - 1, R)
+
+
+def study_get_rot(n, generator):
+    """utils.get_rot (its torch.randn drawn from `generator` instead of the global RNG)."""
+    R = study_rot_pkl(n)
+    random_matrix = torch.randn(n - 1, n - 1, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(random_matrix)
+    q = torch.cat([torch.zeros(n - 1, 1, dtype=torch.float64), q], dim=1)
+    q = torch.cat([torch.zeros(1, n, dtype=torch.float64), q], dim=0)
+    q[0, 0] = 1
+    return torch.matmul(R, q)
+
+
+def study_rotation(weight, block_size, max_rotation_step, generator):
+    """UniformAffineQuantizer.rotation with score_func None, other None."""
+    _weight = weight.clone()
+    hidden_dim = weight.shape[-1]
+    exchange_ids, peak_values = [], []
+    weight = weight.reshape(-1, block_size)
+    Rot = study_get_rot(block_size, generator)
+    for j in range(max_rotation_step):
+        r, c = divmod(weight.argmax().item(), weight.shape[-1])
+        r2, c2 = divmod(weight.argmin().item(), weight.shape[-1])
+        peak_values.append((weight[r, c] - weight[r2, c2]).item())
+        exchange_id = r if weight[r, c].abs() > weight[r2, c2].abs() else r2
+        exchange_ids.append(exchange_id)
+        R = study_exchange(0, exchange_id % block_size, Rot.clone())
+        weight = torch.matmul(weight, R)
+    r, c = divmod(weight.argmax().item(), weight.shape[-1])
+    r2, c2 = divmod(weight.argmin().item(), weight.shape[-1])
+    peak_values.append((weight[r, c] - weight[r2, c2]).item())
+    weight = _weight.clone()
+    select_length = torch.argmin(torch.tensor(peak_values)).item()
+    exchange_ids = exchange_ids[:select_length]
+    R_ = torch.eye(block_size, dtype=torch.float64)
+    for exchange_id in exchange_ids:
+        R_ = torch.matmul(R_, study_exchange(0, exchange_id % block_size, Rot.clone()))
+    return torch.matmul(weight.reshape(-1, block_size), R_).reshape(-1, hidden_dim), R_
+
+
+def study_permutation_zigzag(weight, block_size):
+    hidden_dim = weight.shape[-1]
+    weight_max = weight.abs().max(dim=0).values
+    pairs = [(i, weight_max[i].item()) for i in range(hidden_dim)]
+    pairs.sort(key=lambda x: x[1], reverse=True)
+    cur, up = 0, True
+    lists = [[] for _ in range(hidden_dim // block_size)]
+    for p in pairs:
+        lists[cur].append(p)
+        if up:
+            cur += 1
+            if cur == len(lists):
+                cur, up = cur - 1, False
+        else:
+            cur -= 1
+            if cur == -1:
+                cur, up = cur + 1, True
+    for lst in lists:
+        lst.sort(key=lambda x: x[1], reverse=True)
+    perm = torch.zeros(hidden_dim, dtype=torch.long)
+    for i, lst in enumerate(lists):
+        perm[i * block_size:(i + 1) * block_size] = torch.tensor([p[0] for p in lst])
+    return weight[:, perm], perm
+
+
+def study_online_duquant_cali(x, block_size, steps, generator):
+    """permutation_times 1: rotation, zigzag, rotation. Returns the transformed x, [R1, R2] and the perm."""
+    x, R1 = study_rotation(x, block_size, steps, generator)
+    x, perm = study_permutation_zigzag(x, block_size)
+    x, R2 = study_rotation(x, block_size, steps, generator)
+    return x, (R1, R2), perm
+
+
+def study_init_duquant_weight(w, Rs, perm, block_size):
+    """init_duquant on a weight [out, in] with the act quantizer's R and permutation_list copied."""
+    shape = w.shape
+    w = w.reshape(-1, block_size).matmul(Rs[0]).reshape(shape)[:, perm]
+    return w.reshape(-1, block_size).matmul(Rs[1]).reshape(shape)
+
+
+def test_givens_base_and_random_factor_are_get_rot():
+    from dllmq.quant.duquant_rotation import givens_cascade, random_base
+    for n in (2, 8, 128):
+        assert torch.allclose(givens_cascade(n), study_rot_pkl(n), atol=1e-12)
+        a, b = random_base(n, torch.Generator().manual_seed(7)), study_get_rot(n, torch.Generator().manual_seed(7))
+        assert torch.allclose(a, b, atol=1e-12) and torch.allclose(a @ a.T, torch.eye(n, dtype=torch.float64),
+                                                                    atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [0, 3, 40])
+def test_paper_duquant_rotation_is_the_studys(steps):
+    from dllmq.quant.methods.duquant import DuQuantTransform
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 384, generator=g, dtype=torch.float64)
+    x[:, [5, 200, 301]] *= 30.0
+    x[7, 90] = -80.0
+    w = torch.randn(20, 384, generator=g, dtype=torch.float64)
+    want, Rs, perm = study_online_duquant_cali(x.clone(), 128, steps, torch.Generator().manual_seed(3))
+    t = DuQuantTransform.fit_study(x, torch.ones(384), 128, steps, torch.Generator().manual_seed(3))
+    assert torch.equal(t.perm, perm)
+    for i in range(3):   # one rotation shared by every block of 128 channels, each side
+        assert torch.allclose(getattr(t, f"r1_{i}").double(), Rs[0], atol=1e-6)
+        assert torch.allclose(getattr(t, f"r2_{i}").double(), Rs[1], atol=1e-6)
+    assert torch.allclose(t.double()(x), want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(t.double().orthogonal(w), study_init_duquant_weight(w, Rs, perm, 128), atol=1e-5)
+    if steps:   # dllmq's greedy rotation is another transform
+        greedy = DuQuantTransform.fit(x.float(), torch.ones(384), 128, steps)
+        assert not torch.allclose(greedy.double()(x), want, atol=1e-2)

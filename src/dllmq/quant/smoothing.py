@@ -47,6 +47,13 @@ def study_weight_linear(family, group: LinearGroup) -> str:
     return group.linears[0]
 
 
+def group_scales(ctx: BlockContext, group: LinearGroup, act_max: torch.Tensor, alpha: float, weight_max: str = "group",
+                 floor: float = 1e-5) -> torch.Tensor:
+    """A group's s, with max|W| over all its linears (`group`) or the one the study's code names (`study`)."""
+    names = [study_weight_linear(ctx.family, group)] if weight_max == "study" else group.linears
+    return smoothing_scales(act_max, [ctx.linear(n).weight for n in names], alpha, floor)
+
+
 class InputScale(nn.Module):
     """x -> x / s at run time, for a smoothing pair whose source cannot carry 1/s (under GQA, v's
     outputs are repeated across heads before the out projection reads them). A buffer, so a saved

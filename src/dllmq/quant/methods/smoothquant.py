@@ -23,7 +23,7 @@ from dllmq.quant.block import BlockContext, QuantizedWeight
 from dllmq.quant.methods.base import WEIGHT_ACTIVATION, Method
 from dllmq.quant.rounding import round_block
 from dllmq.quant.smoothing import (ALPHA_HELP, InputScale, can_fold, channel_absmax, check_alpha, divide_online,
-                                   fold_scales, smoothing_scales, source_carries_scales, study_weight_linear)
+                                   fold_scales, group_scales, source_carries_scales)
 from dllmq.quant.specs import MethodSettings, setting
 
 WEIGHT_MAX = ("group", "study")
@@ -76,10 +76,8 @@ class SmoothQuant(Method):
             foldable = group.reads_norm or can_fold(ctx, group)
             if not (foldable or st.online_division):
                 continue
-            names = [study_weight_linear(ctx.family, group)] if st.weight_max == "study" else group.linears
-            weights = [ctx.linear(n).weight for n in names]
-            s = smoothing_scales(channel_absmax(feats[group.role]), weights, st.alpha, st.scale_floor)
-            s = s.to(weights[0].device)
+            s = group_scales(ctx, group, channel_absmax(feats[group.role]), st.alpha, st.weight_max, st.scale_floor)
+            s = s.to(ctx.linear(group.linears[0]).weight.device)
             if foldable:
                 fold_scales(ctx, group, s)
             else:
