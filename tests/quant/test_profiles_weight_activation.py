@@ -443,3 +443,27 @@ def test_paper_duquant_fits_on_the_mean_window_through_quantized_layers(name, bl
             assert torch.allclose(t.r1_0.double(), R1, atol=1e-6) and torch.allclose(t.r2_0.double(), R2, atol=1e-6)
     if name == "random-dream":   # GQA: the out projection divides by s inside its transform
         assert not torch.allclose(ours.get_blocks()[0].self_attn.o_proj.input_transform.inv_smooth, torch.ones(112))
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "duquant"])
+def test_paper_models_save_and_reload_with_their_online_pieces(tmp_path, method):
+    """random-dream (GQA): SmoothQuant's online division and DuQuant's shared rotations, and the Q/K/V
+    quantizer, come back from the checkpoint; the reloaded model computes the same logits."""
+    import dllmq
+    from dllmq.quant import quantize, save_quantized
+    model, tok, _ = dllmq.load_model("random-dream", dtype="float32")
+    extra = {"rotation_block": 8, "rotation_steps": 4} if method == "duquant" else {}
+    quantize(model, tok, QuantConfig(method, profile="paper", nsamples=2, seqlen=16, **W4A4, **extra), progress=False)
+    out = save_quantized(model, tok, tmp_path / "q")
+    again, _, _ = dllmq.load_model(str(out), dtype="float32")
+    from dllmq.quant.methods.duquant import DuQuantTransform
+    o = again.get_blocks()[0].self_attn.o_proj.input_transform
+    assert isinstance(o, InputScale if method == "smoothquant" else DuQuantTransform)
+    divides = o.scale if method == "smoothquant" else 1 / o.inv_smooth
+    assert not torch.allclose(divides, torch.ones_like(divides))   # v -> out under GQA: divided online
+    assert isinstance(again.get_blocks()[0].kv_hook, QKVQuantizer)
+    qc = again.config.raw["quantization_config"]["dllmq"]
+    assert qc["qkv_quant"] and qc["seed"] == 2 and qc["profile"] == "paper"
+    ids = torch.randint(0, 250, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), again(ids), atol=1e-5)

@@ -74,7 +74,7 @@ def source_carries_scales(block: nn.Module, group: LinearGroup) -> bool:
     """Whether the group's source can take 1/s: a norm always, a linear only when its outputs are exactly
     the group's inputs (not under GQA, where v's outputs are repeated across heads first)."""
     source = block.get_submodule(group.source)
-    if isinstance(source, nn.Linear):
+    if hasattr(source, "out_features"):   # a linear, full precision or already quantized (a model being loaded)
         return source.out_features == block.get_submodule(group.linears[0]).in_features
     return True
 
