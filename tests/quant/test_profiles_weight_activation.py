@@ -169,6 +169,14 @@ def test_paper_smoothquant_floor_and_single_linear_maxima_are_the_studys():
     assert not {"weight_max", "scale_floor", "online_division", "qkv_quant"} & set(flat)   # default keys unchanged
     again = QuantConfig.from_dict(QuantConfig("smoothquant", profile="paper", family="dream", **W4A4).to_dict())
     assert again.settings == paper and again.qkv_quant and again.seed == 2
+    # explicit choices win over the profile's Q/K/V quantization; given both, one sentence
+    assert not QuantConfig("smoothquant", profile="paper", family="dream", kv_bits=8, **W4A4).qkv_quant
+    assert not QuantConfig("smoothquant", profile="paper", family="dream", wformat="mxfp4", aformat="mxfp4").qkv_quant
+    from dllmq.errors import DllmqError
+    with pytest.raises(DllmqError, match="leave --kv-bits out"):
+        QuantConfig("smoothquant", qkv_quant=True, kv_bits=8, **W4A4)
+    with pytest.raises(DllmqError, match="give --abits"):
+        QuantConfig("rtn", qkv_quant=True)
 
 
 # -- item 6: Q, K and V at the activation bits (QuantMatMul's quantizers in int_llada_layer.py) --------------

@@ -64,6 +64,9 @@ class QuantConfig:
         self.family = None if family is None or profile != "paper" else str(family)
         self._given = dict(given)
         profiled = cls.paper_settings(self.family) if profile == "paper" else {}
+        if profiled.get("qkv_quant") and (given.get("kv_bits", NOT_QUANTIZED) != NOT_QUANTIZED
+                                          or given.get("aformat", INT) != INT):
+            profiled.pop("qkv_quant")   # an explicit K/V or floating-point activation choice wins over the profile
         self._build(cls, **{**profiled, **given})
         if self.keep_fp and family is not None:
             keep_fp_linears(_family(str(family)), self.keep_fp)   # unknown names fail now, not after loading
