@@ -13,6 +13,11 @@ The transform T = diag(1/s) R1 P R2 runs online on the activations and its inver
 into the weights, W' = (W diag(s)) R1 P R2 (R orthogonal, P a permutation), so the full-precision
 model is unchanged. Then weights are rounded per channel (clip 0.8 at 4 bits) and activations
 quantized per token (asymmetric, clip 0.9 at 4 bits), the study's settings.
+
+With `rotation="study"` (the paper profile, docs/fidelity.md item 7) the study code's own construction runs
+instead: its smoothing folds, one Givens-based rotation shared by all blocks of a linear's input
+(dllmq.quant.duquant_rotation), fitted group by group on the mean calibration window as the already
+quantized layers transform it.
 """
 from __future__ import annotations
 
@@ -213,7 +218,7 @@ def _starts(sizes: list[int]) -> list[int]:
 class DuQuantSettings(MethodSettings):
     alpha: float = setting(0.6, ALPHA_HELP, flag="--alpha")
     rotation_block: int = setting(128, "channels per block of the block-diagonal rotations")
-    rotation_steps: int = setting(256, "greedy steps per rotation block at most")
+    rotation_steps: int = setting(256, "steps per rotation: at most (greedy), or all, keeping the best prefix (study)")
     rotation: str = setting("greedy", "dllmq's greedy Hadamard rotations per block, fitted on the calibration set "
                             "(greedy), or the study's construction (study): its smoothing folds, one Givens-based "
                             "rotation shared by all blocks, fitted on the mean calibration window passed through "
