@@ -475,3 +475,17 @@ def test_paper_models_save_and_reload_with_their_online_pieces(tmp_path, method)
     ids = torch.randint(0, 250, (2, 12))
     with torch.no_grad():
         assert torch.allclose(model(ids), again(ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed_flag, seed", [([], 2), (["--seed", "5"], 5)])
+def test_cli_paper_smoothquant_takes_the_studys_seed_unless_given(tmp_path, capsys, seed_flag, seed):
+    import json
+    from dllmq.cli import main
+    out = tmp_path / "q"
+    code = main(["quantize", "random-dream", "--method", "smoothquant", "--preset", "W4A4", "--profile", "paper",
+                 "--nsamples", "2", "--seqlen", "16", *seed_flag, "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]["dllmq"]
+    assert qc["seed"] == seed and qc["qkv_quant"] and qc["weight_max"] == "study" and qc["online_division"]
+    assert f"seed={seed}" in err
