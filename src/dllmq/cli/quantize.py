@@ -95,7 +95,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_method_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, seed=None)   # --seed given or not: the paper profile has its own calibration seed
 
 
 def run(args) -> None:
@@ -109,8 +109,9 @@ def run(args) -> None:
     settings = merge_preset(preset_settings(args.preset), {k: v for k, v in flags.items() if v is not None})
     if args.profile not in PROFILES:
         raise DllmqError(f"Unknown --profile {args.profile!r}; choose {' or '.join(PROFILES)}.")
-    given = dict(method=args.method, calib=args.calib, seed=args.seed, **settings,
-                 **method_settings_from_args(args, args.method))
+    given = dict(method=args.method, calib=args.calib, **settings, **method_settings_from_args(args, args.method))
+    if args.seed is not None:   # given, it wins; left out, the profile's seed (the paper's SmoothQuant/DuQuant: 2)
+        given["seed"] = args.seed
     if args.nsamples is not None:
         given["nsamples"] = args.nsamples
     for key in ("calib_windows", "mask_schedule", "weighting"):
@@ -137,6 +138,8 @@ def run(args) -> None:
     if args.profile == "paper":
         for line in paper_lines(config):
             print(line, file=sys.stderr)
+    if args.seed is None:
+        args.seed = 0   # what a built-in random model is built with, whatever the calibration seed
     model, tokenizer, family = load(args)
     report = quantize(model, tokenizer, config, device=args.calib_device or args.device,
                       offload_activations=args.offload_activations, progress=True)

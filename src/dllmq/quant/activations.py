@@ -126,6 +126,46 @@ class KVQuantizer(nn.Module):
         return f"bits={self.bits}, group={self.group_size}, clip={self.clip_ratio}, rotate_qk={self.rotate_qk}"
 
 
+def study_token_fake_quantize(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """The study's per-token dynamic asymmetric grid (DuQuant's UniformAffineQuantizer, `per_token`): over
+    the last dim, xmin and xmax times clip (not widened to include zero, unlike dllmq's grid), scale
+    (xmax - xmin) / (2^b - 1) kept in [1e-5, 1e4], zero round(-xmin / scale). Computed in float32."""
+    xf = x.float()
+    xmin, xmax = xf.amin(-1, keepdim=True) * clip, xf.amax(-1, keepdim=True) * clip
+    maxq = 2 ** bits - 1
+    scale = ((xmax - xmin) / maxq).clamp(1e-5, 1e4)
+    zero = (-xmin / scale).clamp(-1e4, 1e4).round()
+    q = (torch.round(xf / scale) + zero).clamp(0, maxq)
+    return ((q - zero) * scale).to(x.dtype)
+
+
+class QKVQuantizer(nn.Module):
+    """A block's kv_hook for the study's SmoothQuant / DuQuant runs: Q, K and V (after RoPE, [B, heads, L,
+    head_dim]) quantized per head and token at the activation bits on the study's grid; Q and K clipped at
+    `qk_clip`, V never. With `hadamard_block`, Q and K are first multiplied by a normalized Hadamard of that
+    order along each head (DuQuant's QuantMatMul with rotate=None; Q K^T is unchanged, and Q, K stay rotated);
+    when head_dim is not a multiple of the block, by one of order head_dim. The attention probabilities stay
+    in full precision."""
+
+    def __init__(self, bits: int, qk_clip: float = 1.0, hadamard_block: int | None = None):
+        super().__init__()
+        self.bits, self.qk_clip, self.hadamard_block = bits, qk_clip, hadamard_block
+
+    def _rotate(self, t: torch.Tensor) -> torch.Tensor:
+        d = t.shape[-1]
+        b = self.hadamard_block if d % self.hadamard_block == 0 else d
+        return fast_hadamard(t.reshape(*t.shape[:-1], d // b, b)).reshape(t.shape)
+
+    def forward(self, q, k, v):
+        if self.hadamard_block:
+            q, k = self._rotate(q), self._rotate(k)
+        return (study_token_fake_quantize(q, self.bits, self.qk_clip),
+                study_token_fake_quantize(k, self.bits, self.qk_clip), study_token_fake_quantize(v, self.bits))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, qk_clip={self.qk_clip}, hadamard_block={self.hadamard_block}"
+
+
 def attach_quantizers(block: Block, act: ActSpec, kv: KVSpec, rotate_qk: bool = False) -> None:
     """Per-token activation quantizers on every block linear, and the K/V quantizer when asked."""
     for name in block.family.block_linears:

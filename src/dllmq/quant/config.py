@@ -28,7 +28,7 @@ SHARED = ("wbits", "group_size", "sym", "weight_clip", "abits", "act_sym", "act_
 # Settings a flat config lists after the method's own only where they differ from these defaults, so
 # the configs (and study keys) of runs that do not use them read exactly as before they existed.
 OPTIONAL = {"profile": "dllmq", "family": None, "keep_fp": [], "calib_windows": "random", "group_order": "execution",
-            "mask_schedule": "none", "weighting": "none"}
+            "mask_schedule": "none", "weighting": "none", "qkv_quant": False}
 
 PROFILES = ("dllmq", "paper")   # dllmq's defaults, or the study code's (docs/fidelity.md)
 DEFAULT_PROFILE = "dllmq"
@@ -66,6 +66,9 @@ class QuantConfig:
         self.family = None if family is None or profile != "paper" else str(family)
         self._given = dict(given)
         profiled = cls.paper_settings(self.family) if profile == "paper" else {}
+        if profiled.get("qkv_quant") and (given.get("kv_bits", NOT_QUANTIZED) != NOT_QUANTIZED
+                                          or given.get("aformat", INT) != INT):
+            profiled.pop("qkv_quant")   # an explicit K/V or floating-point activation choice wins over the profile
         self._build(cls, **{**profiled, **given})
         if self.keep_fp and family is not None:
             keep_fp_linears(_family(str(family)), self.keep_fp)   # unknown names fail now, not after loading
@@ -93,7 +96,7 @@ class QuantConfig:
                kv_group_size: int = 128, kv_clip: float = 0.95, calib: str = "wiki", nsamples: int = 128,
                seqlen: int = 2048, seed: int = 0, keep_fp: Any = (), calib_windows: str = "random",
                group_order: str = "execution", mask_schedule: Any = "none", weighting: Any = "none",
-               wformat: str = INT, aformat: str = INT, **settings: Any) -> None:
+               wformat: str = INT, aformat: str = INT, qkv_quant: bool = False, **settings: Any) -> None:
         self.method_class: type[Method] = cls
         self.method = cls.name
         self.settings: MethodSettings = cls.Settings.build(cls.name, settings)
@@ -155,6 +158,13 @@ class QuantConfig:
         if self.keep_fp and self.weight_activation:
             raise DllmqError(f"--keep-fp works with weight-only quantization; {cls.name} with activation bits runs "
                              "online transforms and activation quantizers on every linear, so leave --keep-fp out.")
+        # Q, K and V quantized at the activation bits after RoPE (the study's SmoothQuant / DuQuant runs)
+        self.qkv_quant = bool(qkv_quant)
+        if self.qkv_quant and not (self.weight_activation and afmt.name == INT):
+            raise DllmqError(f"qkv_quant quantizes Q, K and V at the integer activation bits; {cls.name} here has "
+                             "none, so give --abits (e.g. a W4A4 preset) or leave qkv_quant out.")
+        if self.qkv_quant and self.kv.enabled:
+            raise DllmqError("qkv_quant already quantizes K and V at the activation bits; leave --kv-bits out.")
         self.seed = seed
         if not self.needs_calibration and mask_schedule != NONE:
             raise DllmqError(f"--mask-schedule shapes calibration text, and {cls.name} with these settings does not "
@@ -190,7 +200,7 @@ class QuantConfig:
             formats = {"wformat": w.format, "aformat": a.format}
         optional = {"profile": self.profile, "family": self.family, "keep_fp": list(self.keep_fp),
                     "calib_windows": cal.windows, "group_order": cal.group_order,
-                    "mask_schedule": cal.mask_schedule, "weighting": cal.weighting}
+                    "mask_schedule": cal.mask_schedule, "weighting": cal.weighting, "qkv_quant": self.qkv_quant}
         return {"method": self.method, **dict(zip(SHARED, shared)), **formats, **self.settings.to_dict(),
                 **{k: v for k, v in optional.items() if v != OPTIONAL[k]}}
 

@@ -89,10 +89,13 @@ class CalibSpec:
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, invert: bool = False,
-            choices: tuple[str, ...] | None = None) -> Any:
+            choices: tuple[str, ...] | None = None, optional: bool = False) -> Any:
     """A method setting: its default, one line of help and, when the CLI exposes it, its flag. A
-    boolean flag sets True, or False with `invert` (e.g. --no-clip for clip=True)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "invert": invert, "choices": choices})
+    boolean flag sets True, or False with `invert` (e.g. --no-clip for clip=True). An `optional`
+    setting is listed in the flat form only where it differs from its default, so adding one leaves
+    the saved configs and study keys of runs that do not use it as they were."""
+    return field(default=default, metadata={"help": help, "flag": flag, "invert": invert, "choices": choices,
+                                            "optional": optional})
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,6 @@ class MethodSettings:
     # Settings added after configs were first saved, with the behaviour those configs ran: a stored
     # config that lacks one of them is read with this value, not today's default.
     STORED_BEFORE: ClassVar[dict[str, Any]] = {}
-    # Settings the flat form lists only where they differ from their defaults (the paper profile's
-    # additions), so the configs and study keys of runs that leave them alone read as before they existed.
-    LISTED_WHEN_SET: ClassVar[tuple[str, ...]] = ()
 
     def check(self) -> None:
         """Raise DllmqError for a value the method cannot use."""
@@ -123,7 +123,13 @@ class MethodSettings:
         settings.check()
         return settings
 
+    @classmethod
+    def listed_names(cls) -> tuple[str, ...]:
+        """The settings a flat form always lists (the optional ones only where set otherwise)."""
+        return tuple(f.name for f in fields(cls) if not f.metadata.get("optional"))
+
     def to_dict(self) -> dict[str, Any]:
-        defaults = {f.name: f.default for f in fields(self)}
-        return {k: v for k, v in asdict(self).items() if k not in self.LISTED_WHEN_SET or v != defaults[k]}
+        values = asdict(self)
+        return {f.name: values[f.name] for f in fields(self)
+                if not (f.metadata.get("optional") and values[f.name] == f.default)}
 

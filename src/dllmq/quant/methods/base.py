@@ -11,7 +11,7 @@ from torch import nn
 
 from dllmq.models.family import Role
 from dllmq.models.modeling import Block, TransformerLM
-from dllmq.quant.activations import attach_quantizers
+from dllmq.quant.activations import QKVQuantizer, attach_quantizers
 from dllmq.quant.block import BlockContext, QuantizedWeight
 from dllmq.quant.formats import FORMAT_NAMES, Format
 from dllmq.quant.specs import ActSpec, MethodSettings
@@ -111,3 +111,9 @@ class Method:
                     linear.input_transform = self.input_transform(group.role, linear.in_features)
         if self.config.weight_activation:
             attach_quantizers(block, self.config.act, self.config.kv, rotate_qk=self.rotate_qk)
+            if self.config.qkv_quant:
+                block.kv_hook = QKVQuantizer(self.config.act.bits, self.config.act.clip, self.qk_hadamard_block())
+
+    def qk_hadamard_block(self) -> int | None:
+        """The order of the Hadamard Q and K get before qkv_quant quantizes them (None: none)."""
+        return None

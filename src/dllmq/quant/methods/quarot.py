@@ -146,22 +146,17 @@ class TokenKVQuantizer(nn.Module):
         return f"bits={self.spec.bits}, per token across heads, symmetric{grid}, clip={self.spec.clip_ratio}"
 
 
-# The settings that reproduce QuaRot's own code; a flat config lists them only where they are on.
-_QUAROT_CODE = ("signed_grid", "cross_head", "kv_per_token")
-
-
 @dataclass(frozen=True)
 class QuaRotSettings(GPTQSettings):
     weight_method: str = setting("gptq", "how the rotated weights are quantized", flag="--weight-method",
                                  choices=("gptq", "rtn"))
     signed_grid: bool = setting(False, "symmetric grids (weights, activations, K/V) scaled max / (2^(b-1) - 1), "
-                                       "codes -2^(b-1)..2^(b-1)-1 (QuaRot's code), instead of 2 max / (2^b - 1)")
+                                       "codes -2^(b-1)..2^(b-1)-1 (QuaRot's code), instead of 2 max / (2^b - 1)",
+                                optional=True)
     cross_head: bool = setting(False, "an online Hadamard across heads before the attention output: with the "
-                                      "per-head one, a full-width Hadamard on its input (QuaRot's code)")
+                                      "per-head one, a full-width Hadamard on its input (QuaRot's code)", optional=True)
     kv_per_token: bool = setting(False, "with --kv-bits: K and V quantized symmetric per token across all heads "
-                                        "(QuaRot's code) instead of per head in groups, asymmetric")
-
-    LISTED_WHEN_SET = _QUAROT_CODE
+                                        "(QuaRot's code) instead of per head in groups, asymmetric", optional=True)
 
     def check(self) -> None:
         super().check()
