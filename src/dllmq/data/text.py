@@ -91,15 +91,20 @@ def _read_bytes(path: Path) -> str:
         raise DllmqError(f"{path} is not UTF-8 text; convert it to UTF-8.") from None
 
 
-def _read_jsonl(path: Path) -> str:
-    texts = []
+def _jsonl_records(path: Path):
+    """(line number, parsed record) of every non-blank line; a line that is not JSON is one sentence."""
     for number, line in enumerate(_read_bytes(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError:
             raise DllmqError(f"Line {number} of {path} is not valid JSON; give one JSON object per line.") from None
+
+
+def _read_jsonl(path: Path) -> str:
+    texts = []
+    for number, record in _jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DllmqError(f"Line {number} of {path} has no string field \"text\"; every line needs one.")
         texts.append(record["text"])
@@ -288,13 +293,7 @@ def chat_windows(tokenizer, path: str | os.PathLike, nsamples: int = 128, seqlen
         raise DllmqError(f"Chat calibration reads a .jsonl file with \"prompt\" and \"response\" fields; {path} is not "
                          ".jsonl.")
     records = []
-    for number, line in enumerate(_read_bytes(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise DllmqError(f"Line {number} of {path} is not valid JSON; give one JSON object per line.") from None
+    for number, record in _jsonl_records(path):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "response")):
             raise DllmqError(f"Line {number} of {path} lacks a string \"prompt\" or \"response\"; chat calibration "
                              "needs both on every line.")
