@@ -139,10 +139,13 @@ def plan_eval(tasks: str | Sequence[str], o: EvalOptions) -> EvalPlan:
     return EvalPlan(names, preset_list, needs_code, limit, overrides, task_manager)
 
 
-def built_tasks(plan: EvalPlan, o: EvalOptions) -> list[tuple[P.TaskPreset, list]]:
-    """(preset, its built Task / Group objects) per task of the plan; call inside dataset_sources."""
+def built_tasks(plan: EvalPlan, o: EvalOptions, family: str | None = None) -> list[tuple[P.TaskPreset, list]]:
+    """(preset, its built Task / Group objects) per task of the plan, the study's own version of a task
+    where the paper profile runs one on `family`; call inside dataset_sources."""
     return [(preset, build_task(plan.task_manager, task_spec(preset, o.allow_code_execution, o.sandbox_limits,
-                                                             o.sandbox_workers), preset))
+                                                             o.sandbox_workers,
+                                                             P.study_task_variant(preset, family, o.profile)),
+                                preset))
             for preset in plan.presets]
 
 
@@ -170,7 +173,6 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
     report_tasks: dict[str, dict] = {}
     samples: list[dict] = []
     with dataset_sources(o.data_dir, o.offline):
-        built = built_tasks(plan, o)
         if model_or_path is None and lm_factory is not None:
             model = tok = path = None
         else:
@@ -179,6 +181,7 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
                 raise DllmqError("The model has no tokenizer; evaluation needs one (pass a (model, tokenizer) pair "
                                  "or put the tokenizer files next to config.json).")
         family = model.family.name if model is not None else "llada"
+        built = built_tasks(plan, o, family)   # after the model: the paper profile's tasks depend on its family
         model_label = o.model_name or path or type(model).__name__
         with keep_dequantized_weights(model) if model is not None else nullcontext():  # dequantized once
             for preset, objs in built:
