@@ -10,7 +10,8 @@ The harness's own humaneval / mbpp tasks score with HF `evaluate`'s code_eval, w
 code in threads of the evaluating process and needs network to load; dllmq's versions replace that
 metric: a filter assembles each program (metrics.humaneval_program / mbpp_program) and runs all of
 them through `sandbox.run_programs` in parallel, and pass@1 is the fraction that passed. Each
-sample's log holds the sandbox's verdict (status and detail).
+sample's log holds the sandbox's verdict (status and detail). `--profile paper` on Dream runs HumanEval
+as the study did instead (humaneval_study_task, dllmq.evaluate.study_code).
 """
 from __future__ import annotations
 
