@@ -108,6 +108,7 @@ def test_static_quantizers_are_never_shared():
 CONFIGS = {
     "smoothquant-W8A8": ("smoothquant", dict(wbits=8, abits=8)),
     "smoothquant-W4A4": ("smoothquant", dict(wbits=4, abits=4)),
+    "smoothquant-W4A4-study-grid": ("smoothquant", dict(wbits=4, abits=4, study_grid=True)),   # its paper grid
     "quarot-W8A8": ("quarot", dict(wbits=8, abits=8, weight_method="rtn")),
     "quarot-W4A4": ("quarot", dict(wbits=4, abits=4, weight_method="rtn")),
     "quarot-W4A4-paper-grid": ("quarot", dict(wbits=4, abits=4, weight_method="rtn", signed_grid=True,

@@ -381,15 +381,16 @@ def study_duquant_flow(model, ids, block_size, steps, act_bits, lac, w_spec):
     statistics, rotate_inps = the mean of the block-0 inputs, then per layer its forward on rotate_inps with
     weights and activations quantized, each act quantizer fitting its rotation (online_duquant_cali) on the
     input it receives (k, v copy q's; up copies gate's); the layer's output is the next layer's rotate_inps.
-    The activation and weight grids here are dllmq's (ActQuantizer, rtn_weight): what is under test is the
-    flow. Returns per layer, per linear that fits, (R1, R2, perm)."""
+    The activation and weight grids here are dllmq's study grid (ActQuantizer, rtn_weight with study_grid,
+    checked against the study's quantizer in test_profiles_study_grid.py): what is under test is the flow.
+    Returns per layer, per linear that fits, (R1, R2, perm)."""
     from dllmq.quant.activations import ActQuantizer
     from dllmq.quant.rounding import rtn_weight
     generator = torch.Generator().manual_seed(2)
     online = study_smooth(model, ids)
     inputs, rope, mask = capture_block_inputs(model, ids, torch.device("cpu"), torch.device("cpu"))
     rotate_inps = torch.cat(inputs).mean(dim=0, keepdim=True)
-    act_q = ActQuantizer(act_bits, clip_ratio=lac)
+    act_q = ActQuantizer(act_bits, clip_ratio=lac, study_grid=True)
     fitted = []
 
     def quant_linear(x, lin, params):
@@ -442,7 +443,7 @@ def test_paper_duquant_fits_on_the_mean_window_through_quantized_layers(name, bl
     ours, _ = random_model(name, seed=5, dtype=torch.float64)
     config = QuantConfig("duquant", profile="paper", rotation_block=block, rotation_steps=steps,
                          **W4A4).for_family(study.family.name)
-    want = study_duquant_flow(study, ids, block, steps, 4, 0.9, config.weight)
+    want = study_duquant_flow(study, ids, block, steps, 4, 0.9, config.make_method().weight_spec())
     quantize_model(ours, config.make_method(), ids, progress=False)
     for i, fits in enumerate(want):
         for lin, ((R1, R2), perm) in fits.items():

@@ -47,7 +47,9 @@ max_length, progress, likelihood (llada: the estimator above; dream: Dream's eva
 `bernoulli_mc_loglikelihood`, with EOS appended to every continuation and no greedy flag),
 max_new_tokens (when gen_length is not given: the generation length is the request's max_gen_toks capped
 at this, or this when the request gives none, as Dream's study evaluation does), nll_type (with likelihood dream: mc, or Dream's autoregressive-order variants ar_ftb / ar_btf,
-`dream_ar_loglikelihood`), stop_strings (false: generations are cut at end-of-text only, not at the request's `until`).
+`dream_ar_loglikelihood`), stop_strings (false: generations are cut at end-of-text only, not at the request's `until`),
+gen_prefix (text every answer opens with, written after the prompt; the answer returned follows it),
+bos_with_chat (with add_bos, BOS also before a chat-formatted prompt, as the study's Dream model does).
 """
 from __future__ import annotations
 
@@ -157,6 +159,8 @@ class DllmqLM(TemplateLM):
         stop_strings: bool | str = True,
         nll_type: str = "mc",
         max_new_tokens: int | None = None,
+        gen_prefix: str | None = None,
+        bos_with_chat: bool | str = False,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -213,6 +217,11 @@ class DllmqLM(TemplateLM):
                              "(--profile paper on a Dream model).")
         self.nll_type = str(nll_type)
         self.max_new_tokens = _as_int("max_new_tokens", max_new_tokens)
+        # the opening of every answer, written after the (chat-formatted) prompt: the study's HumanEval
+        # prefills "```python\n" (presets.PAPER_DREAM_TASK); the answer returned is what follows it
+        self.gen_prefix = "" if gen_prefix in (None, "", "none") else str(gen_prefix)
+        # add_bos also before a chat-formatted prompt (the study's Dream model prepends BOS to every prompt)
+        self.bos_with_chat = _as_bool("bos_with_chat", bos_with_chat)
         self.stop_strings = _as_bool("stop_strings", stop_strings)
         # only(request) -> bool: answer just the requests it accepts (the others get None). The whole list
         # still decides what an accepted request gets (the greedy flag's count per document, the generation
@@ -268,7 +277,9 @@ class DllmqLM(TemplateLM):
                 "greedy": self.greedy, "max_length": self.max_length, "likelihood": self.likelihood,
                 "stop_strings": self.stop_strings,
                 **({"nll_type": self.nll_type} if self.nll_type != "mc" else {}),
-                **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {})}
+                **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {}),
+                **({"gen_prefix": self.gen_prefix} if self.gen_prefix else {}),
+                **({"bos_with_chat": True} if self.bos_with_chat else {})}
 
     # ------------------------------------------------------------------ loglikelihood
     def _wrap_chat(self, context: str) -> str:
@@ -399,7 +410,7 @@ class DllmqLM(TemplateLM):
             settings = self.generation_settings(gen_kwargs.get("max_gen_toks"))
             templated = bool(getattr(self.tokenizer, "bos_token", None)) and context.startswith(self.tokenizer.bos_token)
             chat = self.chat and not templated
-            text = format_prompt(self.tokenizer, context, chat=chat) if chat else context
+            text = (format_prompt(self.tokenizer, context, chat=chat) if chat else context) + self.gen_prefix
             items.append((i, text, chat or templated, tuple(until), settings))
         # batch requests that share settings, longest prompt first (less padding), in a fixed order
         order = sorted(items, key=lambda it: (repr(sorted(it[4].items())), it[2], -len(it[1]), it[0]))
@@ -419,7 +430,7 @@ class DllmqLM(TemplateLM):
                 continue
             texts = [it[1] for it in batch]
             ids, mask = encode_prompts(self.tokenizer, texts, chat=head[2])
-            if self.add_bos and not head[2] and self.tokenizer.bos_token_id is not None:
+            if self.add_bos and (not head[2] or self.bos_with_chat) and self.tokenizer.bos_token_id is not None:
                 ids, mask = _prepend_bos(ids, mask, int(self.tokenizer.bos_token_id), pad_token_id(self.tokenizer))
             ids, mask = self._fit_prompt(ids, mask, head[4]["gen_length"])
             out = generate(self.model, self.tokenizer, ids, sampler=self.sampler,

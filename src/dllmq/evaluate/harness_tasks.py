@@ -13,7 +13,7 @@ from lm_eval.tasks import TaskManager
 
 from dllmq.errors import DllmqError
 from dllmq.evaluate import presets as P
-from dllmq.evaluate.humaneval import SANDBOXED_TASKS
+from dllmq.evaluate.humaneval import SANDBOXED_TASKS, STUDY_TASKS
 from dllmq.evaluate.sources import DatasetUnavailable
 
 # The harness folders that hold the preset tasks (minerva_math's group file sits in benchmarks/).
@@ -52,8 +52,14 @@ def task_manager_for(presets: Sequence[P.TaskPreset], user_paths: tuple[str, ...
     return _task_manager(user_paths, True)
 
 
-def task_spec(preset: P.TaskPreset, allow_code_execution: bool, sandbox_limits, sandbox_workers) -> str | dict:
-    """What TaskManager.load takes for a preset: the harness task name, or dllmq's sandboxed task config."""
+def task_spec(preset: P.TaskPreset, allow_code_execution: bool, sandbox_limits, sandbox_workers,
+              variant: str | None = None) -> str | dict:
+    """What TaskManager.load takes for a preset: the harness task name, or dllmq's sandboxed task config;
+    `variant` (presets.study_task_variant) names the study's own version of the task, which keeps the
+    preset's task name."""
+    if variant is not None:
+        return STUDY_TASKS[variant](allow_code_execution=allow_code_execution, limits=sandbox_limits,
+                                    workers=sandbox_workers, name=preset.harness_task)
     if preset.harness_task in SANDBOXED_TASKS and preset.code_execution:
         return SANDBOXED_TASKS[preset.harness_task](allow_code_execution=allow_code_execution, limits=sandbox_limits,
                                                     workers=sandbox_workers)

@@ -10,7 +10,8 @@ The harness's own humaneval / mbpp tasks score with HF `evaluate`'s code_eval, w
 code in threads of the evaluating process and needs network to load; dllmq's versions replace that
 metric: a filter assembles each program (metrics.humaneval_program / mbpp_program) and runs all of
 them through `sandbox.run_programs` in parallel, and pass@1 is the fraction that passed. Each
-sample's log holds the sandbox's verdict (status and detail).
+sample's log holds the sandbox's verdict (status and detail). `--profile paper` on Dream runs HumanEval
+as the study did instead (humaneval_study_task, dllmq.evaluate.study_code).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import datasets
 
 from dllmq.errors import DllmqError
 from dllmq.evaluate.metrics import HUMANEVAL_STOP, MBPP_STOP, humaneval_program, mbpp_program
+from dllmq.evaluate.study_code import STUDY_HUMANEVAL_UNTIL, study_humaneval_program, study_humaneval_prompt
 from dllmq.evaluate.sandbox import SandboxLimits, SandboxResult, require_opt_in, run_programs
 
 
@@ -180,6 +182,30 @@ def humaneval_task(*, allow_code_execution: bool = False, limits: SandboxLimits 
     return cfg
 
 
+def _study_humaneval_text(doc) -> str:
+    return study_humaneval_prompt(doc["prompt"])
+
+
+def _study_humaneval_build(doc, completion: str) -> str:
+    return study_humaneval_program(doc["prompt"], completion, doc["test"], doc["entry_point"])
+
+
+def humaneval_study_task(*, allow_code_execution: bool = False, limits: SandboxLimits | None = None,
+                         workers: int | None = None, name: str = "humaneval") -> dict:
+    """HumanEval as the study ran it on Dream (its harness task humaneval_instruct_noprefix; the answer's
+    opening code fence comes from the model's `gen_prefix`, study_code's post-processing) with sandboxed pass@1."""
+    cfg = _common(name, _study_humaneval_build, allow_code_execution, limits, workers)
+    cfg.update({
+        "custom_dataset": _humaneval_dataset,
+        "doc_to_text": _study_humaneval_text,
+        "doc_to_target": "{{test}}\ncheck({{entry_point}})",
+        "generation_kwargs": {"until": list(STUDY_HUMANEVAL_UNTIL), "max_gen_toks": 1024, "do_sample": False},
+        "num_fewshot": 0,
+    })
+    cfg["metadata"] = {**cfg["metadata"], "dllmq": "sandboxed pass@1, the study's humaneval_instruct_noprefix"}
+    return cfg
+
+
 def mbpp_task(*, allow_code_execution: bool = False, limits: SandboxLimits | None = None,
               workers: int | None = None, name: str = "mbpp") -> dict:
     """The harness config of MBPP (3-shot with tasks 2-4, the harness's prompt, stop at [DONE])
@@ -199,3 +225,5 @@ def mbpp_task(*, allow_code_execution: bool = False, limits: SandboxLimits | Non
 
 
 SANDBOXED_TASKS = {"humaneval": humaneval_task, "mbpp": mbpp_task}
+# The study's own variants (--profile paper; presets.study_task_variant says when)
+STUDY_TASKS = {"humaneval_instruct_noprefix": humaneval_study_task}

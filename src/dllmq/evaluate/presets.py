@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 from dllmq.errors import DllmqError
+from dllmq.evaluate.study_code import STUDY_HUMANEVAL_GEN_PREFIX
 
 FAMILIES = ("llada", "dream")
 
@@ -115,11 +116,16 @@ PAPER_GENERATION = {"dream": {"alg": "entropy", "temperature": 0.0, "top_p": 0.9
 # temperature 0.08, top_p 0.9). The preset's own gen_length / steps give way to these.
 PAPER_DREAM_LENGTHS = {"max_new_tokens": 768, "steps": 512}
 PAPER_DREAM_TASK = {"humaneval": {"max_new_tokens": 128, "steps": 128, "temperature": 0.08, "top_p": 0.9,
-                                  "alg_temp": 0.0, "chat": True}}
+                                  "alg_temp": 0.0, "chat": True, "gen_prefix": STUDY_HUMANEVAL_GEN_PREFIX,
+                                  "bos_with_chat": True}}
+# The harness task the study ran instead of the preset's (scripts/dream_*_code.sh: humaneval_instruct_noprefix,
+# its instruction prompt and sanitize post-processing, dllmq.evaluate.study_code); the answer's opening fence is
+# the model's gen_prefix above, written after the chat template's assistant header.
+PAPER_DREAM_TASK_VARIANT = {"humaneval": "humaneval_instruct_noprefix"}
 # Model settings a caller may override (the DllmqLM argument names), plus num_fewshot.
 OVERRIDABLE = ("mc_num", "batch_size", "gen_batch_size", "cfg", "gen_length", "steps", "block_length",
                "remasking", "temperature", "alg", "alg_temp", "top_p", "top_k", "sampler", "chat", "greedy",
-               "likelihood", "stop_strings", "nll_type", "max_new_tokens", "num_fewshot")
+               "likelihood", "stop_strings", "nll_type", "max_new_tokens", "gen_prefix", "bos_with_chat", "num_fewshot")
 
 
 def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
@@ -195,6 +201,14 @@ def model_settings(preset: TaskPreset, family: str, overrides: Mapping | None = 
     return settings
 
 
+def study_task_variant(preset: TaskPreset, family: str | None, profile: str = "dllmq") -> str | None:
+    """The name of the study's own version of a preset's task where `--profile paper` runs it on `family`
+    (None: the preset's task)."""
+    if profile != "paper" or family is None or family_key(family) != "dream":
+        return None
+    return PAPER_DREAM_TASK_VARIANT.get(preset.name)
+
+
 def num_fewshot(preset: TaskPreset, overrides: Mapping | None = None) -> int | None:
     value = (overrides or {}).get("num_fewshot")
     return int(value) if value is not None else preset.num_fewshot
@@ -207,4 +221,4 @@ def describe(family: str = "llada") -> list[dict]:
 
 
 __all__ = ["FAMILIES", "GROUPS", "PRESETS", "PROFILES", "TaskPreset", "describe", "family_key", "model_settings",
-           "num_fewshot", "preset_for", "resolve_tasks"]
+           "num_fewshot", "preset_for", "resolve_tasks", "study_task_variant"]

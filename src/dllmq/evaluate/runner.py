@@ -139,11 +139,25 @@ def plan_eval(tasks: str | Sequence[str], o: EvalOptions) -> EvalPlan:
     return EvalPlan(names, preset_list, needs_code, limit, overrides, task_manager)
 
 
+def _build(plan: EvalPlan, o: EvalOptions, preset: P.TaskPreset, variant: str | None) -> list:
+    spec = task_spec(preset, o.allow_code_execution, o.sandbox_limits, o.sandbox_workers, variant)
+    return build_task(plan.task_manager, spec, preset)
+
+
 def built_tasks(plan: EvalPlan, o: EvalOptions) -> list[tuple[P.TaskPreset, list]]:
     """(preset, its built Task / Group objects) per task of the plan; call inside dataset_sources."""
-    return [(preset, build_task(plan.task_manager, task_spec(preset, o.allow_code_execution, o.sandbox_limits,
-                                                             o.sandbox_workers), preset))
-            for preset in plan.presets]
+    return [(preset, _build(plan, o, preset, None)) for preset in plan.presets]
+
+
+def with_study_tasks(built: list[tuple[P.TaskPreset, list]], plan: EvalPlan, o: EvalOptions,
+                     family: str) -> list[tuple[P.TaskPreset, list]]:
+    """`built` with the study's own version of a task where the paper profile runs one on `family`
+    (presets.study_task_variant; known once the model is); the other tasks as they were built."""
+    out = []
+    for preset, objs in built:
+        variant = P.study_task_variant(preset, family, o.profile)
+        out.append((preset, _build(plan, o, preset, variant) if variant else objs))
+    return out
 
 
 # lm_factory(preset, objs, model, tokenizer, label, settings) -> the lm_eval LM that answers one task's requests
@@ -179,6 +193,7 @@ def run_eval(model_or_path: Any, tasks: str | Sequence[str] = "general", options
                 raise DllmqError("The model has no tokenizer; evaluation needs one (pass a (model, tokenizer) pair "
                                  "or put the tokenizer files next to config.json).")
         family = model.family.name if model is not None else "llada"
+        built = with_study_tasks(built, plan, o, family)
         model_label = o.model_name or path or type(model).__name__
         with keep_dequantized_weights(model) if model is not None else nullcontext():  # dequantized once
             for preset, objs in built:

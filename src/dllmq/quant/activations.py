@@ -23,7 +23,10 @@ from dllmq.quant.specs import ActSpec, KVSpec
 def fake_quantize_tokens(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """primitives.fake_quantize(x, spec) for spec.granularity "token", bit for bit on finite inputs, in
     fewer passes: one temporary, rounded and rescaled in place, and no uint8 round trip (the clamped
-    codes are small integers, exact in float32). Every element sees the same float ops in the same order."""
+    codes are small integers, exact in float32). Every element sees the same float ops in the same order.
+    The study's grid (spec.study_grid) goes through primitives.fake_quantize itself."""
+    if spec.study_grid:
+        return fake_quantize(x, spec)
     xf = x.detach().float()
     lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)  # (torch.aminmax: 3-7x slower here)
     lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
@@ -53,10 +56,10 @@ class ActQuantizer(nn.Module):
     token: activations are quantized dynamically). The float formats have no static grid."""
 
     def __init__(self, bits: int, symmetric: bool = False, clip_ratio: float = 1.0, static: bool = False,
-                 format: str = INT, signed_grid: bool = False):
+                 format: str = INT, signed_grid: bool = False, study_grid: bool = False):
         super().__init__()
         self.spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip_ratio,
-                              signed_grid=signed_grid)
+                              signed_grid=signed_grid, study_grid=study_grid)
         self.static = static
         self.format = format
         self.fmt = get_format(format, "--aformat")
@@ -68,6 +71,8 @@ class ActQuantizer(nn.Module):
 
     def calibrate(self, x: torch.Tensor) -> None:
         """Widen the static grid to cover x (call over the calibration set)."""
+        if self.spec.study_grid:
+            raise DllmqError("The study's grid is per token at run time; a static per-tensor grid is dllmq's only.")
         spec = QuantSpec(bits=self.spec.bits, symmetric=self.spec.symmetric, granularity="tensor",
                          clip_ratio=self.spec.clip_ratio, signed_grid=self.spec.signed_grid)
         lo = torch.minimum(x.min().float(), torch.zeros(()))
@@ -99,7 +104,7 @@ class ActQuantizer(nn.Module):
         if self.fmt.is_float:
             return f"format={self.format}, {kind}"
         sym = ("symmetric (signed grid)" if self.spec.signed_grid else "symmetric") if self.spec.symmetric \
-            else "asymmetric"
+            else ("asymmetric (study grid)" if self.spec.study_grid else "asymmetric")
         return f"bits={self.spec.bits}, {kind}, {sym}, clip={self.spec.clip_ratio}"
 
 
@@ -127,16 +132,9 @@ class KVQuantizer(nn.Module):
 
 
 def study_token_fake_quantize(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
-    """The study's per-token dynamic asymmetric grid (DuQuant's UniformAffineQuantizer, `per_token`): over
-    the last dim, xmin and xmax times clip (not widened to include zero, unlike dllmq's grid), scale
-    (xmax - xmin) / (2^b - 1) kept in [1e-5, 1e4], zero round(-xmin / scale). Computed in float32."""
-    xf = x.float()
-    xmin, xmax = xf.amin(-1, keepdim=True) * clip, xf.amax(-1, keepdim=True) * clip
-    maxq = 2 ** bits - 1
-    scale = ((xmax - xmin) / maxq).clamp(1e-5, 1e4)
-    zero = (-xmin / scale).clamp(-1e4, 1e4).round()
-    q = (torch.round(xf / scale) + zero).clamp(0, maxq)
-    return ((q - zero) * scale).to(x.dtype)
+    """The study's per-token dynamic asymmetric grid (DuQuant's UniformAffineQuantizer, `per_token`; see
+    primitives' `study_grid`) over the last dim of x, clipped at `clip`. Computed in float32."""
+    return fake_quantize(x, QuantSpec(bits=bits, granularity="token", clip_ratio=clip, study_grid=True))
 
 
 class QKVQuantizer(nn.Module):
@@ -166,10 +164,12 @@ class QKVQuantizer(nn.Module):
         return f"bits={self.bits}, qk_clip={self.qk_clip}, hadamard_block={self.hadamard_block}"
 
 
-def attach_quantizers(block: Block, act: ActSpec, kv: KVSpec, rotate_qk: bool = False) -> None:
-    """Per-token activation quantizers on every block linear, and the K/V quantizer when asked."""
+def attach_quantizers(block: Block, act: ActSpec, kv: KVSpec, rotate_qk: bool = False,
+                      study_grid: bool = False) -> None:
+    """Per-token activation quantizers on every block linear (on the study's grid with `study_grid`), and the
+    K/V quantizer when asked."""
     for name in block.family.block_linears:
         block.get_submodule(name).act_quantizer = ActQuantizer(act.bits, symmetric=act.sym, clip_ratio=act.clip,
-                                                               format=act.format)
+                                                               format=act.format, study_grid=study_grid)
     if kv.enabled:
         block.kv_hook = KVQuantizer(kv.bits, kv.group_size, kv.clip, rotate_qk=rotate_qk)

@@ -366,6 +366,8 @@ def choose_kernel(q: QuantLinear, device: str | None = None) -> Choice:
             return Choice(FAKE, f"unknown activation quantizer {type(q.act_quantizer).__name__}")
         if q.act_quantizer.fmt.is_float:
             return Choice(FAKE, f"integer weights with {q.act_quantizer.format} activations have no kernel")
+        if q.act_quantizer.spec.study_grid:   # its zero points may lie outside the codes' range (int8 shifts)
+            return Choice(FAKE, "the study's activation grid (--profile paper) has no int8 kernel")
         if q.n_groups != 1:
             return Choice(FAKE, "grouped weights with quantized activations (int8 GEMM needs per-channel scales)")
         if not K.int32_safe(k):

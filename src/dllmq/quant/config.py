@@ -69,6 +69,9 @@ class QuantConfig:
         if profiled.get("qkv_quant") and (given.get("kv_bits", NOT_QUANTIZED) != NOT_QUANTIZED
                                           or given.get("aformat", INT) != INT):
             profiled.pop("qkv_quant")   # an explicit K/V or floating-point activation choice wins over the profile
+        if (given.get("aformat", INT) != INT or given.get("wformat", INT) != INT or given.get("sym")
+                or given.get("act_sym")):
+            profiled.pop("study_grid", None)   # the study's grid is integer, asymmetric: an explicit choice wins
         self._build(cls, **{**profiled, **given})
         if self.keep_fp and family is not None:
             keep_fp_linears(_family(str(family)), self.keep_fp)   # unknown names fail now, not after loading

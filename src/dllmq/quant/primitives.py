@@ -16,6 +16,11 @@ Parameters (computed in float32 whatever the input dtype) over each reduction se
   ``z = 2^(b-1)``. With ``signed_grid`` (QuaRot's code): ``s = m / (2^(b-1) - 1)``, same ``z``, so
   the codes are the signed integers -2^(b-1) .. 2^(b-1) - 1 and +m is one of them exactly.
 * an all-zero set uses ``xmin = -1, xmax = 1`` so ``s > 0`` (no division by zero, no NaN).
+* ``study_grid`` (asymmetric; the study's SmoothQuant / DuQuant code, DuQuant's ``UniformAffineQuantizer``):
+  ``xmin = min(x) * clip``, ``xmax = max(x) * clip`` (NOT widened to include zero), ``s = (xmax - xmin) /
+  (2^b - 1)`` clamped to [1e-5, 1e4], ``z = round(clamp(-xmin / s, -1e4, 1e4))`` (so z may lie outside
+  0 .. 2^b - 1 when every value has one sign), and ``round(x / s)`` passes through float16 before z is
+  added (its ``.half()``); the codes are still clamped to 0 .. 2^b - 1.
 
 Granularities (the reduction set of one scale/zero pair):
 
@@ -41,6 +46,7 @@ from dllmq.errors import DllmqError
 Granularity = Literal["tensor", "channel", "group", "token"]
 GRANULARITIES = ("tensor", "channel", "group", "token")
 MIN_BITS, MAX_BITS = 2, 8
+STUDY_SCALE_MIN, STUDY_SCALE_MAX = 1e-5, 1e4   # CLIPMIN / CLIPMAX of the study's DuQuant code (quantize/const.py)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class QuantSpec:
     group_size: int | None = None
     clip_ratio: float = 1.0
     signed_grid: bool = False   # symmetric only: scale m / (2^(b-1) - 1) instead of 2m / (2^b - 1)
+    study_grid: bool = False    # asymmetric only: the study's grid (module docstring)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -74,6 +81,9 @@ class QuantSpec:
                 f"Clip ratio {self.clip_ratio} is outside (0, 1]; "
                 "use e.g. 0.9, or 1.0 for no clipping."
             )
+        if self.study_grid and self.symmetric:
+            raise DllmqError("The study's grid is asymmetric (its SmoothQuant / DuQuant runs quantize asymmetric); "
+                             "drop the symmetric setting or the study grid.")
 
     @property
     def maxq(self) -> int:
@@ -110,7 +120,8 @@ def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.T
 
 
 def _range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """min(x, 0) and max(x, 0) over each reduction set, kept broadcastable (group: [..., G])."""
+    """min(x, 0) and max(x, 0) over each reduction set, kept broadcastable (group: [..., G]); on the study's
+    grid min(x) and max(x)."""
     if spec.granularity == "tensor":
         lo, hi = x.amin(), x.amax()
         shape = [1] * x.ndim
@@ -130,10 +141,16 @@ def _range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor
         n_in = x.shape[-1]
         groups = num_groups(n_in, spec.group_size)
         pad = groups * spec.group_size - n_in
-        # Zero padding cannot move the range: 0 is always inside [xmin, xmax].
+        if pad and spec.study_grid:   # zero padding would widen the study's range: pad with what min/max ignore
+            pads = (torch.nn.functional.pad(x, (0, pad), value=v) for v in (math.inf, -math.inf))
+            lo_x, hi_x = (p.reshape(*x.shape[:-1], groups, spec.group_size) for p in pads)
+            return lo_x.amin(dim=-1), hi_x.amax(dim=-1)
+        # Zero padding cannot move dllmq's range: 0 is always inside [xmin, xmax].
         xp = torch.nn.functional.pad(x, (0, pad)) if pad else x
         xg = xp.reshape(*x.shape[:-1], groups, spec.group_size)
         lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)
+    if spec.study_grid:
+        return lo, hi
     return lo.clamp(max=0.0), hi.clamp(min=0.0)
 
 
@@ -149,6 +166,9 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     lo, hi = _range(xf, spec)
     lo, hi = lo * spec.clip_ratio, hi * spec.clip_ratio
     maxq = spec.maxq
+    if spec.study_grid:   # the order of per_token_dynamic_calibration: scale clamped, zero clamped, then rounded
+        scale = ((hi - lo) / maxq).clamp(STUDY_SCALE_MIN, STUDY_SCALE_MAX)
+        return scale, (-lo / scale).clamp(-STUDY_SCALE_MAX, STUDY_SCALE_MAX).round()
     if spec.symmetric:
         m = torch.maximum(-lo, hi)
         m = torch.where(m == 0, torch.ones_like(m), m)
@@ -165,13 +185,18 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     return scale, zero
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, *,
+             study_grid: bool = False) -> torch.Tensor:
     """Integer codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` as uint8.
 
-    ``scale`` and ``zero`` must broadcast against ``x`` (expand group parameters first).
+    ``scale`` and ``zero`` must broadcast against ``x`` (expand group parameters first). ``study_grid``:
+    ``round(x / s)`` is held in float16 before ``z`` is added, as the study's ``fake_quant`` does.
     """
     check_bits(bits)
-    q = torch.round(x.float() / scale.float()) + zero.float()
+    q = torch.round(x.float() / scale.float())
+    if study_grid:   # exact below 2048; larger values (a narrow range far from zero) round as the study's do
+        q = q.half().float()
+    q = q + zero.float()
     return q.clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
@@ -192,7 +217,7 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize then dequantize ``x`` under ``spec``; the result has ``x``'s dtype."""
     scale, zero = compute_qparams(x, spec)
     scale, zero = _per_element(scale, x, spec), _per_element(zero, x, spec)
-    codes = quantize(x, scale, zero, spec.bits)
+    codes = quantize(x, scale, zero, spec.bits, study_grid=spec.study_grid)
     return dequantize(codes, scale, zero).to(x.dtype)
 
 

@@ -28,6 +28,7 @@ class WeightSpec:
     clip: float = 1.0
     format: str = "int"   # dllmq.quant.formats: int, fp8, mxfp4, nvfp4
     signed_grid: bool = False   # symmetric scale max / (2^(b-1) - 1) (QuaRot's code; set by the method)
+    study_grid: bool = False    # the study's asymmetric grid (SmoothQuant / DuQuant's code; set by the method)
 
     @property
     def fmt(self) -> Format:
@@ -36,9 +37,9 @@ class WeightSpec:
     def quant_spec(self) -> QuantSpec:
         if self.group_size == -1:
             return QuantSpec(bits=self.bits, symmetric=self.sym, granularity="channel", clip_ratio=self.clip,
-                             signed_grid=self.signed_grid)
+                             signed_grid=self.signed_grid, study_grid=self.study_grid)
         return QuantSpec(bits=self.bits, symmetric=self.sym, granularity="group", group_size=self.group_size,
-                         clip_ratio=self.clip, signed_grid=self.signed_grid)
+                         clip_ratio=self.clip, signed_grid=self.signed_grid, study_grid=self.study_grid)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ class CalibSpec:
     # dLLM-aware calibration (dllmq.quant.dllm_calib): the mask ratios of the windows and the token weights
     mask_schedule: str = "none"
     weighting: str = "none"
+
+
+STUDY_GRID_HELP = ("weights (per output channel) and activations (per token) on the study code's asymmetric grid: "
+                   "min and max not widened to include zero, scale kept in [1e-5, 1e4] (docs/fidelity.md)")
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, invert: bool = False,

@@ -7,6 +7,8 @@ pipeline, the loader, the CLI and the study read everything about a method from 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from dllmq.models.family import Role
@@ -14,7 +16,7 @@ from dllmq.models.modeling import Block, TransformerLM
 from dllmq.quant.activations import QKVQuantizer, attach_quantizers
 from dllmq.quant.block import BlockContext, QuantizedWeight
 from dllmq.quant.formats import FORMAT_NAMES, Format
-from dllmq.quant.specs import ActSpec, MethodSettings
+from dllmq.quant.specs import ActSpec, MethodSettings, WeightSpec
 
 WEIGHT_ONLY = "weight-only"
 WEIGHT_ACTIVATION = "weight-activation"
@@ -86,6 +88,16 @@ class Method:
         """One line a paper run prints where it reproduces a quirk of the study's runs (None: none)."""
         return None
 
+    @property
+    def study_grid(self) -> bool:
+        """Whether weights and activations go on the study's asymmetric grid (SmoothQuant's and DuQuant's
+        optional `study_grid` setting; docs/fidelity.md items 5, 6)."""
+        return bool(getattr(self.settings, "study_grid", False))
+
+    def weight_spec(self) -> WeightSpec:
+        """The grid the method rounds block weights to: the config's, on the study's grid where asked."""
+        return replace(self.config.weight, study_grid=True) if self.study_grid else self.config.weight
+
     # -- calibration ------------------------------------------------------------------------------
     def prepare_model(self, model: TransformerLM) -> None:
         """Model-level work before calibration (QuaRot's rotation of the residual stream)."""
@@ -110,7 +122,8 @@ class Method:
                 if getattr(linear, "input_transform", None) is None:
                     linear.input_transform = self.input_transform(group.role, linear.in_features)
         if self.config.weight_activation:
-            attach_quantizers(block, self.config.act, self.config.kv, rotate_qk=self.rotate_qk)
+            attach_quantizers(block, self.config.act, self.config.kv, rotate_qk=self.rotate_qk,
+                              study_grid=self.study_grid)
             if self.config.qkv_quant:
                 block.kv_hook = QKVQuantizer(self.config.act.bits, self.config.act.clip, self.qk_hadamard_block())
 

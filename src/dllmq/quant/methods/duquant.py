@@ -17,7 +17,8 @@ quantized per token (asymmetric, clip 0.9 at 4 bits), the study's settings.
 With `rotation="study"` (the paper profile, docs/fidelity.md item 7) the study code's own construction runs
 instead: its smoothing folds, one Givens-based rotation shared by all blocks of a linear's input
 (dllmq.quant.duquant_rotation), fitted group by group on the mean calibration window as the already
-quantized layers transform it.
+quantized layers transform it; with `study_grid` (also set by the paper profile) weights and activations
+go on the study's asymmetric grid.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from dllmq.quant.online import OnlineLinear
 from dllmq.quant.rounding import round_block, rtn_weight
 from dllmq.quant.smoothing import (ALPHA_HELP, can_fold, channel_absmax, check_alpha, fold_scales, group_scales,
                                    smoothing_scales)
-from dllmq.quant.specs import MethodSettings, setting
+from dllmq.quant.specs import STUDY_GRID_HELP, MethodSettings, setting
 from dllmq.quant.tokens import sample_tokens
 
 MAX_TOKENS = 2048  # calibration tokens the greedy rotations look at
@@ -232,6 +233,7 @@ class DuQuantSettings(MethodSettings):
                             "(greedy), or the study's construction (study): its smoothing folds, one Givens-based "
                             "rotation shared by all blocks, fitted on the mean calibration window passed through "
                             "the already-quantized layers", choices=ROTATIONS, optional=True)
+    study_grid: bool = setting(False, STUDY_GRID_HELP, optional=True)
 
     def check(self) -> None:
         check_alpha(self.alpha)
@@ -259,7 +261,7 @@ class DuQuant(Method):
         # calibration windows and Q/K/V at the activation bits (Q/K through a Hadamard, clipped at lac)
         # (docs/fidelity.md, items 4, 6, 7).
         return dict(alpha=0.5, act_clip=0.9, weight_clip=0.8, rotation_block=128, rotation_steps=256, seed=2,
-                    qkv_quant=True, rotation="study")
+                    qkv_quant=True, rotation="study", study_grid=True)
 
     def __init__(self, config):
         super().__init__(config)
@@ -295,7 +297,7 @@ class DuQuant(Method):
         if self.settings.rotation == "study":
             return self.study_quantize_block(ctx)
         self.transform_block(ctx)
-        return round_block(ctx, self.config.weight)
+        return round_block(ctx, self.weight_spec())
 
     def study_quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         """The study's duquant() for one block: smoothing from the full-precision statistics (folded where the
@@ -333,12 +335,12 @@ class DuQuant(Method):
                     w = lin.weight.detach().double()
                     if s is not None:
                         w = w * s.double()[None, :]
-                    result = rtn_weight(transform.double().orthogonal(w), cfg.weight)
+                    result = rtn_weight(transform.double().orthogonal(w), self.weight_spec())
                     transform.float()
                     lin.weight.data = result.weight.to(lin.weight.dtype)   # quantized for the rest of the pass
                 lin.input_transform = transform
                 lin.act_quantizer = ActQuantizer(cfg.act.bits, symmetric=cfg.act.sym, clip_ratio=cfg.act.clip,
-                                                 format=cfg.act.format)
+                                                 format=cfg.act.format, study_grid=self.study_grid)
                 replace_module(ctx.block, name, lin)
                 results[name] = result
         with torch.no_grad():

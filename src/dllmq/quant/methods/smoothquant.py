@@ -8,7 +8,8 @@ quantized per token at run time (asymmetric), as in the study.
 
 The paper profile (docs/fidelity.md, items 4-6) adds the study code's choices: W's max from the one
 linear its `pairs` name, s floored at 0.01, v -> out under GQA divided online, Q/K/V quantized at the
-activation bits, calibration windows drawn with seed 2.
+activation bits, calibration windows drawn with seed 2, and the linears' weights and activations on the
+study's asymmetric grid (`study_grid`: min and max not widened to include zero).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dllmq.quant.methods.base import WEIGHT_ACTIVATION, Method
 from dllmq.quant.rounding import round_block
 from dllmq.quant.smoothing import (ALPHA_HELP, InputScale, can_fold, channel_absmax, check_alpha, divide_online,
                                    fold_scales, group_scales, source_carries_scales)
-from dllmq.quant.specs import MethodSettings, setting
+from dllmq.quant.specs import STUDY_GRID_HELP, MethodSettings, setting
 
 WEIGHT_MAX = ("group", "study")
 
@@ -40,6 +41,7 @@ class SmoothQuantSettings(MethodSettings):
                                  optional=True)
     online_division: bool = setting(False, "with smooth_pairs, where v's outputs cannot carry 1/s (GQA), divide the "
                                     "attention out projection's input by s at run time", optional=True)
+    study_grid: bool = setting(False, STUDY_GRID_HELP, optional=True)
 
     def check(self) -> None:
         check_alpha(self.alpha)
@@ -64,8 +66,9 @@ class SmoothQuant(Method):
         # names, truncated at 1e-2 (truncate_number in smooth_and_let_inplace); under GQA the out pair
         # divides online (smooth_fc_inplace); Q/K/V at the activation bits (main.py's q/k/v_quant_params);
         # calibration windows with main.py's --seed 2 (docs/fidelity.md, items 4-6).
+        # Weights and activations on its UniformAffineQuantizer's asymmetric grid (study_grid; item 5).
         return dict(alpha=0.5, smooth_pairs=True, weight_max="study", scale_floor=0.01, online_division=True,
-                    seed=2, qkv_quant=True)
+                    seed=2, qkv_quant=True, study_grid=True)
 
     def smooth(self, ctx: BlockContext) -> None:
         st = self.settings
@@ -85,7 +88,7 @@ class SmoothQuant(Method):
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         self.smooth(ctx)
-        return round_block(ctx, self.config.weight)
+        return round_block(ctx, self.weight_spec())
 
     def build_runtime(self, block: Block) -> None:
         # a loaded model: the out projection's online division, empty until the checkpoint fills it
