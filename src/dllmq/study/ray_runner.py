@@ -57,9 +57,9 @@ from pathlib import Path
 from dllmq.errors import DllmqError
 from dllmq.study import store
 from dllmq.study.cache import QuantCache
-from dllmq.study.cells import StudyCell, plan_cells
+from dllmq.study.cells import StudyCell
 from dllmq.study.config import StudyConfig
-from dllmq.study.runner import (DEFAULT_CACHE, CellOutcome, Heartbeats, StudySummary, _check_models, _finite,
+from dllmq.study.runner import (DEFAULT_CACHE, CellOutcome, Heartbeats, StudySummary, _finite, prepare_run,
                                 mini_result, pinned_threads)
 
 log = logging.getLogger(__name__)
@@ -423,14 +423,7 @@ def run_study_ray(config: StudyConfig, db: str | os.PathLike = store.DEFAULT_DB,
         raise DllmqError("With --ray give --device cuda (and --calib-device cuda), not a GPU number: Ray gives each "
                          "unit its own GPU, which the unit sees as cuda:0.")
     heartbeat_every = min(heartbeat_every, stale_after / 4)
-    _check_models(config)
-    cells = plan_cells(config, device)
-    db = Path(db)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    owner = owner or store.new_owner()
-    qcache = QuantCache(cache) if cache is not None else None
-    if qcache is not None:
-        qcache.clean_stale()
+    cells, db, owner, qcache = prepare_run(config, device, db, owner, cache)
     started_ray = connect_ray(ray, address, workers)
     try:
         return _Driver(ray, config, cells, db, qcache, owner, device=device, calib_device=calib_device,

@@ -337,6 +337,20 @@ def _run_claimed(conn: sqlite3.Connection, db: Path, cell: StudyCell, owner: str
 
 
 # ----------------------------------------------------------------------------- the grid
+def prepare_run(config: StudyConfig, device, db, owner: str | None, cache
+                ) -> tuple[list, Path, str, QuantCache | None]:
+    """What every runner (local or Ray) does first: check the models, plan the cells, make the database's
+    folder, pick an owner id and clean the quantized-model cache of stale entries."""
+    _check_models(config)
+    cells = plan_cells(config, device)
+    db = Path(db)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    qcache = QuantCache(cache) if cache is not None else None
+    if qcache is not None:
+        qcache.clean_stale()
+    return cells, db, owner or store.new_owner(), qcache
+
+
 def _check_models(config: StudyConfig) -> None:
     for model in config.models:
         reason = model_is_readable(model)
@@ -360,14 +374,7 @@ def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: st
     if stale_after <= 0:
         raise DllmqError(f"stale_after must be a positive number of seconds, got {stale_after}.")
     heartbeat_every = min(heartbeat_every, stale_after / 4)  # a live claim must never look stale
-    _check_models(config)
-    cells = plan_cells(config, device)
-    db = Path(db)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    owner = owner or store.new_owner()
-    qcache = QuantCache(cache) if cache is not None else None
-    if qcache is not None:
-        qcache.clean_stale()
+    cells, db, owner, qcache = prepare_run(config, device, db, owner, cache)
     started = time.time()
     summary = StudySummary(db, cells)
     refs = ReferenceCache()
