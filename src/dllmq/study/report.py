@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dllmq.atomic import atomic_directory, refuse_existing
 from dllmq.errors import DllmqError
+from dllmq.study.ablation import AblationRow, ablation_rows
 from dllmq.study.evidence import DEFAULT_KL_RATIO, Estimate, ModelEvidence, build_evidence
 from dllmq.study.findings import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, MIXED, NOT_MEASURED, Finding,
                                   evaluate_findings, signed)
@@ -29,7 +30,7 @@ from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Measurement
                               build_tables, normalize, task_sort_key)
 from dllmq.study.plots import degradation_png, kl_ratio_png, plot_name, trajectory_png
 from dllmq.study.stats import LEVEL
-from dllmq.study.store import read_items, read_measures, read_results
+from dllmq.study.store import read_cells, read_items, read_measures, read_results
 from dllmq.study.verdicts import decided
 from dllmq.study.verdicts import evaluate_findings as interval_findings
 
@@ -60,6 +61,7 @@ class RunFacts:
     evidence: dict[str, ModelEvidence] = field(default_factory=dict)   # paired measures vs FP, per model
     kl_ratio: float = DEFAULT_KL_RATIO
     decided: int | None = None  # findings decided with confidence (None: no per-item data)
+    ablation: list[AblationRow] = field(default_factory=list)   # dLLM-aware cells vs their clean-text baselines
 
 
 @dataclass
@@ -107,10 +109,12 @@ def analyze(rows_or_db: str | os.PathLike | Iterable[Mapping], items: Iterable[M
     """Tables, findings and run facts of a database path or of result rows (dicts like read_results'), with
     the per-item answers and measures (read from the database, or given) deciding the findings with
     confidence intervals where they exist."""
+    cells: list[dict] = []
     if isinstance(rows_or_db, (str, os.PathLike)):
         source, rows = str(rows_or_db), load_rows(rows_or_db)
         if items is None and measures is None:
             items, measures = load_evidence_rows(rows_or_db)
+        cells = read_cells(rows_or_db)
         if not rows:
             raise DllmqError(f"The study database {source} has no results yet; run the study first "
                              "(a cell's results are stored when it finishes).")
@@ -132,6 +136,7 @@ def analyze(rows_or_db: str | os.PathLike | Iterable[Mapping], items: Iterable[M
         findings = evaluate_findings(drops)
     facts = _facts(source, rows, measurements, superseded, tables)
     facts.evidence, facts.kl_ratio = evidence, kl_ratio
+    facts.ablation = ablation_rows(cells, evidence) if evidence else []
     facts.decided = decided(findings) if any(e.has_items for e in evidence.values()) else None
     return tables, findings, facts
 
@@ -261,6 +266,31 @@ def _vs_fp_note(ev: ModelEvidence) -> str:
     return ", ".join(parts)
 
 
+def ablation_table(rows: list[AblationRow], kl_ratio: float) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the dLLM-aware calibration table (each option against its clean-text baseline)."""
+    if not rows:
+        return [], []
+    ratios = sorted({r for row in rows for r in row.kl_change})
+    goal_at = min(ratios, key=lambda x: (abs(x - kl_ratio), x)) if ratios else kl_ratio
+    head = ["model", "setting", "vs", "options"] + [f"KL@{r:g} change %" for r in ratios]
+    head += ["ELBO ΔPPL change", "Δacc drop change", "R>W flips change %", f"-20 % at {goal_at:g}"]
+    body = []
+    for row in rows:
+        options = ", ".join(f"{k}={v}" for k, v in row.options.items())
+        cells = [row.model, row.variant.label, row.baseline.label, options]
+        cells += [_ci(row.kl_change.get(r), scale=100.0) for r in ratios]
+        cells += [_ci(row.ppl_delta, digits=2), _ci(row.drop), _ci(row.right_to_wrong, scale=100.0),
+                  row.goal(kl_ratio) or NA]
+        body.append(cells)
+    return head, body
+
+
+ABLATION_NOTE = ("Each dLLM-aware cell against the cell with the same settings calibrated on clean text; "
+                 "paired on the same windows and items, 95 % CI in brackets; negative = lower than clean text "
+                 "(better for KL, ELBO and drops). The last column is the issue's goal, KL vs FP at least 20 % lower: "
+                 "reached when the whole interval is at or below -20 %.")
+
+
 # --- Markdown ----------------------------------------------------------------------------------------------
 
 def _md_cell(cell: TableCell) -> str:
@@ -344,6 +374,9 @@ def render_markdown(tables: list[ModelTable], findings: list[Finding], facts: Ru
             lines += [f"![{name[:-4].replace('_', ' ')}]({name})", ""]
     for t in tables:
         lines += model_markdown(t, images.get(t.model), facts.evidence.get(t.model), facts.kl_ratio)
+    head, body = ablation_table(facts.ablation, facts.kl_ratio)
+    if body:
+        lines += ["## dLLM-aware calibration against clean text", "", ABLATION_NOTE, ""] + _md_table(head, body) + [""]
     if outliers is not None:
         links = outlier_links or {}
         lines += ["## Activation outliers", "", f"From `{outliers.directory}`."]
@@ -423,6 +456,13 @@ def _html_table(t: ModelTable, columns: list[tuple[str, str]], pick) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _html_numbers(head: list[str], body: list[list[str]]) -> str:
+    """A table of already formatted cells: the first column a row label, the others right-aligned."""
+    return ('<table class="vsfp"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+            + "".join('<tr><td class="setting">' + _e(r[0]) + "</td>" + "".join(f"<td>{_e(c)}</td>" for c in r[1:])
+                      + "</tr>" for r in body) + "</tbody></table>")
+
+
 def _pick_category(row, key):
     return row.overall if key == "" else row.categories.get(key, MISSING)
 
@@ -476,13 +516,15 @@ def render_html(tables: list[ModelTable], findings: list[Finding], facts: RunFac
         head, body = vs_fp_rows(t, facts.evidence.get(t.model), facts.kl_ratio)
         if body:
             out += [f"<h3>Against FP, paired ({_e(_vs_fp_note(facts.evidence[t.model]))}; 95 % CI)</h3>",
-                    '<table class="vsfp"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
-                    + "".join('<tr><td class="setting">' + _e(r[0]) + "</td>" + "".join(f"<td>{_e(c)}</td>" for c in r[1:])
-                              + "</tr>" for r in body) + "</tbody></table>"]
+                    _html_numbers(head, body)]
         if t.model in pngs:
             out.append(f'<figure><img alt="{_e(t.model)}: degradation vs FP" src="{_data_uri(pngs[t.model])}">'
                        "<figcaption>Drop vs FP in points by method and bit width (up = worse; dashed lines: "
                        "moderate at 1, severe at 4; whiskers: standard error).</figcaption></figure>")
+    head, body = ablation_table(facts.ablation, facts.kl_ratio)
+    if body:
+        out += ["<h2>dLLM-aware calibration against clean text</h2>", f"<p>{_e(ABLATION_NOTE)}</p>",
+                _html_numbers(head, body)]
     if outliers is not None:
         out += ["<h2>Activation outliers</h2>", f"<p>From <code>{_e(outliers.directory)}</code>."]
         if outliers.json is not None:
