@@ -20,7 +20,6 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-
 from dllmq.study.evidence import Estimate, ModelEvidence
 from dllmq.study.grid import AVG, Setting
 
