@@ -194,7 +194,7 @@ def test_bad_yaml_is_one_sentence_and_exit_2(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- keys
-def test_cell_keys_are_stable_and_follow_every_setting(tmp_path):
+def test_cell_keys_are_stable_and_follow_every_setting(tmp_path, monkeypatch):
     base = grid(["fp", {"name": "rtn", "bits": ["W4A16-g128"]}, {"name": "gptq", "bits": ["W4A16-g128"]}])
 
     def keys(data, device="cpu"):
@@ -231,6 +231,23 @@ def test_cell_keys_are_stable_and_follow_every_setting(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "rope_theta": 1234.0}))
     assert model_identity(str(d)) != first
+
+    # a shipped model is identified by its files' contents: a fresh clone (new mtimes) keeps its cells
+    import os
+    import shutil
+    import dllmq.tiny
+    copy = shutil.copytree(dllmq.tiny.checkpoint_dir("dllmq-tiny"), tmp_path / "shipped")
+    monkeypatch.setattr(dllmq.tiny, "checkpoint_dir", lambda name: copy)
+    shipped = model_identity("dllmq-tiny")
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert model_identity("dllmq-tiny") == shipped
+    with open(weights, "r+b") as f:      # ... and a changed byte is a different model
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    assert model_identity("dllmq-tiny") != shipped
 
 
 # ----------------------------------------------------------------------------- runs

@@ -41,22 +41,24 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def directory_identity(directory: Path) -> dict:
+def directory_identity(directory: Path, hash_weights: bool = False) -> dict:
     """A checkpoint directory's identity: config.json's hash and each weight file's size and mtime
-    (hashing gigabytes of weights on every run would cost minutes)."""
+    (hashing gigabytes of weights on every run would cost minutes), or with `hash_weights` each weight
+    file's SHA-256 (the shipped models: megabytes, and a fresh clone gives every file a new mtime)."""
     config = directory / "config.json"
     if not config.is_file():
         raise DllmqError(f"{directory} has no config.json; give a checkpoint directory.")
     weights = sorted(p for p in directory.iterdir()
                      if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")))
+    stamp = (lambda p: _file_sha256(p)) if hash_weights else (lambda p: p.stat().st_mtime_ns)
     return {"config_sha256": _file_sha256(config),
-            "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]}
+            "weights": [[p.name, p.stat().st_size, stamp(p)] for p in weights]}
 
 
 def model_identity(name: str) -> str:
     """Canonical JSON naming exactly which weights `name` stands for (raises DllmqError when it cannot
-    be read). Built-in random models: their config (they are built with seed 0); directories and the
-    shipped dllmq-tiny models: directory_identity; Hub ids: the id alone."""
+    be read). Built-in random models: their config (they are built with seed 0); directories:
+    directory_identity; the shipped dllmq-tiny models: their files' contents; Hub ids: the id alone."""
     from dllmq.models.loading import _HUB_ID, resolve_model_dir
     from dllmq.models.random_models import RANDOM_MODELS, random_config
     from dllmq.tiny import NAMES, checkpoint_dir
@@ -67,7 +69,7 @@ def model_identity(name: str) -> str:
     elif name in RANDOM_MODELS:
         ident = {"random": name, "model_seed": 0, "config_sha256": canonical_hash(random_config(name))}
     elif name in NAMES:
-        ident = {"builtin": name, **directory_identity(checkpoint_dir(name))}
+        ident = {"builtin": name, **directory_identity(checkpoint_dir(name), hash_weights=True)}
     elif path.exists() or not _HUB_ID.match(name):
         resolve_model_dir(name)  # raises the loader's own sentence (a file, or no such directory)
         raise DllmqError(f"{name} is not a model; give a built-in name, a checkpoint directory or a Hub id.")
