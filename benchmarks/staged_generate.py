@@ -9,6 +9,7 @@ weights and the rest with W4A16 (both resident). Quantized layers run on the ker
     python benchmarks/staged_generate.py                          # dllmq-tiny on the CPU, 1 thread, CPU time
     python benchmarks/staged_generate.py --device cuda            # a ~1B random LLaDA on a GPU (< 60 s on an H200)
     python benchmarks/staged_generate.py --accuracy               # + mini_math (--limit 20) on dllmq-tiny-instruct
+    python benchmarks/staged_generate.py --dry-run                # the CUDA run's steps on the CPU at toy sizes
 
 Speed: generated tokens per second of CPU time on the CPU (one thread; a warm-up generation first), of wall
 time on CUDA (synchronized). Memory: "weights" is every distinct tensor the model holds (both precisions of a
@@ -188,8 +189,14 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--in-process", action="store_true",
                    help="every configuration in this process (always so on CUDA; on the CPU it checks that path)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the CUDA configurations in one process on the CPU, small random LLaDA (checks the script)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.dry_run:
+        args.device, args.in_process, args.model = "cpu", True, "random-llada"
+        args.prompt, args.gen_length, args.steps, args.repeats = 8, 8, 4, 1
+        args.configs = args.configs or ",".join(CUDA_CONFIGS)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA GPU here; leave --device out to run on the CPU.")
@@ -228,6 +235,7 @@ def main() -> None:
         rows.append(row)
         show(row, rows[0] if "error" not in rows[0] else None, args.device)
     print(f"{time.perf_counter() - start:.0f} s in all", flush=True)
+    failed = any("error" in row for row in rows)
     acc_rows = []
     if args.accuracy:
         fp, tok = source_model("dllmq-tiny-instruct", "cpu", torch.float32)
@@ -244,6 +252,8 @@ def main() -> None:
     if args.json:
         from dllmq.atomic import write_text_atomic
         write_text_atomic(args.json, json.dumps({"args": vars(args), "rows": rows, "accuracy": acc_rows}, indent=2))
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,8 @@ def test_refusals():
     other, _ = random_model("random-llada", seed=1, n_layers=1)
     with pytest.raises(DllmqError, match="not the one"):
         stage(other, quantized(fp, tok, LOW, "fake"), "fp:first=0.5")
+    with pytest.raises(DllmqError, match="two precisions"):
+        save_quantized(staged, tok, "/nonexistent/never-written")
     causal, ctok = random_model("random-llama", seed=1)
     with pytest.raises(DllmqError, match="autoregressive"):
         stage(copy.deepcopy(causal), quantized(causal, ctok, LOW, "fake"), "fp:first=0.5")
@@ -205,3 +207,25 @@ def test_cli_staged_generation(tmp_path, capsys):
     assert main(["generate", str(fp_dir), "--prompt", "x", "--staged", "fp:first=0.5", "--staged-source",
                  str(fp_dir)]) == 2
     assert "full-precision model" in capsys.readouterr().err
+
+
+def test_benchmark_dry_run_runs_every_cuda_configuration():
+    """benchmarks/staged_generate.py's GPU path (all configurations in one process), on the CPU at toy sizes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / "staged_generate.py"
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [line.split()[0] for line in result.stdout.splitlines() if "tok/s" in line]
+    assert rows == ["fp", "w8a8", "w4a4", "w4a16", "w4a4+w8a8:first=0.25", "w4a4+w8a8:first=0.5",
+                    "w4a4+fp:first=0.25", "w4a16+fp:first=0.25"]
+    assert "int8_dynamic 28" in result.stdout     # a staged W4A4 + W8A8 model: both sides on the int8 kernel
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, str(script), "--device", "cuda"], capture_output=True, text=True,
+                                 env=env, timeout=120)
+        assert refused.returncode != 0 and "no CUDA GPU" in refused.stderr
