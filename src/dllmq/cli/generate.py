@@ -15,6 +15,8 @@ from dllmq.diffusion.llada_sampler import check_llada_settings
 from dllmq.errors import DllmqError
 from dllmq.evaluate.mini import is_chat_model
 from dllmq.models.registry import get_family
+from dllmq.quant.format import read_quantization
+from dllmq.quant.staged import load_staged, parse_staged
 
 
 def add_parser(sub) -> None:
@@ -41,6 +43,12 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="Dream top-k sampling")
     p.add_argument("--cfg", type=float, default=0.0, help="LLaDA classifier-free guidance scale (default 0)")
     add_kv_cache_arg(p)
+    p.add_argument("--staged", default=None, metavar="HIGH:WHERE=FRACTION",
+                   help="staged precision (docs/dllm-aware.md): run round(FRACTION x steps) denoising steps, the first "
+                        "(first) or the last (last), at high precision (fp: the --staged-source weights, w8a8: their "
+                        "RTN W8A8 quantization) and the rest with the quantized MODEL, e.g. fp:first=0.25")
+    p.add_argument("--staged-source", default=None, metavar="FP_MODEL",
+                   help="with --staged: the full-precision model MODEL was quantized from")
     p.set_defaults(func=run)
 
 
@@ -59,14 +67,34 @@ def check_args(args) -> None:
     if args.kv_cache != "none" and sampler != "llada":
         raise DllmqError(f"--kv-cache {args.kv_cache} needs LLaDA's block-wise sampler; the {sampler} sampler has no "
                          "finished blocks to cache, so leave --kv-cache out.")
+    if args.staged is not None or args.staged_source is not None:
+        check_staged_args(args, sampler)
     if sampler == "llada":  # the block / step arithmetic, before the model loads rather than after
         check_llada_settings(args.gen_length, args.steps or args.gen_length, args.block_length or args.gen_length,
                              args.remasking, args.temperature, args.cfg)
 
 
+def check_staged_args(args, sampler: str) -> None:
+    if args.staged is None:
+        raise DllmqError("--staged-source names the high-precision side of --staged; give --staged too (e.g. "
+                         "--staged fp:first=0.25) or leave it out.")
+    parse_staged(args.staged)
+    if args.staged_source is None:
+        raise DllmqError("--staged needs --staged-source, the full-precision model MODEL was quantized from.")
+    if sampler == "causal":
+        raise DllmqError("--staged switches precision between denoising steps; an autoregressive model has none.")
+    if read_quantization(model_config(args.model).raw) is None:
+        raise DllmqError(f"{args.model} is a full-precision model; --staged runs a quantized MODEL (from `dllmq "
+                         "quantize`) against --staged-source.")
+
+
 def run(args) -> None:
     check_args(args)
-    model, tokenizer, family = load(args)
+    if args.staged is not None:
+        model, tokenizer, family = load_staged(args.model, args.staged_source, args.staged, backend=args.backend,
+                                               dtype=args.dtype, device=args.device, seed=args.seed)
+    else:
+        model, tokenizer, family = load(args)
     if tokenizer is None:
         raise DllmqError(f"{args.model} has no tokenizer files, so it cannot take a text prompt.")
     chat = args.chat
@@ -80,6 +108,12 @@ def run(args) -> None:
     if args.kv_cache != "none":  # only the LLaDA sampler takes it (check_args refused the others)
         settings["kv_cache"] = args.kv_cache
     sampler = None if args.sampler == "auto" else args.sampler
+    if args.staged is not None:
+        spec, steps = model.staged.spec, settings["steps"]
+        high = spec.high_steps(steps)
+        logging.getLogger("dllmq").info("staged %s: %d of %d steps at %s (%s), the rest with %s", spec, len(high),
+                                        steps, spec.high, f"steps {high.start}-{high.stop - 1}" if high else "none",
+                                        args.model)
     start = time.perf_counter()
     [text] = generate_text(model, tokenizer, [args.prompt], chat=chat, sampler=sampler,
                            progress=sys.stderr.isatty(), **settings)

@@ -11,6 +11,9 @@ from dllmq.errors import DllmqError
 # Called after every denoising step (or generated token) with the step index and a copy of the
 # whole token tensor [B, L]; used for progress displays and by the tests to watch the order.
 StepCallback = Callable[[int, Tensor], None]
+# Called before every denoising step's forward pass with the step's 0-based index (steps count across
+# LLaDA's blocks); staged precision (dllmq.quant.staged) switches the model's precision here.
+BeforeStep = Callable[[int], None]
 
 
 def prepare_prompt(

@@ -12,6 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dllmq.diffusion.common import (
+    BeforeStep,
     StepCallback,
     check_length,
     check_positive,
@@ -62,11 +63,12 @@ def dream_generate(
     seed: int = 0,
     progress: bool = False,
     callback: StepCallback | None = None,
+    before_step: BeforeStep | None = None,
 ) -> Tensor:
     """Generate `max_new_tokens` tokens after each prompt row; returns [B, P + max_new_tokens] ids.
 
     `alg_temp` > 0 draws the positions to reveal from softmax(confidence / alg_temp) instead of
-    taking the most confident ones.
+    taking the most confident ones. `before_step(i)` runs before step i's forward pass (i from 0).
     """
     require_diffusion(model, "Dream generation")
     check_positive(max_new_tokens=max_new_tokens, steps=steps)
@@ -92,6 +94,8 @@ def dream_generate(
 
     for i in tqdm(range(steps), desc="dream generate", disable=not progress):
         masked = (x == mask_id) & gen_region
+        if before_step is not None:
+            before_step(i)
         logits = mask_predictor_logits(model, x, attention_mask, position_ids)
         last = i == steps - 1
         ratio = 1 - timesteps[i + 1] / timesteps[i]  # float32, as upstream

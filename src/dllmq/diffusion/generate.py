@@ -22,13 +22,14 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "causal": causal_generate,
 }
 _NOT_SETTINGS = {"model", "prompt_ids", "attention_mask", "teacher_states"}
+STAGED = "staged"   # a generation setting of the dispatcher itself: a staged model's schedule (dllmq.quant.staged)
 
 
 def _settings_of(fn: Callable) -> set[str]:
     return set(inspect.signature(fn).parameters) - _NOT_SETTINGS
 
 
-_ALL_SETTINGS = set().union(*(_settings_of(fn) for fn in SAMPLERS.values()))
+_ALL_SETTINGS = set().union(*(_settings_of(fn) for fn in SAMPLERS.values()), {STAGED})
 
 
 def family_sampler(family) -> str:
@@ -86,7 +87,8 @@ def generate(
 ) -> Tensor:
     """Generate after `prompt_ids` [B, P] with the family's sampler (or `sampler`: "llada",
     "dream", "causal"); returns the full token ids. `tokenizer` (may be None) supplies the stop
-    tokens of causal generation."""
+    tokens of causal generation. A staged model (dllmq.quant.staged) switches precision per step by its
+    schedule, or by `staged="fp:first=0.25"` when given."""
     name = sampler or default_sampler(model)
     if name not in SAMPLERS:
         raise DllmqError(f"Unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}.")
@@ -96,10 +98,33 @@ def generate(
             f"The {name} sampler cannot drive the {kind} family {model.family.name!r}; "
             f"leave sampler unset to use {default_sampler(model)!r}."
         )
+    from dllmq.quant.staged import staged_of   # here: dllmq.quant itself generates (trajectory calibration)
+    staged = settings.pop(STAGED, None)
     settings = _map_settings(name, settings)
+    if staged is not None or staged_of(model) is not None:
+        return _generate_staged(model, name, prompt_ids, attention_mask, staged, settings)
     if name == "causal" and "stop_ids" not in settings and tokenizer is not None:
         settings["stop_ids"] = stop_token_ids(tokenizer, model)
     return SAMPLERS[name](model, prompt_ids, attention_mask=attention_mask, **settings)
+
+
+def _generate_staged(model, name: str, prompt_ids, attention_mask, staged, settings: dict) -> Tensor:
+    """A staged model's generation: its precision switches before each step as the schedule (`staged`, else
+    the model's own) says, and is left at the low-bit default afterwards."""
+    from dllmq.quant.staged import staged_of, step_hook
+    if name == "causal":
+        raise DllmqError("Staged precision switches between denoising steps; the causal sampler has none.")
+    steps = settings.get("steps", inspect.signature(SAMPLERS[name]).parameters["steps"].default)
+    hook, outer = step_hook(model, steps, staged), settings.pop("before_step", None)
+
+    def before_step(step: int) -> None:
+        hook(step)
+        if outer is not None:
+            outer(step)
+    try:
+        return SAMPLERS[name](model, prompt_ids, attention_mask=attention_mask, before_step=before_step, **settings)
+    finally:
+        staged_of(model).control.high = False
 
 
 def generate_text(

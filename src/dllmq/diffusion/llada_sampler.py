@@ -13,6 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dllmq.diffusion.common import (
+    BeforeStep,
     StepCallback,
     check_length,
     check_positive,
@@ -92,6 +93,7 @@ def llada_generate(
     callback: StepCallback | None = None,
     teacher_states: Sequence[Tensor] | None = None,
     kv_cache: str = "none",
+    before_step: BeforeStep | None = None,
 ) -> Tensor:
     """Generate `gen_length` tokens after each prompt row; returns the full [B, P + gen_length] ids.
 
@@ -101,6 +103,7 @@ def llada_generate(
     `teacher_states` (one [B, P + gen_length] tensor per step, e.g. another model's states recorded
     with `callback`) teacher-forces the run: `callback` still sees this model's own choice at every
     step, but the next step starts from the teacher's state (dllmq.diffusion.trajectory).
+    `before_step(i)` runs before step i's forward pass (i counts from 0 across the blocks).
     """
     require_diffusion(model, "LLaDA generation")
     num_blocks = check_llada_settings(gen_length, steps, block_length, remasking, temperature, cfg)
@@ -131,6 +134,8 @@ def llada_generate(
             # candidates: masked positions of the current block (later blocks wait their turn)
             candidates = torch.zeros_like(x, dtype=torch.bool)
             candidates[:, start:end] = x[:, start:end] == mask_id
+            if before_step is not None:
+                before_step(step)
             if cache is None:
                 logits = mask_predictor_logits(
                     model, x, attention_mask, position_ids, cfg=cfg, prompt_mask=prompt_mask

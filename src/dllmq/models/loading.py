@@ -222,6 +222,9 @@ def save_model(model: TransformerLM, tokenizer, out: str | os.PathLike, *, max_s
     directory to `out`. An existing `out` is refused, or with `overwrite` swapped for the new one in one
     step: a crash never leaves less than the old or the new model."""
     out = Path(out)
+    if getattr(model, "staged", None) is not None:   # its state holds both precisions under .high / .low
+        raise DllmqError("A staged model holds two precisions and has no checkpoint format; save the low-bit and "
+                         "the full-precision models it was built from instead.")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         dtype = next(model.parameters()).dtype
         config = config_for_saving(model.config, dtype, extra_config)
