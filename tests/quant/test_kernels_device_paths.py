@@ -222,6 +222,7 @@ def test_kernel_layers_off_the_cpu_read_nothing_back(case, limit):
     x = torch.randn(2, 40, 128, device="meta", dtype=torch.bfloat16)
     with torch.no_grad():
         layer(x)                       # first call caches the float32 weight scales
+        x = torch.randn(2, 40, 128, device="meta", dtype=torch.bfloat16)   # a new input: quantized again
         with _Launches() as seen:
             y = layer(x)
     assert y.shape == (2, 40, 256) and y.dtype == torch.bfloat16
