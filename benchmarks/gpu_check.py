@@ -4,20 +4,28 @@ Run it once on a machine with an NVIDIA GPU (about 4-6 minutes on one H100/H200)
 
     python benchmarks/gpu_check.py                 # on cuda
     python benchmarks/gpu_check.py --dry-run       # the same steps on the CPU at toy sizes (CI runs this)
-    python benchmarks/gpu_check.py --only kernels  # one section: calibration, kernels, generation, evaluation
+    python benchmarks/gpu_check.py --only kernels  # one section: calibration, kernels, generation, evaluation,
+                                                   # profile
 
 Sections (each row: what ran, the number it measured, PASS / FAIL where there is a reference):
 1. calibration on the device: GPTQ W4A16-g128, AWQ W4A16-g128 and QuaRot W4A4 on two LLaDA-8B-shaped
    blocks (d_model 4096, 32 heads, FFN 12288; random weights, bf16), weights kept on the CPU and one
    block at a time on the GPU: seconds, peak device memory, and PASS when every quantized output is finite;
 2. kernel vs fake quantization at LLaDA-8B layer shapes (4096x4096, 4096x12288, 12288x4096): int8 W8A8
-   (torch._int_mm), int4 W4A16 (the int4 CUDA op) and FP8 W8A8 (torch._scaled_mm, row-wise scales;
+   (torch._int_mm), int4 W4A16 and int8 W8A16 (weight-only: the packed weight dequantized per call into
+   a dense GEMM) and FP8 W8A8 (torch._scaled_mm, row-wise scales;
    on the dry run's CPU it has no kernel and only the fake path is timed), max |kernel - fake| / max
    |fake| against a bf16 tolerance, and each path's time per call;
 3. generation tokens/s on a ~1B random LLaDA (256 prompt + 256 new tokens, 32 steps): bf16, W8A8,
    W4A16 and W8A8-fp8 on real kernels;
 4. evaluation cost per item on the same model: one Monte Carlo likelihood item (mc_num 128) and one
-   generation item (256 tokens, 256 steps, blocks of 32), as the study's presets run them.
+   generation item (256 tokens, 256 steps, blocks of 32), as the study's presets run them;
+5. profile of one denoising step (one forward over the 512 tokens) of the W8A8 and W4A16 kernel models
+   under torch.profiler: the top 12 ops by self GPU time are printed, and the row gives the step's time,
+   its kernel launches, its host syncs (cudaStreamSynchronize / cudaDeviceSynchronize) and its value
+   read-backs (aten::_local_scalar_dense: item(), bool(tensor)); then the kernel model's logits against
+   the same model on fake quantization (PASS within 0.15 relative; a CPU bf16 20-block model gives 3e-2
+   for W8A8 and 0 for W4A16, while a wrong activation grid or packed layout would be off by about 1).
 A step that fails prints its error in the table and the script goes on; the exit code is 1 when any
 row failed. Nothing is written to disk except the table on stdout.
 """
@@ -50,7 +58,13 @@ BLOCK_TOY = dict(d_model=128, n_heads=4, n_kv_heads=4, mlp_hidden_size=256, n_la
 MODEL_TOY = dict(d_model=128, n_heads=4, n_kv_heads=4, mlp_hidden_size=256, n_layers=2)
 LAYERS_TOY = ((256, 128), (128, 256))
 TOLERANCE = 2e-2     # max |kernel - fake| / max |fake| in bf16 (fp32 on the CPU: the kernels are exact there)
-SECTIONS = ("calibration", "kernels", "generation", "evaluation")
+SECTIONS = ("calibration", "kernels", "generation", "evaluation", "profile")
+PROFILED = {"W8A8 kernel": dict(wbits=8, abits=8), "W4A16-g128 kernel": dict(wbits=4, group_size=128)}
+# Host-side events that wait for the GPU (or read a value back, which waits for it)
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+READ_EVENTS = ("aten::_local_scalar_dense",)   # every value read back (item(), bool(t), int(t)) goes through it
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+MODEL_TOLERANCE = 0.15  # whole-model logits, kernel vs fake in bf16 (W8A8 measured 3.0e-2 on a 20-block CPU model)
 
 
 class Table:
@@ -180,7 +194,8 @@ def compare_kernel(table: Table, check: str, q, device: str, dtype: torch.dtype,
 
 
 def check_kernels(table: Table, device: str, layers: tuple, dtype: torch.dtype, tokens: int):
-    paths = {"int8 W8A8": dict(bits=8, group=-1, act_bits=8), "int4 W4A16-g128": dict(bits=4, group=128, act_bits=None)}
+    paths = {"int8 W8A8": dict(bits=8, group=-1, act_bits=8), "int4 W4A16-g128": dict(bits=4, group=128, act_bits=None),
+             "int8 W8A16": dict(bits=8, group=-1, act_bits=None)}
     for label, kw in paths.items():
         for out_f, in_f in layers:
             check = f"kernel {label} {out_f}x{in_f}"
@@ -205,7 +220,8 @@ def generation_model(shapes: dict, device: str, dtype: torch.dtype, quant: dict 
     return model
 
 
-def check_generation(table: Table, device: str, shapes: dict, dtype: torch.dtype, prompt: int, new: int, steps: int):
+def check_generation(table: Table, device: str, shapes: dict, dtype: torch.dtype, prompt: int, new: int, steps: int,
+                     keep: dict | None = None):
     configs = {"bf16" if dtype == torch.bfloat16 else "full precision": None,
                "W8A8 kernel": dict(wbits=8, abits=8), "W4A16-g128 kernel": dict(wbits=4, group_size=128),
                "W8A8-fp8 kernel": dict(wformat="fp8", aformat="fp8")}   # fake on the CPU (dry run)
@@ -217,6 +233,8 @@ def check_generation(table: Table, device: str, shapes: dict, dtype: torch.dtype
             seconds = timed(lambda: llada_generate(model, ids, gen_length=new, steps=steps, block_length=new), device,
                             repeats=1)
             table.add(check, f"{new / seconds:.1f} tokens/s ({prompt} + {new} tokens, {steps} steps)")
+            if keep is not None and label in PROFILED:   # the profile section reuses it
+                keep[label] = model
 
 
 def check_evaluation(table: Table, device: str, shapes: dict, dtype: torch.dtype, answer: int, new: int,
@@ -230,6 +248,65 @@ def check_evaluation(table: Table, device: str, shapes: dict, dtype: torch.dtype
                       repeats=1)
         table.add("evaluation likelihood item", f"{t_like:.2f} s (mc_num {mc_num}, {answer}-token answer)")
         table.add("evaluation generation item", f"{t_gen:.2f} s ({new} tokens, {steps} steps, blocks of {block})")
+
+
+def _self_time_us(event, device: str) -> float:
+    """An averaged profiler event's self time on the device (on the CPU for the dry run), in microseconds."""
+    if device != "cuda":
+        return event.self_cpu_time_total
+    for name in ("self_device_time_total", "self_cuda_time_total"):   # the newer name first
+        value = getattr(event, name, None)
+        if value is not None:
+            return value
+    return 0.0
+
+
+def _event_count(events, names: tuple[str, ...]) -> int:
+    return sum(e.count for e in events if e.key in names)
+
+
+def check_profile(table: Table, device: str, shapes: dict, dtype: torch.dtype, prompt: int, new: int,
+                  models: dict):
+    from torch.profiler import ProfilerActivity, profile
+
+    for label, quant in PROFILED.items():
+        check = f"profile {label} step"
+        model = models.pop(label, None)
+        with step(table, check):
+            if model is None:
+                model = generation_model(shapes, device, dtype, quant)
+            mask = model.config.mask_token_id
+            ids = torch.randint(0, 200, (1, prompt), generator=torch.Generator().manual_seed(2))
+            x = torch.cat([ids, torch.full((1, new), mask)], dim=1).to(device)
+            with torch.no_grad():
+                seconds = timed(lambda: model(x), device, repeats=3)
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+                with profile(activities=activities) as prof:
+                    model(x)
+                    sync(device)
+            events = prof.key_averages()
+            top = sorted(events, key=lambda e: _self_time_us(e, device), reverse=True)[:12]
+            where = "GPU" if device == "cuda" else "CPU"
+            print(f"    top 12 ops by self {where} time, one {label} step ({prompt + new} tokens):", flush=True)
+            for e in top:
+                print(f"      {e.key[:64]:<64} {_self_time_us(e, device) / 1e3:9.3f} ms {e.count:6d} calls", flush=True)
+            syncs, reads = _event_count(events, SYNC_EVENTS), _event_count(events, READ_EVENTS)
+            launches = _event_count(events, LAUNCH_EVENTS)
+            table.add(check, f"{seconds * 1e3:.1f} ms/step, {launches} launches, {syncs} syncs, {reads} reads")
+
+        check = f"profile {label} logits vs fake"
+        with step(table, check):
+            if model is None:
+                raise RuntimeError("no model: building it failed above")
+            with torch.no_grad():
+                real = model(x).float()
+                set_backend(model, "fake")
+                fake = model(x).float()
+            rel = ((real - fake).abs().max() / fake.abs().max().clamp_min(1e-12)).item()
+            agree = (real.argmax(-1) == fake.argmax(-1)).float().mean().item()
+            table.add(check, f"rel diff {rel:.1e}, argmax agrees on {agree:.0%}",
+                      "PASS" if rel < MODEL_TOLERANCE else "FAIL")
+            model = None   # frees it before the next one is built
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,12 +330,16 @@ def main(argv: list[str] | None = None) -> int:
         check_calibration(table, device, BLOCK_TOY if toy else BLOCK_8B, dtype, 2 if toy else 16, 32 if toy else 512)
     if "kernels" in sections:
         check_kernels(table, device, LAYERS_TOY if toy else LAYERS_8B, dtype, 16 if toy else 512)
+    models: dict = {}   # generation's W8A8 / W4A16 models, profiled at the end instead of built again
     if "generation" in sections:
         check_generation(table, device, MODEL_TOY if toy else MODEL_1B, dtype, 8 if toy else 256,
-                         8 if toy else 256, 2 if toy else 32)
+                         8 if toy else 256, 2 if toy else 32, keep=models if "profile" in sections else None)
     if "evaluation" in sections:
         check_evaluation(table, device, MODEL_TOY if toy else MODEL_1B, dtype, 4 if toy else 8,
                          8 if toy else 256, 8 if toy else 256, 8 if toy else 32, 4 if toy else 128)
+    if "profile" in sections:
+        check_profile(table, device, MODEL_TOY if toy else MODEL_1B, dtype, 8 if toy else 256, 8 if toy else 256,
+                      models)
     print(f"\n{table.render()}\n\n{time.perf_counter() - start:.0f} s in all", flush=True)
     return 1 if table.failed else 0
 

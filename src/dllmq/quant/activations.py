@@ -16,7 +16,7 @@ from dllmq.models.modeling import Block
 from dllmq.quant.formats import INT, get_format
 from dllmq.quant.formats import fake_quantize as fp_fake_quantize
 from dllmq.quant.hadamard import fast_hadamard
-from dllmq.quant.primitives import QuantSpec, compute_qparams, dequantize, fake_quantize, quantize
+from dllmq.quant.primitives import QuantSpec, compute_qparams, dequantize, fake_quantize, quantize, token_qparams
 from dllmq.quant.specs import ActSpec, KVSpec
 
 
@@ -29,22 +29,8 @@ def fake_quantize_tokens(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return fake_quantize(x, spec)
     xf = x.detach().float()
     lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)  # (torch.aminmax: 3-7x slower here)
-    lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
-    if spec.clip_ratio != 1.0:
-        lo, hi = lo.mul_(spec.clip_ratio), hi.mul_(spec.clip_ratio)
+    scale, zero = token_qparams(lo, hi, spec.bits, spec.symmetric, spec.clip_ratio, spec.signed_grid)
     maxq = spec.maxq
-    if spec.symmetric:
-        m = torch.maximum(lo.neg_(), hi)
-        m.masked_fill_(m == 0, 1.0)
-        scale = m.div_(2 ** (spec.bits - 1) - 1) if spec.signed_grid else m.mul_(2).div_(maxq)
-        zero: torch.Tensor | float = float(2 ** (spec.bits - 1))
-    else:
-        degenerate = (lo == 0) & (hi == 0)
-        lo.masked_fill_(degenerate, -1.0)
-        hi.masked_fill_(degenerate, 1.0)
-        scale = hi.sub_(lo).div_(maxq)
-        zero = lo.neg_().div_(scale).round_().clamp_(0, maxq)
-    scale = scale.clamp_(min=torch.finfo(torch.float32).tiny)
     q = xf / scale
     q.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
     return q.to(x.dtype)

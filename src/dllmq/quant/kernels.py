@@ -32,8 +32,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from dllmq.quant.primitives import QuantSpec, compute_qparams
+from dllmq.errors import DllmqError
+from dllmq.quant.formats import E4M3
+from dllmq.quant.primitives import token_qparams
 
 INT4_OP_GROUPS = (256, 128, 64, 32)   # group sizes the int4 op accepts, largest first
 INT4_OP_MAX_ROWS = 128                # fewer rows: the int4 op; more: dequantize + dense GEMM (measured crossover)
@@ -54,40 +57,63 @@ class Int8Rows:
 
 def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0,
                   static: tuple[torch.Tensor, torch.Tensor] | None = None, reuse: bool = False,
-                  row_sum: bool = False, signed_grid: bool = False) -> Int8Rows:
+                  row_sum: bool = False, signed_grid: bool = False, cpu_path: bool | None = None) -> Int8Rows:
     """Quantize each row of ``x`` [M, K] on its own grid, bit-identically to ``fake_quantize``
     with granularity "token" (or to a static per-tensor grid ``(scale, zero)``).
 
     ``reuse`` writes the codes into a shared scratch buffer (valid until the next call);
     ``row_sum`` also returns each row's code sum (needed against an asymmetric 8-bit weight).
-    ``signed_grid``: QuaRot's symmetric scale max / (2^(b-1) - 1) (its codes still fit the same int8 range)."""
+    ``signed_grid``: QuaRot's symmetric scale max / (2^(b-1) - 1) (its codes still fit the same int8 range).
+
+    Nothing here reads a tensor value back to the host, so on a GPU the call only queues kernels (about
+    25, half of them on [M, 1] tensors). On the CPU the float32 copy lives in a reused buffer; elsewhere
+    the division by the scale makes it (a bf16 row divided by a float32 scale is computed in float32), and
+    one aminmax pass finds the range. ``cpu_path`` picks either form on any device (default: the device's);
+    both give the same bits."""
     maxq = 2**bits - 1
-    t = scratch("rows_f32", x.shape, torch.float32, x.device)
-    t.copy_(x)  # float32, as fake quantization computes
+    on_cpu = x.device.type == "cpu" if cpu_path is None else cpu_path
+    if on_cpu or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        x = scratch("rows_f32", x.shape, torch.float32, x.device).copy_(x)  # float32, as fake quantization computes
     if static is not None:
         scale = static[0].float().reshape(1, 1)
-        zero = static[1].float().reshape(1, 1)
+        zero: torch.Tensor | float = static[1].float().reshape(1, 1)
     else:
-        # amin/amax rather than aminmax: the latter is several times slower on CPU.
-        lo, hi = t.amin(dim=-1, keepdim=True), t.amax(dim=-1, keepdim=True)
-        # The row's range is all compute_qparams needs: min/max of [lo, hi] equal those of the row.
-        spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token", clip_ratio=clip_ratio,
-                         signed_grid=signed_grid)
-        scale, zero = compute_qparams(torch.cat([lo, hi], dim=-1), spec)
+        if on_cpu:  # amin/amax rather than aminmax: the latter is several times slower on CPU
+            lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+        else:       # one pass; min and max of 16-bit values convert to float32 exactly
+            lo, hi = (v.float() for v in torch.aminmax(x, dim=-1, keepdim=True))
+        scale, zero = token_qparams(lo, hi, bits, symmetric, clip_ratio, signed_grid)
     # Same float32 division and rounding as primitives.quantize, so the integers are identical.
-    t.div_(scale).round_()
+    t = x.div_(scale) if on_cpu else torch.div(x, scale)
+    t.round_()
+    residual = None
     if bits <= 7:  # c - z lies in [-maxq, maxq]: store it directly, no zero to correct
         t.clamp_(min=-zero, max=maxq - zero)
-        residual = None
     else:          # c - 128 fits int8; the residual zero z - 128 is corrected after the GEMM
-        t.add_(zero - 128).clamp_(-128, 127)
-        residual = (zero.reshape(-1) - 128).to(torch.int32)
-        if symmetric or not residual.any():
-            residual = None
-    # Integers below 2^24 sum exactly in float32, and this is faster than an int8 reduction.
-    sums = t.sum(dim=-1, dtype=torch.float32).to(torch.int32) if row_sum else None
-    codes = scratch("rows_i8", x.shape, torch.int8, x.device) if reuse else torch.empty_like(t, dtype=torch.int8)
-    return Int8Rows(codes.copy_(t), scale, residual, sums)
+        if isinstance(zero, float):   # a dynamic symmetric grid: z = 128, nothing to shift
+            t.clamp_(-128, 127)
+        else:
+            shift = zero - 128
+            t.add_(shift).clamp_(-128, 127)
+            if not symmetric:  # kept even where it is all 0: checking would read it back to the host
+                residual = shift.reshape(-1).to(torch.int32)
+    codes = scratch("rows_i8", t.shape, torch.int8, t.device) if reuse else torch.empty_like(t, dtype=torch.int8)
+    codes.copy_(t)
+    sums = None
+    if row_sum:  # the same integers either way: on the CPU a float32 sum (exact below 2^24) is the faster one
+        sums = t.sum(dim=-1, dtype=torch.float32).to(torch.int32) if on_cpu else codes.sum(dim=-1, dtype=torch.int32)
+    return Int8Rows(codes, scale, residual, sums)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` [M, K] in FP8 E4M3 with its own float32 scale amax / 448 (1 for a zero row):
+    (codes as ``torch.float8_e4m3fn``, scales [M, 1]), the values ``formats.fake_quantize`` gives for FP8.
+    The cast to float8_e4m3fn rounds to nearest even on the E4M3 grid, as ``E4M3.round`` does (the tests
+    check this value for value), and the quotient never exceeds 448 by more than a rounding, so no value
+    saturates. About eight kernels and no read-back; the formats' own path takes about twenty."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()        # max of |x| is exact in x's own dtype
+    scale = torch.where(amax > 0, amax / E4M3.max_value, 1.0)
+    return torch.div(x, scale).to(torch.float8_e4m3fn), scale
 
 
 # --- int8 GEMM ----------------------------------------------------------------------------------
@@ -97,11 +123,17 @@ def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     M > 16 and M % 8 == 0 (K and N multiples of 8 are checked at conversion): rows are padded there."""
     m = a.shape[0]
     if a.is_cuda:
-        if m <= 16 or m % 8:
-            rows = max(24, -(-m // 8) * 8)
-            a = torch.cat([a, a.new_zeros(rows - m, a.shape[1])])
-        return torch._int_mm(a, b_t.t())[:m]
+        return torch._int_mm(pad_rows_for_cuda(a), b_t.t())[:m]
     return torch._int_mm(a, b_t.t(), out=scratch("acc_i32", (m, b_t.shape[0]), torch.int32, a.device))
+
+
+def pad_rows_for_cuda(a: torch.Tensor) -> torch.Tensor:
+    """``a`` with zero rows appended up to what CUDA's int8 GEMM accepts (more than 16 rows, a multiple of 8),
+    in one kernel; ``a`` itself when it already fits."""
+    m = a.shape[0]
+    if m > 16 and m % 8 == 0:
+        return a
+    return F.pad(a, (0, 0, 0, max(24, -(-m // 8) * 8) - m))
 
 
 def int8_linear(x: Int8Rows, weight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
@@ -117,16 +149,29 @@ def int8_linear(x: Int8Rows, weight: torch.Tensor, w_scale: torch.Tensor, w_zero
         acc.addr_(sums, w_zero, alpha=-1)
     if x.zero is not None:
         acc.addr_(x.zero.expand(acc.shape[0]), w_sum, alpha=-1)
-    if out_dtype == torch.float32:
-        y = torch.empty(acc.shape, dtype=torch.float32, device=acc.device)
-    else:
-        y = scratch("out_f32", acc.shape, torch.float32, acc.device)
-    y.copy_(acc)
-    y.mul_(x.scale)
-    y.mul_(w_scale)
-    if bias is not None:
-        y.add_(bias.float())
-    return y if out_dtype == torch.float32 else y.to(out_dtype)
+    if acc.device.type == "cpu":   # in place in float32 buffers: the CPU's mixed-dtype loops are not vectorized
+        y = torch.empty(acc.shape, dtype=torch.float32) if out_dtype == torch.float32 else \
+            scratch("out_f32", acc.shape, torch.float32, acc.device)
+        y.copy_(acc)
+        y.mul_(x.scale)
+        y.mul_(w_scale)
+        if bias is not None:
+            y.add_(bias.float())
+        return y if out_dtype == torch.float32 else y.to(out_dtype)
+    return rescale_fused(acc, x.scale, w_scale, bias, out_dtype)
+
+
+def rescale_fused(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """``acc * s_x * s_w (+ bias)`` in float32, rounded once to ``out_dtype``, in two or three kernels: the
+    first multiply converts the int32 ``acc`` to float32 as a copy would, the last op writes ``out_dtype``
+    directly. The same bits as int8_linear's CPU form (the tests check it), for devices where each kernel
+    launch costs more than the elementwise work."""
+    y = torch.mul(acc, x_scale)
+    out = y if out_dtype == torch.float32 else torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
+    if bias is None:
+        return torch.mul(y, w_scale, out=out)
+    return torch.add(y.mul_(w_scale), bias.float(), out=out)
 
 
 CONVERT_CHUNK = 1 << 20   # weights per chunk when a layer is converted (4 MiB of int32 temporaries)
@@ -159,7 +204,10 @@ def int32_safe(in_features: int) -> bool:
 
 def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
                        w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """Float ``x`` [M, K] times int8 weights: ``s_w * (x @ q'^T - zw' * sum_i x_i)`` (+ bias)."""
+    """Float ``x`` [M, K] times int8 weights: ``s_w * (x @ q'^T - zw' * sum_i x_i)`` (+ bias).
+    ``aten._weight_int8pack_mm`` on the CPU; elsewhere :func:`int8_weight_dequant_linear`."""
+    if x.device.type != "cpu":
+        return int8_weight_dequant_linear(x, weight, w_scale, w_zero, bias)
     scale = w_scale.to(x.dtype)
     y = torch.ops.aten._weight_int8pack_mm(x, weight, scale)
     if w_zero is not None:
@@ -167,6 +215,17 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Ten
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y
+
+
+def int8_weight_dequant_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+                               w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """The same product with the weight dequantized for this call: ``(q - z) * s`` in float32 (an exact
+    integer times the scale), rounded once to ``x.dtype``, then ``F.linear``: the very weight and matmul of
+    fake quantization, so the result is its result. Plain torch ops (3 kernels and the GEMM), any device."""
+    q = weight if w_zero is None else torch.sub(weight, w_zero[:, None])     # int32: q' - zw' = q - z, exact
+    w = torch.empty(weight.shape, dtype=x.dtype, device=weight.device)
+    torch.mul(q, w_scale.float()[:, None], out=w)                            # float32 product, one rounding
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 # --- int4 layout --------------------------------------------------------------------------------
@@ -258,48 +317,60 @@ def int4_scales_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtyp
     return torch.stack([s, (8 - zero.float()) * s], dim=-1).to(dtype).contiguous()
 
 
-_DEQUANT_CHUNK = 1 << 20  # weights per float32 chunk (4 MiB): stays in cache, bounds scratch memory
+_DEQUANT_CHUNK = 1 << 20      # weights per float32 chunk on the CPU (4 MiB): stays in cache, bounds scratch memory
+_DEQUANT_CHUNK_GPU = 1 << 25  # off the CPU (128 MiB of float32): an 8B layer in one chunk, few kernel launches
 
 
 def dequantize_int4(packed: torch.Tensor, n: int, k: int, layout: Int4Layout, scale: torch.Tensor,
-                    zero: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+                    zero: torch.Tensor, group: int, dtype: torch.dtype, fused: bool | None = None) -> torch.Tensor:
     """The weight transposed, ``W^T`` [K, N] in ``dtype``: ``(q - z) * s`` per group of ``group``
     input rows, computed in float32 exactly as fake quantization does, then rounded to ``dtype``.
-    The result lives in a shared scratch buffer (one layer's size): valid until the next call."""
+    The result lives in a shared scratch buffer (one layer's size): valid until the next call.
+
+    ``fused`` (the default off the CPU): large chunks, and the codes are widened inside the subtraction
+    and the product is rounded inside the multiply (float32 arithmetic either way): 4 kernels per chunk
+    instead of 5 plus a copy, the same bits. The CPU keeps the measured in-place form in cached buffers."""
+    on_cpu = packed.device.type == "cpu"
+    fused = not on_cpu if fused is None else fused
     out = scratch("int4_w", (k, n), dtype, packed.device)
-    step = max(1, _DEQUANT_CHUNK // (group * n))  # groups per chunk
+    step = max(1, (_DEQUANT_CHUNK if on_cpu else _DEQUANT_CHUNK_GPU) // (group * n))  # groups per chunk
     z, s = zero.float()[:, None, :], scale.float()[:, None, :]
     for g0 in range(0, k // group, step):
         g1 = min(g0 + step, k // group)
         rows = (g0 * group, g1 * group)
         codes = unpack_int4(packed, n, k, layout, rows=rows,
                             out=scratch("int4_codes", (rows[1] - rows[0], n), torch.uint8, packed.device))
-        if dtype == torch.float32:
-            w = out[rows[0]:rows[1]].view(g1 - g0, group, n)
-        else:
-            w = scratch("int4_f32", (g1 - g0, group, n), torch.float32, packed.device)
+        target = out[rows[0]:rows[1]].view(g1 - g0, group, n)
+        if fused:
+            torch.mul(torch.sub(codes.view(g1 - g0, group, n), z[g0:g1]), s[g0:g1], out=target)
+            continue
+        w = target if dtype == torch.float32 else scratch("int4_f32", (g1 - g0, group, n), torch.float32,
+                                                          packed.device)
         w.copy_(codes.view(g1 - g0, group, n))
         w.sub_(z[g0:g1]).mul_(s[g0:g1])
         if dtype != torch.float32:
-            out[rows[0]:rows[1]].copy_(w.view(-1, n))
+            target.copy_(w)
     return out
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, n: int, layout: Int4Layout | None,
-                scale: torch.Tensor, zero: torch.Tensor, sz: torch.Tensor, group: int,
+                scale: torch.Tensor, zero: torch.Tensor, sz: torch.Tensor | None, group: int,
                 bias: torch.Tensor | None) -> tuple[torch.Tensor, str]:
     """``x`` [M, K] times a packed int4 weight; returns (y [M, n], the path taken).
 
-    The int4 op for 16-bit inputs with few rows; otherwise one layer's weight is dequantized
-    into ``x.dtype`` for this matmul and dropped afterwards.
+    On the CPU the int4 op for 16-bit inputs with few rows; otherwise (and always off the CPU, where the
+    CPU op's packing is only a storage format) one layer's weight is dequantized into ``x.dtype`` for this
+    matmul and dropped afterwards.
     """
     m, k = x.shape
-    use_op = x.dtype in (torch.bfloat16, torch.float16) and (m < INT4_OP_MAX_ROWS or layout is None)
+    use_op = (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+              and (m < INT4_OP_MAX_ROWS or layout is None))
     if use_op:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, sz.to(x.dtype))
         path = "int4_op"
     else:
-        assert layout is not None
+        if layout is None:
+            raise DllmqError("this int4 layer has no known packed layout to dequantize; this is a bug in dllmq.")
         w_t = dequantize_int4(packed, packed.shape[0], k, layout, scale, zero, group, x.dtype)
         y = x @ w_t
         path = "int4_dequant"

@@ -185,6 +185,33 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     return scale, zero
 
 
+def token_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0,
+                  signed_grid: bool = False) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """compute_qparams for granularity "token" from each row's min ``lo`` and max ``hi`` ([..., 1] float32,
+    fresh tensors: they are overwritten), bit for bit on finite inputs, without the QuantSpec (not for the
+    study's grid). A dozen small in-place ops, none of which reads a value back to the host, so on a GPU it
+    never waits for the device. The symmetric zero point is returned as the float 2^(b-1)."""
+    lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
+    if clip_ratio != 1.0:
+        lo, hi = lo.mul_(clip_ratio), hi.mul_(clip_ratio)
+    maxq = 2**bits - 1
+    if symmetric:
+        m = torch.maximum(lo.neg_(), hi)
+        m.masked_fill_(m == 0, 1.0)
+        scale = m.div_(2 ** (bits - 1) - 1) if signed_grid else m.mul_(2).div_(maxq)
+        zero: torch.Tensor | float = float(2 ** (bits - 1))
+    else:
+        # lo <= 0 <= hi, so the row is degenerate (both 0) exactly when hi - lo is 0; its grid is that of
+        # [-1, 1], and 1 - (-1) is exactly the 2 written here.
+        scale = hi.sub_(lo)
+        degenerate = scale == 0
+        scale.masked_fill_(degenerate, 2.0)
+        lo.masked_fill_(degenerate, -1.0)
+        scale = scale.div_(maxq)
+        zero = lo.div_(scale).neg_().round_().clamp_(0, maxq)   # -(lo / s) is -lo / s exactly
+    return scale.clamp_(min=torch.finfo(torch.float32).tiny), zero
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, *,
              study_grid: bool = False) -> torch.Tensor:
     """Integer codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` as uint8.
