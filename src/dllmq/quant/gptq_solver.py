@@ -126,6 +126,23 @@ def group_grid(w: torch.Tensor, bits: int, sym: bool, search: bool = False, poin
     return scale, zero
 
 
+def _all_group_grids(W: torch.Tensor, g: int, grid) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`grid` of every group of g columns of W [out, in], as [grid(W[:, j:j + g]) for each j]. A grid is
+    computed row by row, so the whole groups go in one call as the rows of W reshaped to [out * groups, g]
+    (one large search instead of one per group; the same values, bit for bit); a narrower last group
+    goes alone."""
+    n_out, n_in = W.shape
+    full = n_in // g
+    grids = []
+    if full:
+        scale, zero = grid(W[:, :full * g].reshape(n_out * full, g))
+        scale, zero = scale.reshape(n_out, full), zero.reshape(n_out, full)
+        grids = [(scale[:, k].contiguous(), zero[:, k].contiguous()) for k in range(full)]
+    if full * g < n_in:
+        grids.append(grid(W[:, full * g:]))
+    return grids
+
+
 def inverse_hessian_factor(H: torch.Tensor, damp: float, retries: int = 4) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; damping x10 per failed attempt."""
     for attempt in range(retries + 1):
@@ -197,7 +214,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     pos_group = natural if perm is None or dynamic_act else natural[perm]
     static = None
     if static_grids or (act_order and static_groups):  # every grid from the original weights, up front
-        static = [grid(W[:, j:j + g]) for j in range(0, n_in, g)]
+        static = [grid(W[:, j:j + g]) for j in range(0, n_in, g)] if float_format else \
+            _all_group_grids(W, g, grid)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
 
