@@ -1,4 +1,6 @@
 """AWQ: folding scales is exact in full precision; the search never loses to alpha = 0."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,11 +8,12 @@ import torch.nn.functional as F
 from dllmq.models.random_models import random_model
 from dllmq.quant.block import BlockContext
 from dllmq.quant.config import QuantConfig
-from dllmq.quant.methods.awq import AWQ, candidate_scales, clip_weight
+from dllmq.quant.methods.awq import AWQ, candidate_scales, clip_weight, grid_argmin
 from dllmq.quant.pipeline import capture_block_inputs
 from dllmq.quant.rounding import rtn_weight
 from dllmq.quant.smoothing import can_fold, fold_scales
 from dllmq.quant.specs import WeightSpec
+from dllmq.quant.tokens import flatten_tokens, sample_tokens
 
 
 def block_context(name, config, n=3, length=24, dtype=torch.float64):
@@ -81,3 +84,48 @@ def test_clipping_does_not_increase_output_error():
     clip_weight(linear, x, WeightSpec(3, 32, False), n_grid=20, max_shrink=0.5)
     after = (x @ (rtn_weight(linear.weight.data, WeightSpec(3, 32, False)).weight - w).T).norm()
     assert after <= before
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 9, 13, 20, 21, 33])
+def test_coarse_to_fine_search_finds_the_grid_minimum_of_unimodal_losses(n):
+    """On any unimodal loss (here every position of the minimum, and plateaus of equal losses) the
+    coarse-to-fine search picks exactly the full grid's point (the first of equal ones), evaluating
+    each point at most once; without refine every point is evaluated."""
+    for m in range(n):
+        for plateau in (0, 1, 2):
+            values = [max(abs(i - m) - plateau, 0) ** 1.5 + 0.1 * (i > m) * (abs(i - m) > plateau) for i in range(n)]
+            calls = []
+            best, losses = grid_argmin(n, lambda i: calls.append(i) or values[i], refine=True)
+            assert best == min(range(n), key=values.__getitem__), (m, plateau)
+            assert len(calls) == len(set(calls)) and all(losses[i] == values[i] for i in calls)
+            if n == 20:
+                assert len(calls) <= 9
+            full_calls = []
+            assert grid_argmin(n, lambda i: full_calls.append(i) or values[i], refine=False)[0] == best
+            assert full_calls == list(range(n))
+
+
+def test_sampling_tokens_in_place_equals_sampling_the_concatenation():
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(b, 7, 5, generator=gen) for b in (3, 1, 4)]
+    flat = flatten_tokens(inputs)
+    for n in (0, 1, 5, 10, 55, 56, 57, 100):
+        expected = flat[:: max(1, flat.shape[0] // max(n, 1))][:n]
+        assert torch.equal(sample_tokens(inputs, n), expected), n
+
+
+def test_awq_full_grid_is_the_reference_search():
+    """--awq-full-grid scores every grid point (the reference's search); the coarse-to-fine default scores
+    fewer and only ever picks a point it scored."""
+    config = QuantConfig(method="awq", wbits=3, group_size=32)
+    ctx = block_context("random-llada", config, dtype=torch.float32)
+    group = ctx.family.group("gate_up")
+    feats = ctx.group_inputs()[group.role]
+    _, full = AWQ(QuantConfig(method="awq", wbits=3, group_size=32, awq_refine=False)).search_scale(ctx, group, feats)
+    s, refined = AWQ(config).search_scale(ctx, group, feats)
+    assert not any(math.isnan(v) for v in full) and sum(not math.isnan(v) for v in refined) <= 9
+    for a, b in zip(full, refined):
+        assert math.isnan(b) or a == b
+    best = min((i for i, v in enumerate(refined) if not math.isnan(v)), key=refined.__getitem__)
+    x_mean = flatten_tokens(feats).abs().float().mean(0)
+    assert torch.equal(s, candidate_scales(x_mean, None, best / 20))

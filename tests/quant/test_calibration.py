@@ -5,6 +5,7 @@ import torch
 
 from dllmq.models.random_models import random_model
 from dllmq.quant import QuantConfig
+from dllmq.models.family import Role
 from dllmq.quant.block import BlockContext
 from dllmq.quant.gptq_solver import HessianAccumulator
 from dllmq.quant.pipeline import capture_block_inputs, quantize_model
@@ -108,3 +109,54 @@ def test_hessian_chunks_do_not_depend_on_how_windows_arrive():
     assert torch.equal(a.H, b.H) and a.n == b.n == 3500
     reference = 2 * x.reshape(-1, 24).double().T @ x.reshape(-1, 24).double() / 3500
     assert torch.allclose(a.H.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["random-llada", "random-llama"])
+@pytest.mark.parametrize("ahead", [False, True])
+def test_kept_down_inputs_give_the_outputs_of_the_changed_block(name, ahead):
+    """outputs() builds the block's outputs from the down projection's inputs kept during its feed:
+    bit for bit what the whole block computes once every group has changed as GPTQ changes them
+    (each group's weights replaced after its feed). A feed ahead (down fed before gate/up change)
+    must not be reused: those inputs are stale."""
+    ctx = context(name, batch_tokens=4 * SEQLEN)
+    torch.manual_seed(1)
+    for group, feed in ctx.sequential():
+        if ahead and group.role == Role.MLP_IN:
+            ctx.feed_ahead(ctx.family.group(Role.MLP_OUT), lambda x: None)
+        if not (ahead and group.role == Role.MLP_OUT):
+            feed(lambda x: None)
+        for name_ in group.linears:
+            w = ctx.linear(name_).weight
+            w.data = w.data + 0.01 * torch.randn_like(w)
+    kept = ctx.outputs()
+    recomputed = ctx.run(keep_outputs=True)
+    assert len(kept) == len(recomputed)
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n_in", [24, 100, 576, 1536])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_triangular_hessian_equals_the_full_product_bit_for_bit(n_in, threads):
+    """The accumulator computes only the lower triangle (row panels) and mirrors it; that is exactly the
+    full chunked X^T X the solver used before (which is symmetric bit for bit), at any thread count.
+    With token weights the lower triangle is the full weighted product's, and the result is symmetric."""
+    gen = torch.Generator().manual_seed(n_in)
+    x = torch.randn(3, 700, n_in, generator=gen) * torch.rand(n_in, generator=gen) * 5
+    w = torch.rand(3, 700, generator=gen) + 0.5
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        full = torch.zeros(n_in, n_in)
+        weighted = torch.zeros(n_in, n_in)
+        for i in range(3):
+            for k, c in enumerate(x[i].split(512)):
+                full.addmm_(c.T, c)
+                weighted.addmm_((c * w[i, k * 512:k * 512 + c.shape[0], None]).T, c)
+        acc, acc_w = HessianAccumulator(n_in, "cpu"), HessianAccumulator(n_in, "cpu")
+        acc.add(x)
+        acc_w.add(x, w)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(full, full.T) and torch.equal(acc.S, full)
+    assert torch.equal(acc_w.S.tril(), weighted.tril()) and torch.equal(acc_w.S, acc_w.S.T)

@@ -1,7 +1,9 @@
 """GPTQ against the textbook Optimal Brain Quantizer, against RTN, and with act-order."""
+import pytest
 import torch
 
-from dllmq.quant.gptq_solver import HessianAccumulator, column_order, gptq_quantize, group_grid, relative_output_error
+from dllmq.quant.gptq_solver import (HessianAccumulator, _all_group_grids, column_order, gptq_quantize, group_grid,
+                                     relative_output_error)
 from dllmq.quant.primitives import QuantSpec, compute_qparams, quantize_column
 from dllmq.quant.qlinear import QuantLinear
 from dllmq.quant.rounding import round_scales, rtn_weight
@@ -239,3 +241,17 @@ def test_gptq_beats_rtn_on_every_layer_with_a_planted_massive_token():
     for i, n in names:
         gptq, rtn = errors["gptq", i, n], errors["rtn", i, n]
         assert gptq[0] < rtn[0] and gptq[1] < rtn[1], (i, n, gptq, rtn)   # sink token, other tokens
+
+
+@pytest.mark.parametrize("n_in, group", [(96, 32), (80, 32), (20, 32)])
+@pytest.mark.parametrize("search", [False, True])
+def test_all_group_grids_in_one_call_equal_one_call_per_group(n_in, group, search):
+    """The static grids are computed for every whole group in one call: bit for bit the per-group grids
+    (including a narrower last group)."""
+    W = torch.randn(12, n_in, generator=torch.Generator().manual_seed(3)) * torch.rand(n_in) * 4
+    grid = lambda w: group_grid(w, 3, True, search)   # noqa: E731
+    together = _all_group_grids(W, group, grid)
+    apart = [grid(W[:, j:j + group]) for j in range(0, n_in, group)]
+    assert len(together) == len(apart)
+    for (s1, z1), (s2, z2) in zip(together, apart):
+        assert torch.equal(s1, s2) and torch.equal(z1, z2)

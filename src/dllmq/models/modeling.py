@@ -100,6 +100,11 @@ class Block(nn.Module):
         [out] = self.family.group(Role.ATTN_OUT).linears
         return x + self._part(out)(heads)
 
+    def residual_from_mlp(self, x: torch.Tensor, down_input: torch.Tensor) -> torch.Tensor:
+        """mlp_residual(x) given what the down projection reads (silu(gate) * up of norm(x))."""
+        [down] = self.family.group(Role.MLP_OUT).linears
+        return x + self._part(down)(down_input)
+
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """Normed input -> SwiGLU output after the down projection."""
         gate, up = (self._part(name)(h) for name in self.family.group(Role.MLP_IN).linears)

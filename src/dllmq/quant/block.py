@@ -10,7 +10,8 @@ block's inputs:
   by the groups before it as they stand when it is reached (true-sequential calibration, GPTQ). A
   pass stops as soon as the group's input is known, and once the attention half is final its
   output (the residual stream entering the MLP) is computed once and reused by the MLP groups and
-  by `outputs()`.
+  by `outputs()`. The last group's inputs (what the down projection reads) are kept from its feed,
+  so `outputs()` only runs the down projection: the block costs about one forward pass.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class BlockContext:
         self.family = block.family
         self._mid: list[torch.Tensor] | None = None   # residual stream after the (final) attention half
         self._heads: list[torch.Tensor] | None = None  # the out projection's inputs, to build _mid from
+        self._down_in: list[torch.Tensor] | None = None  # the down projection's inputs, to build outputs() from
         self._sequential_done = False
         self._recorded: dict[Role, list[torch.Tensor]] | None = None   # group inputs from fp_outputs()
         # block linears left in full precision (--keep-fp): a method leaves their weights as they are
@@ -123,10 +125,10 @@ class BlockContext:
         calibration batch of the group's input (as its first linear's weight sees it) computed with
         the block as it is now. The contract: when the iteration moves past a group, its weights are
         final. That lets the context compute the attention half's output once and reuse it."""
-        self._mid = self._heads = None
+        self._mid = self._heads = self._down_in = None
         self._sequential_done = False
         for group in self.family.groups:
-            yield group, (lambda fn, group=group: self._feed(group, fn))
+            yield group, (lambda fn, group=group: self._feed(group, fn, final_before=True))
         self._sequential_done = True
 
     def feed_ahead(self, group: LinearGroup, fn: Callable[[torch.Tensor], None]) -> None:
@@ -135,16 +137,21 @@ class BlockContext:
         outputs). The attention half must be final already."""
         if group.role in ATTENTION_HALF:
             raise ValueError("only an MLP group can be fed ahead, once the attention half is final")
-        self._feed(group, fn)
+        self._feed(group, fn, final_before=False)
 
-    def _feed(self, group: LinearGroup, fn: Callable[[torch.Tensor], None]) -> None:
+    def _feed(self, group: LinearGroup, fn: Callable[[torch.Tensor], None], final_before: bool) -> None:
+        """Feed `group`'s input; `final_before`: every group before it is final (not a feed ahead)."""
         first = self.linear(group.linears[0])
-        keep_heads = group.role == Role.ATTN_OUT    # what the out projection reads: kept to build the residual
+        # What the out projection reads, kept to build the residual; what the down projection reads (the
+        # block's last linear), kept to build the block's outputs. Only inputs computed from final groups.
+        keep_heads = group.role == Role.ATTN_OUT
+        keep_down = final_before and group.role == Role.MLP_OUT and len(group.linears) == 1
         self._heads = [] if keep_heads else self._heads
+        self._down_in = [] if keep_down else self._down_in
         store = []
 
         def reached(module, args):
-            if keep_heads:
+            if keep_heads or keep_down:
                 store.append(args[0].detach())
             fn(seen_input(module, args[0].detach()))
             raise _Reached
@@ -161,6 +168,8 @@ class BlockContext:
                 else:
                     for h in self._attention_outputs():
                         self._until_reached(lambda: self.block.mlp_residual(h.to(self.device)))
+                        if keep_down:
+                            self._down_in.append(store.pop().to(h.device))
         finally:
             handle.remove()
 
@@ -194,16 +203,19 @@ class BlockContext:
         (the block must not have changed since); otherwise the whole block runs."""
         if not (self._sequential_done and self._mid is not None):
             return self.run(keep_outputs=True)
+        kept = self._down_in if self._down_in and len(self._down_in) == len(self._mid) else None
         with torch.no_grad():
             out = []
-            while self._mid:   # each batch's residual is dropped as its output is made
-                out.append(self.block.mlp_residual(self._mid.pop(0).to(self.device)).to(self.inputs[len(out)].device))
+            while self._mid:   # each batch's residual (and kept down input) is dropped as its output is made
+                h = self._mid.pop(0).to(self.device)
+                y = self.block.residual_from_mlp(h, kept.pop(0).to(self.device)) if kept else self.block.mlp_residual(h)
+                out.append(y.to(self.inputs[len(out)].device))
         self.release()
         return out
 
     def release(self) -> None:
         """Drop what the context cached (the attention half's outputs, recorded group inputs)."""
-        self._mid = self._heads = None
+        self._mid = self._heads = self._down_in = None
         self._sequential_done = False
         self._recorded = None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +43,17 @@ class AWQSettings(MethodSettings):
     awq_search_tokens: int = setting(4096, "calibration tokens a scale search scores on when the scored output "
                                            "is not the group's own linear (whole windows for attention); 0 = all")
 
+    awq_refine: bool = setting(True, "search the alpha grid point by point instead of coarse to fine (every 4th "
+                                     "point, then the step halved around the best: 9 of 20 evaluations, the "
+                                     "same choice whenever the loss is unimodal along the grid)",
+                               flag="--awq-full-grid", invert=True)
+
     awq_score_block: bool = setting(False, "score the scales of the groups that read a norm (q/k/v, gate/up) on the "
                                            "whole block's output with the group's input fed as the block's input "
                                            "(the study's LLaDA AWQ)")
 
-    # earlier versions scored every search on all tokens, on the family's scored outputs
-    STORED_BEFORE = {"awq_search_tokens": 0, "awq_score_block": False}
+    # earlier versions scored every search on all tokens, on the family's scored outputs, at every grid point
+    STORED_BEFORE = {"awq_search_tokens": 0, "awq_score_block": False, "awq_refine": False}
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -86,7 +92,7 @@ class AWQ(Method):
         # every calibration token, clip on 512 tokens down to 0.5; Pile validation shuffled with seed 42,
         # 128 documents of at most 512 tokens concatenated and cut into 512-token windows.
         settings = dict(sym=False, awq_grid=20, awq_duo_scaling=False, awq_clip=True, awq_max_shrink=0.5,
-                        awq_clip_tokens=512, awq_search_tokens=0, calib_windows="documents", nsamples=128, seqlen=512)
+                        awq_clip_tokens=512, awq_search_tokens=0, awq_refine=False, calib_windows="documents", nsamples=128, seqlen=512)
         if family == "llada":
             settings["awq_score_block"] = True   # auto_scale.py's LLaDALlamaBlock: module2inspect=module
         return settings
@@ -98,15 +104,19 @@ class AWQ(Method):
         # search every group on the original block, then fold all scales (as the reference does)
         chosen = [(g, self.search_scale(ctx, g, feats[g.role])[0]) for g in ctx.family.groups
                   if can_fold(ctx, g) and ctx.quantized(g.linears)]
+        # the clip search and the error report look at a sample of each group's inputs (scaled like
+        # the group's weights once its scales are folded: the rows are sampled first, then divided)
+        samples = {g.role: sample_tokens(feats[g.role], st.awq_clip_tokens) for g in ctx.family.groups}
+        del feats
         for group, scales in chosen:
             fold_scales(ctx, group, scales)
-            feats[group.role] = [x / scales.to(x.dtype) for x in feats[group.role]]
+            samples[group.role] = samples[group.role] / scales.to(samples[group.role].dtype)
         results = {}
         # token weights (--weighting) sampled at the same stride as the tokens
         clip_w = None if ctx.weights is None else sample_tokens([w[..., None] for w in ctx.weights],
                                                                 st.awq_clip_tokens)[:, 0]
         for group in ctx.family.groups:
-            x = sample_tokens(feats[group.role], st.awq_clip_tokens).float()
+            x = samples[group.role].float()
             for name in ctx.quantized(group.linears):   # kept linears keep their (scaled) full-precision weights
                 linear = ctx.linear(name)
                 if st.awq_clip and group.clip_search(name):
@@ -119,7 +129,8 @@ class AWQ(Method):
 
     def search_scale(self, ctx: BlockContext, group: LinearGroup,
                      inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
-        """Best s over the alpha grid; returns (s, the loss of every grid point).
+        """Best s over the alpha grid; returns (s, the loss of every grid point, NaN where the coarse-to-
+        fine search did not evaluate it).
 
         A group scored on its own linear's output is scored on every calibration token through
         their Gram matrix (||(W - Q) x||^2 summed over tokens is a quadratic form in W - Q); a group
@@ -134,7 +145,8 @@ class AWQ(Method):
         candidates = [candidate_scales(x_mean, w_mean, i / st.awq_grid) for i in range(st.awq_grid)]
         with torch.no_grad():
             if group.scored_on == SCORE_LINEAR and len(linears) == 1:
-                losses = _linear_losses(originals[0].float(), inputs, candidates, spec, ctx.weights)
+                loss_of = _linear_loss(originals[0].float(), inputs, spec, ctx.weights)
+                best, losses = grid_argmin(len(candidates), lambda i: loss_of(candidates[i]), st.awq_refine)
             else:
                 whole_block = st.awq_score_block and group.reads_norm
                 if whole_block:   # the group's input (a norm's output) run through the whole block
@@ -145,22 +157,55 @@ class AWQ(Method):
                                                   whole_block or group.scored_on == SCORE_ATTENTION, ctx.weights)
                 reference = [fn(x) for x in search]
                 count = sum(r.numel() for r in reference)
-                losses = []
                 quantized = set(ctx.quantized(group.linears))   # a linear kept in full precision stays exact
-                for s in candidates:
+
+                def loss(i: int) -> float:
+                    s = candidates[i]
                     for name, l, w in zip(group.linears, linears, originals):
                         if name in quantized:
                             l.weight.data = (rtn_weight(w.float() * s, spec).weight / s).to(w.dtype)
                     if search_w is None:
-                        losses.append(sum(F.mse_loss(fn(x).float(), r.float(), reduction="sum").item()
-                                          for x, r in zip(search, reference)) / count)
-                    else:
-                        losses.append(sum(((fn(x).float() - r.float()).pow(2).sum(-1) * w.to(r.device)).sum().item()
-                                          for x, r, w in zip(search, reference, search_w)) / count)
-                for l, w in zip(linears, originals):
-                    l.weight.data = w
-        best = min(range(len(losses)), key=losses.__getitem__)  # the first of equal losses, as the reference
+                        return sum(F.mse_loss(fn(x).float(), r.float(), reduction="sum").item()
+                                   for x, r in zip(search, reference)) / count
+                    return sum(((fn(x).float() - r.float()).pow(2).sum(-1) * w.to(r.device)).sum().item()
+                               for x, r, w in zip(search, reference, search_w)) / count
+
+                try:
+                    best, losses = grid_argmin(len(candidates), loss, st.awq_refine)
+                finally:
+                    for l, w in zip(linears, originals):
+                        l.weight.data = w
         return candidates[best].to(originals[0].device), losses
+
+
+# the coarse-to-fine search's first step: every 4th grid point
+_COARSE_STEP = 4
+
+
+def grid_argmin(n: int, loss: Callable[[int], float], refine: bool) -> tuple[int, list[float]]:
+    """The grid point in range(n) with the smallest loss (the first of equal ones) and the losses (NaN
+    where not evaluated). Without `refine` every point is evaluated. With it, every _COARSE_STEP-th
+    point, then the step halved around the best point so far until it is 1: when the loss is unimodal
+    along the grid the result is the full grid's (each step keeps the minimum inside the best point's
+    neighbourhood), in about 9 of 20 evaluations."""
+    losses = [math.nan] * n
+
+    def at(i: int) -> float:
+        if math.isnan(losses[i]):
+            losses[i] = loss(i)
+        return losses[i]
+
+    step = _COARSE_STEP if refine and n > 2 * _COARSE_STEP else 1
+    for i in range(0, n, step):
+        at(i)
+    best = min(range(0, n, step), key=losses.__getitem__)
+    while step > 1:
+        step //= 2
+        for i in (best - step, best + step):
+            if 0 <= i < n:
+                at(i)
+        best = min((i for i in range(n) if not math.isnan(losses[i])), key=losses.__getitem__)
+    return best, losses
 
 
 def _search_inputs(inputs: list[torch.Tensor], n_tokens: int, whole_windows: bool,
@@ -182,21 +227,21 @@ def _search_inputs(inputs: list[torch.Tensor], n_tokens: int, whole_windows: boo
     return [torch.stack(picked)], picked_w
 
 
-def _linear_losses(w: torch.Tensor, inputs: list[torch.Tensor], candidates: list[torch.Tensor],
-                   spec: WeightSpec, weights: list[torch.Tensor] | None = None) -> list[float]:
-    """Mean squared output error of the linear for each candidate s, over every token, from the
-    inputs' Gram matrix G = sum x x^T: sum_t ||D x_t||^2 = sum(D G * D) with D = W - Q(W s) / s
-    (with token weights, G = sum w x x^T)."""
+def _linear_loss(w: torch.Tensor, inputs: list[torch.Tensor], spec: WeightSpec,
+                 weights: list[torch.Tensor] | None = None) -> Callable[[torch.Tensor], float]:
+    """The mean squared output error of the linear for a candidate s, over every token, from the inputs'
+    Gram matrix G = sum x x^T: sum_t ||D x_t||^2 = sum(D G * D) with D = W - Q(W s) / s (with token
+    weights, G = sum w x x^T)."""
     gram = HessianAccumulator(w.shape[1], w.device)     # float32, in fixed chunks (thread-count independent)
     for i, x in enumerate(inputs):
         gram.add(x, None if weights is None else weights[i])
     G = gram.S
     count = gram.n * w.shape[0]
-    losses = []
-    for s in candidates:
+
+    def loss(s: torch.Tensor) -> float:
         D = w - rtn_weight(w * s, spec).weight / s
-        losses.append(float(((D @ G) * D).double().sum()) / count)
-    return losses
+        return float(((D @ G) * D).double().sum()) / count
+    return loss
 
 
 def clip_weight(linear: nn.Linear, x: torch.Tensor, spec: WeightSpec, n_grid: int, max_shrink: float,
