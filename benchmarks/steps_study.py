@@ -10,7 +10,6 @@ atomically. Bad settings: one sentence, exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -75,21 +74,29 @@ def main(argv=None) -> int:
             if args.threads < 1:
                 raise DllmqError(f"--threads must be at least 1, got {args.threads}.")
             torch.set_num_threads(args.threads)
-        cpu, wall = _cpu_seconds(), time.perf_counter()
-        result = run_steps_study(grid, args.cache, log=lambda s: print(s, file=sys.stderr, flush=True))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = (_cpu_seconds(), time.perf_counter())
+
+        def write(result: dict, done: bool = False) -> str:
+            """OUT.md and OUT.json of the methods finished so far (rewritten after each one)."""
+            cpu, wall = _cpu_seconds() - start[0], time.perf_counter() - start[1]
+            result["cost"] = {"cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1),
+                              "threads": torch.get_num_threads(), "complete": done}
+            table = format_table(result["rows"])
+            write_text_atomic(out.with_suffix(".md"), f"{grid.model}, {', '.join(grid.methods)}; gen_length "
+                              f"{grid.gen_length}, block_length {grid.block_length}, seed {grid.seed}; "
+                              f"{cpu / 60:.1f} CPU-minutes{'' if done else ' (partial)'}\n\n{table}")
+            write_json_atomic(out.with_suffix(".json"), result)
+            return table
+
+        result = run_steps_study(grid, args.cache, log=lambda s: print(s, file=sys.stderr, flush=True),
+                                 partial=write)
     except DllmqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
-    result["cost"] = {"cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1),
-                      "threads": torch.get_num_threads()}
-    table = format_table(result["rows"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out.with_suffix(".md"), f"{grid.model}, {', '.join(grid.methods)}; gen_length "
-                      f"{grid.gen_length}, block_length {grid.block_length}, seed {grid.seed}; "
-                      f"{cpu / 60:.1f} CPU-minutes\n\n{table}")
-    write_json_atomic(out.with_suffix(".json"), result)
+    table = write(result, done=True)
+    cpu, wall = result["cost"]["cpu_seconds"], result["cost"]["wall_seconds"]
     print(table)
     print(f"{cpu:.0f} s CPU ({wall:.0f} s wall); wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}",
           file=sys.stderr)

@@ -16,7 +16,8 @@ instruction plus the function, as a user turn in the chat template, and answer i
 
 Generation settings (LLaDA sampler, greedy, low-confidence remasking, one token per step):
 math gen_length 8 = steps, block_length 4; code gen_length 32 = steps, block_length 8 (base
-and chat alike). Likelihood: mc_num 1 for one-token choices (exact), MC_NUM = 4 otherwise.
+and chat alike); `evaluate_mini(generation=...)` overrides them (benchmarks/steps_study.py varies the
+steps and the remasking). Likelihood: mc_num 1 for one-token choices (exact), MC_NUM = 4 otherwise.
 """
 from __future__ import annotations
 

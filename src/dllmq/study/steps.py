@@ -46,7 +46,7 @@ class StepsGrid:
     model: str = "dllmq-tiny-instruct"
     methods: tuple[str, ...] = DEFAULT_METHODS          # "fp" or "method:PRESET"
     tasks: tuple[str, ...] = GENERATION_TASKS
-    limit: int = 64
+    limit: int = 48
     gen_length: int = 32
     block_length: int = 8
     steps: tuple[int, ...] = (4, 8, 16, 32)
@@ -160,9 +160,10 @@ def setting_rows(method: str, runs: dict, fp_runs: dict, mask_id: int, rs: Resam
 
 
 def run_steps_study(grid: StepsGrid, cache: str | None = None, *, device: str = "cpu", progress: bool = False,
-                    reps: int = REPS, log: Callable[[str], None] = lambda s: None) -> dict:
+                    reps: int = REPS, log: Callable[[str], None] = lambda s: None,
+                    partial: Callable[[dict], None] = lambda result: None) -> dict:
     """{"grid", "rows", "cached"}: every (method, task, steps, remasking) row against FP (see the module
-    docstring). `log` receives one line per method as it finishes."""
+    docstring). `log` receives one line per method as it finishes, `partial` the result so far."""
     config, cells = plan(grid, device)
     qcache = QuantCache(cache) if cache else None
     rs = Resampler({}, reps=reps, seed=grid.seed)
@@ -179,6 +180,7 @@ def run_steps_study(grid: StepsGrid, cache: str | None = None, *, device: str = 
         cached[label] = outcome.cached
         log(f"{label}: done ({'from the cache' if outcome.cached else 'quantized now' if not cell.is_fp else 'FP'})")
         del model
+        partial({"grid": asdict(grid), "rows": rows, "cached": cached})
     return {"grid": asdict(grid), "rows": rows, "cached": cached}
 
 
