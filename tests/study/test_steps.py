@@ -141,3 +141,30 @@ def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path):
     r = run("--steps", "3", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.startswith("error: steps 3 must be a multiple") and "Traceback" not in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_random_remasking_reveals_the_same_positions_for_any_model(llada):
+    """With the same seed both runs draw the same random confidences, so under random remasking a perturbed model
+    commits exactly FP's positions step by step and the disagreement is only in tokens."""
+    import copy
+    model, _ = llada
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in noisy.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.5)
+    prompts = torch.randint(3, 250, (6, 7), generator=torch.Generator().manual_seed(5))
+    mask_id = dllmq.diffusion.logits.mask_token_id(model)
+    runs = {}
+    for name, m in (("fp", model), ("noisy", noisy)):
+        for remasking in ("random", "low_confidence"):
+            rec = StepRecorder(16)
+            llada_generate(m, prompts, gen_length=16, steps=8, block_length=8, remasking=remasking, callback=rec)
+            runs[name, remasking] = rec.states()
+    same = [torch.equal(a == mask_id, b == mask_id) for a, b in zip(runs["fp", "random"], runs["noisy", "random"])]
+    assert all(same)
+    assert any(any(row) for row in step_disagreement(runs["fp", "random"], runs["noisy", "random"], mask_id))
+    # low-confidence remasking lets the model choose, and the perturbed one chooses other positions somewhere
+    assert not all(torch.equal(a == mask_id, b == mask_id)
+                   for a, b in zip(runs["fp", "low_confidence"], runs["noisy", "low_confidence"]))
