@@ -168,3 +168,16 @@ def test_random_remasking_reveals_the_same_positions_for_any_model(llada):
     # low-confidence remasking lets the model choose, and the perturbed one chooses other positions somewhere
     assert not all(torch.equal(a == mask_id, b == mask_id)
                    for a, b in zip(runs["fp", "low_confidence"], runs["noisy", "low_confidence"]))
+
+
+def test_quantized_models_share_the_study_cache_keys():
+    """The default grid's quantized models are the default study's (same quant keys), so a study cache is reused."""
+    from dllmq.study.cells import model_is_readable, plan_cells
+    from dllmq.study.config import default_config
+    from dllmq.study.steps import plan
+    if model_is_readable("dllmq-tiny-instruct") is not None:
+        pytest.skip("dllmq-tiny-instruct is not installed")
+    _, cells = plan(StepsGrid())
+    study = {c.quant_key for c in plan_cells(default_config()) if c.model == "dllmq-tiny-instruct"}
+    mine = [c.quant_key for c in cells if not c.is_fp]
+    assert len(mine) == 4 and set(mine) <= study
