@@ -10,9 +10,15 @@ earlier divergence; the flip rate by step shows where in the denoising quantizat
 
 LLaDA's sampler only (the mini tasks' generation); greedy decoding (temperature 0) makes a choice a
 function of the state, so the reference compared with itself has no flip at all.
+
+The free-running counterpart, `step_disagreement`, compares two runs that each follow their own states
+(`StepRecorder` keeps them while a task generates): at step s, the fraction of the tokens the reference
+has committed that the other run does not hold. Teacher-forced flips are the per-step error; this is
+the error as it accumulates along the trajectory.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,4 +60,43 @@ def teacher_forced_flips(model: torch.nn.Module, traj: Trajectory) -> list[list[
     return flips.long().tolist()
 
 
-__all__ = ["Trajectory", "record_trajectory", "teacher_forced_flips"]
+class StepRecorder:
+    """A sampler `callback` that keeps the answer part (the last `gen_length` positions) of the state after
+    every step, over all the batches of a run: step 1 starts a new batch."""
+
+    def __init__(self, gen_length: int):
+        self.gen_length = gen_length
+        self._batches: list[list[Tensor]] = []
+
+    def __call__(self, step: int, x: Tensor) -> None:
+        if step == 1:
+            self._batches.append([])
+        self._batches[-1].append(x[:, -self.gen_length:].cpu())
+
+    def states(self) -> list[Tensor]:
+        """Per step: [rows of every batch, gen_length], rows in generation order."""
+        if not self._batches:
+            return []
+        steps = {len(b) for b in self._batches}
+        if len(steps) != 1:
+            raise ValueError(f"batches ran different step counts {sorted(steps)}")
+        return [torch.cat([b[s] for b in self._batches]) for s in range(steps.pop())]
+
+
+def step_disagreement(reference: Sequence[Tensor], states: Sequence[Tensor], mask_id: int) -> list[list[float]]:
+    """[row][step]: of the answer tokens the reference has committed by the step (no longer `mask_id`), the
+    fraction the other run does not hold at the same position (another token, or still masked); 0 while
+    the reference has committed nothing. Both runs of LLaDA's sampler commit equally many tokens per step
+    (the schedule depends on the lengths only), so the measure is symmetric. States: per step [rows, G]."""
+    if len(reference) != len(states):
+        raise ValueError(f"{len(reference)} reference steps against {len(states)}")
+    out = []
+    for ref, mine in zip(reference, states):
+        committed = ref != mask_id
+        differ = (committed & (mine != ref)).sum(1)
+        n = committed.sum(1)
+        out.append([int(d) / int(c) if int(c) else 0.0 for d, c in zip(differ, n)])
+    return [list(row) for row in zip(*out)]
+
+
+__all__ = ["StepRecorder", "Trajectory", "record_trajectory", "step_disagreement", "teacher_forced_flips"]

@@ -16,14 +16,15 @@ instruction plus the function, as a user turn in the chat template, and answer i
 
 Generation settings (LLaDA sampler, greedy, low-confidence remasking, one token per step):
 math gen_length 8 = steps, block_length 4; code gen_length 32 = steps, block_length 8 (base
-and chat alike). Likelihood: mc_num 1 for one-token choices (exact), MC_NUM = 4 otherwise.
+and chat alike); `evaluate_mini(generation=...)` overrides them (benchmarks/steps_study.py varies the
+steps and the remasking). Likelihood: mc_num 1 for one-token choices (exact), MC_NUM = 4 otherwise.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 
 import torch
@@ -124,12 +125,13 @@ def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progres
 # ---------------------------------------------------------------------------------------------
 
 def _generate(model, tokenizer, prompts: list[str], chat: bool, settings: dict, seed: int,
-              batch_size: int, desc: str, progress: bool, kv_cache: str = "none") -> list[str]:
+              batch_size: int, desc: str, progress: bool, kv_cache: str = "none", callback=None) -> list[str]:
     outputs: list[str] = []
     batches = range(0, len(prompts), batch_size)
+    extra = {} if callback is None else {"callback": callback}   # the sampler's per-step callback
     for start in tqdm(batches, desc=desc, disable=not progress):
         outputs += generate_text(model, tokenizer, prompts[start:start + batch_size], chat=chat, sampler="llada",
-                                 seed=seed, kv_cache=kv_cache, **settings)
+                                 seed=seed, kv_cache=kv_cache, **settings, **extra)
     return outputs
 
 
@@ -149,11 +151,18 @@ def generation_prompts(task: str, items: list[dict], chat: bool) -> list[str]:
     raise DllmqError(f"{task} is not a generation task; use mini_math or mini_code.")
 
 
+def generation_settings(task: str, chat: bool, overrides: Mapping | None = None) -> dict:
+    """The LLaDA settings a generation task decodes with: its preset (GEN_SETTINGS), then `overrides`
+    (gen_length, steps, block_length, remasking, ...; the sampler refuses bad values)."""
+    return {**GEN_SETTINGS[task, chat], **(overrides or {})}
+
+
 def score_math(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
-               progress: bool = True, kv_cache: str = "none") -> tuple[list[bool], list[str]]:
+               progress: bool = True, kv_cache: str = "none", settings: Mapping | None = None,
+               callback=None) -> tuple[list[bool], list[str]]:
     prompts = generation_prompts("mini_math", items, chat)
-    outputs = _generate(model, tokenizer, prompts, chat, GEN_SETTINGS["mini_math", chat], seed, batch_size,
-                        "mini_math", progress, kv_cache)
+    outputs = _generate(model, tokenizer, prompts, chat, generation_settings("mini_math", chat, settings), seed,
+                        batch_size, "mini_math", progress, kv_cache, callback)
     return [first_integer(o) == item["answer"] for o, item in zip(outputs, items)], outputs
 
 
@@ -185,10 +194,11 @@ def program_with_tests(program: str, tests: Sequence[str]) -> str:
 
 
 def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0, batch_size: int = 32,
-               progress: bool = True, timeout: float = 5.0, kv_cache: str = "none") -> tuple[list[bool], list[str]]:
+               progress: bool = True, timeout: float = 5.0, kv_cache: str = "none", settings: Mapping | None = None,
+               callback=None) -> tuple[list[bool], list[str]]:
     prompts = generation_prompts("mini_code", items, chat)
-    outputs = _generate(model, tokenizer, prompts, chat, GEN_SETTINGS["mini_code", chat], seed, batch_size,
-                        "mini_code", progress, kv_cache)
+    outputs = _generate(model, tokenizer, prompts, chat, generation_settings("mini_code", chat, settings), seed,
+                        batch_size, "mini_code", progress, kv_cache, callback)
     programs = [code_program(item["prompt"], o, chat) for item, o in zip(items, outputs)]
     results = run_programs([program_with_tests(p, item["tests"]) for p, item in zip(programs, items)],
                            allow_code_execution=True, limits=with_limits(timeout_s=timeout, cpu_s=max(1, int(timeout))),
@@ -204,7 +214,7 @@ def score_code(model, tokenizer, items: list[dict], *, chat: bool, seed: int = 0
 def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: int | None = None, seed: int = 0,
                   progress: bool = True, chat: bool | None = None, batch_size: int = 32,
                   return_samples: bool = False, shard: tuple[int, int] | None = None,
-                  kv_cache: str = "none") -> dict:
+                  kv_cache: str = "none", generation: Mapping | None = None, step_callback=None) -> dict:
     """Per task {"acc", "stderr", "n", "chance"} on the shipped held-out items.
 
     `limit` takes the first items of each task (a fixed subset); `seed` seeds the Monte Carlo draws
@@ -217,6 +227,9 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
     multiple of `batch_size` (the batches, and so their padding, are then the same).
     `kv_cache` "prefix" / "dual": the generation tasks decode approximately with the block-wise K/V
     cache (dllmq.diffusion.kv_cache; never the study's setting); "none" is exact.
+    `generation` overrides the generation tasks' LLaDA settings (steps, gen_length, block_length, remasking;
+    `generation_settings`); `step_callback(step, state)` is handed to the sampler (e.g. a
+    dllmq.diffusion.trajectory.StepRecorder), its step counting from 1 in every batch.
     """
     if tokenizer is None:
         raise DllmqError("The mini benchmark needs the model's tokenizer; load a checkpoint that ships one.")
@@ -238,11 +251,13 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
                     answers = [str(k) for k in picks]
                 elif task == "mini_math":
                     correct, samples = score_math(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
-                                                  progress=progress, kv_cache=kv_cache)
+                                                  progress=progress, kv_cache=kv_cache, settings=generation,
+                                                  callback=step_callback)
                     answers = [None if (v := first_integer(o)) is None else str(v) for o in samples]
                 else:
                     correct, samples = score_code(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
-                                                  progress=progress, kv_cache=kv_cache)
+                                                  progress=progress, kv_cache=kv_cache, settings=generation,
+                                                  callback=step_callback)
                     answers = list(samples)
                 results[task] = summarize(correct, task)
                 if return_samples:

@@ -164,18 +164,26 @@ def _item_evidence(se: SettingEvidence, fp: Mapping[str, Mapping], q: Mapping[st
             continue
         ids = sorted(fp_items)
         k = kind(f"items:{task}:{seed}:{len(ids)}", len(ids))
-        a = np.array([fp_items[i][1] for i in ids], dtype=float)
-        b = np.array([mine[i][1] for i in ids], dtype=float)
-        changed = np.array([fp_items[i][0] != mine[i][0] for i in ids], dtype=float)
-        r2w = (a == 1) & (b == 0)
-        w2r = (a == 0) & (b == 1)
-        diff = 100.0 * (a - b)
-        se.drop.setdefault(f"task:{task}", [])
-        se.drop[f"task:{task}"].append(Estimate(float(diff.mean()), rs.mean(k, diff)))
+        c = item_contrast([fp_items[i][1] for i in ids], [mine[i][1] for i in ids], k, rs,
+                          [fp_items[i][0] for i in ids], [mine[i][0] for i in ids])
+        se.drop.setdefault(f"task:{task}", []).append(c["drop"])
         flips = se.flips.setdefault(task, {})
-        for name, v in (("changed", changed), ("right_to_wrong", r2w.astype(float)),
-                        ("wrong_to_right", w2r.astype(float))):
-            flips.setdefault(name, []).append(Estimate(float(v.mean()), rs.mean(k, v)))
+        for name in FLIP_KINDS:
+            flips.setdefault(name, []).append(c[name])
+
+
+def item_contrast(fp: Sequence, mine: Sequence, kind: str, rs: Resampler, fp_answers: Sequence | None = None,
+                  answers: Sequence | None = None) -> dict[str, Estimate]:
+    """A setting against FP on the same items (per-item correctness, 0/1, in the same order; `kind` is their
+    unit kind in `rs`): "drop" (FP - setting, points), "right_to_wrong" / "wrong_to_right" (fractions of
+    items whose correctness flipped each way), and "changed" (answers differ) when the answers are given."""
+    a = np.asarray(fp, dtype=float)
+    b = np.asarray(mine, dtype=float)
+    series = {"drop": 100.0 * (a - b), "right_to_wrong": ((a == 1) & (b == 0)).astype(float),
+              "wrong_to_right": ((a == 0) & (b == 1)).astype(float)}
+    if fp_answers is not None and answers is not None:
+        series["changed"] = np.array([x != y for x, y in zip(fp_answers, answers)], dtype=float)
+    return {name: Estimate(float(v.mean()), rs.mean(kind, v)) for name, v in series.items()}
 
 
 def _finish_drops(se: SettingEvidence) -> None:
@@ -227,4 +235,4 @@ def _measure_evidence(se: SettingEvidence, ms: Mapping[tuple[str, str], Mapping]
 
 
 __all__ = ["DEFAULT_KL_RATIO", "Estimate", "FLIP_KINDS", "ModelEvidence", "SettingEvidence", "build_evidence",
-           "mean_of"]
+           "item_contrast", "mean_of"]
