@@ -155,10 +155,11 @@ def test_ar_training_lowers_the_loss_and_exports_a_causal_model(tmp_path):
 def test_export_writes_a_causal_model_card(tmp_path):
     from dllmq.train.export import export_model
 
-    run = train(TrainConfig(stage="ar", out=str(tmp_path / "ar"), steps=2, tokenizer="", **TINY))
+    run = train(TrainConfig(stage="ar", out=str(tmp_path / "ar"), steps=2, **TINY))
     record = export_model(run, tmp_path / "dllmq-tiny-ar", progress=False, full_limit=2)
     card = (tmp_path / "dllmq-tiny-ar" / "README.md").read_text()
     assert "autoregressive twin" in card and "model_type: llama" in card and "LLaDA's architecture" not in card
+    assert "Tokenizer: byte-level BPE" in card and "1 torch threads" in card
     assert "python -m dllmq.train --stage ar --out runs/ar" in card and "export runs/ar" in card
     assert record["training"]["stage"] == "ar" and record["full"]["mini_math"]["n"] == 2
     loaded, _, family = load_plain_model(tmp_path / "dllmq-tiny-ar", dtype="float32")

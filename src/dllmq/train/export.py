@@ -146,7 +146,7 @@ It is for exercising and studying quantization end to end on a laptop, not for a
 |---|---|---|---|---|---|---|
 | {cfg['d_model']} | {cfg['n_layers']} | {cfg['n_heads']} (64) | {cfg['mlp_hidden_size']} | {cfg['vocab_size']} | {summary.get('n_params', 0) / 1e6:.2f} M{" (embedding and LM head tied)" if summary["stage"] == "ar" else ""} | bfloat16 |
 
-Tokenizer{" (dllmq-tiny's, the same file)" if summary["stage"] == "ar" else ""}: byte-level BPE ({cfg['vocab_size']} tokens) trained with `tokenizers` on the training corpus,
+Tokenizer{f" (the one in {cfg['tokenizer']}, copied)" if cfg.get("tokenizer") else ""}: byte-level BPE ({cfg['vocab_size']} tokens) trained with `tokenizers` on the training corpus,
 digits split one per token; special tokens `<|startoftext|>` (BOS), `<|endoftext|>` (EOS, pad),
 `<|mdm_mask|>` (mask), `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`.
 
@@ -155,7 +155,7 @@ digits split one per token; special tokens `<|startoftext|>` (BOS), `<|endoftext
 - Steps {cfg['steps']}, batch {cfg['batch_size']} x {cfg['seq_len']} tokens, AdamW (betas 0.9/0.95,
   weight decay {cfg['weight_decay']}), lr {cfg['lr']} with {cfg['warmup']} warmup steps and cosine decay
   to {cfg['min_lr_ratio']} x lr, bf16 autocast, gradient clipping {cfg['grad_clip']}, seed {cfg['seed']}.
-- Run time: {minutes:.1f} min on 2 shared CPU cores (median {summary['median_tokens_per_s']} tokens/s).
+- Run time: {minutes:.1f} min on 2 shared CPU cores ({cfg.get('threads') or 'default'} torch threads; median {summary['median_tokens_per_s']} tokens/s).
 - Final loss (mean of the last logged windows): {losses}.
 
 Reproduce:
