@@ -18,6 +18,10 @@ Generation settings (LLaDA sampler, greedy, low-confidence remasking, one token 
 math gen_length 8 = steps, block_length 4; code gen_length 32 = steps, block_length 8 (base
 and chat alike); `evaluate_mini(generation=...)` overrides them (benchmarks/steps_study.py varies the
 steps and the remasking). Likelihood: mc_num 1 for one-token choices (exact), MC_NUM = 4 otherwise.
+
+Causal models (the AR twin dllmq-tiny-ar) take the same items and token budgets through the causal
+paths: exact log-likelihood of each choice, greedy left-to-right generation of gen_length tokens
+(stopping at EOS).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from tqdm.auto import tqdm
 
 from dllmq.diffusion import generate_text
 from dllmq.diffusion.kv_cache import check_kv_cache
-from dllmq.diffusion.likelihood import mc_loglikelihood_many
+from dllmq.diffusion.likelihood import causal_loglikelihood, mc_loglikelihood_many
 from dllmq.errors import DllmqError
 from dllmq.evaluate.sandbox import run_programs, with_limits
 from dllmq.quant.qlinear import keep_dequantized_weights
@@ -109,8 +113,10 @@ def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progres
                 answer = tokenizer(choice, add_special_tokens=False)["input_ids"]
                 pairs.append((prompt, answer))
                 mcs.append(1 if len(answer) == 1 else MC_NUM)
-        # the same floats as mc_loglikelihood pair by pair (equal-length batches share a forward)
-        scores = iter(mc_loglikelihood_many(model, pairs, mc_num=mcs, batch_size=mcs, seed=seed))
+        if model.family.causal:  # exact: no draws
+            scores = iter([causal_loglikelihood(model, p, a) for p, a in pairs])
+        else:  # the same floats as mc_loglikelihood pair by pair (equal-length batches share a forward)
+            scores = iter(mc_loglikelihood_many(model, pairs, mc_num=mcs, batch_size=mcs, seed=seed))
         for item in window:
             item_scores = [next(scores) for _ in item["choices"]]
             pick = max(range(len(item_scores)), key=item_scores.__getitem__)
@@ -129,8 +135,9 @@ def _generate(model, tokenizer, prompts: list[str], chat: bool, settings: dict, 
     outputs: list[str] = []
     batches = range(0, len(prompts), batch_size)
     extra = {} if callback is None else {"callback": callback}   # the sampler's per-step callback
+    sampler = "causal" if model.family.causal else "llada"  # the causal sampler reads gen_length as max_new_tokens
     for start in tqdm(batches, desc=desc, disable=not progress):
-        outputs += generate_text(model, tokenizer, prompts[start:start + batch_size], chat=chat, sampler="llada",
+        outputs += generate_text(model, tokenizer, prompts[start:start + batch_size], chat=chat, sampler=sampler,
                                  seed=seed, kv_cache=kv_cache, **settings, **extra)
     return outputs
 

@@ -1,4 +1,4 @@
-"""The settings of a training run and the LLaDA config.json of the model it trains.
+"""The settings of a training run and the config.json of the model it trains (LLaDA's, or Llama's for the AR twin).
 
 Read by the training loop and by the export (which reproduces a run's command line and rebuilds a
 model from a checkpoint), so neither imports the other for them.
@@ -13,11 +13,14 @@ from dllmq.models.config import real_config
 
 # Settings that change how a run executes, not what it computes: a run may resume with others.
 RUNTIME_SETTINGS = ("threads", "log_every", "checkpoint_every")
+# base: LLaDA pre-training; instruct: LLaDA SFT from a base model; ar: the same pre-training data with
+# next-token prediction, into a causal Llama of the same size (the autoregressive baseline).
+STAGES = ("base", "instruct", "ar")
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "base"                 # base | instruct
+    stage: str = "base"                 # base | instruct | ar (the causal twin: next-token prediction, same data)
     out: str = "runs/base"
     steps: int = 1000                   # the schedule's length (a run is done at this step)
     batch_size: int = 8
@@ -39,6 +42,7 @@ class TrainConfig:
     # (per pick; a wiki/python pick is ~128 tokens, math ~50, code ~85: tokens ~ 35/7/28/30 %)
     mix: dict = field(default_factory=lambda: {"wiki": 0.22, "python": 0.05, "math": 0.45, "code": 0.28})
     init: str = ""                      # instruct: directory of the base model (config.json + weights)
+    tokenizer: str = ""                 # a directory whose tokenizer to use instead of training one (ar: dllmq-tiny's)
     pretrain_every: int = 4             # instruct: every n-th step is a pre-training step (0: never)
     # instruct: kinds of SFT pairs (weights): text continuation, math, code
     sft_mix: dict = field(default_factory=lambda: {"general": 0.3, "math": 0.35, "code": 0.35})
@@ -52,8 +56,8 @@ class TrainConfig:
     tokenizer_items: int = 4000         # generated math/code items added to the tokenizer's training text
 
     def __post_init__(self) -> None:
-        if self.stage not in ("base", "instruct"):
-            raise DllmqError(f"Unknown stage {self.stage!r}; use base or instruct.")
+        if self.stage not in STAGES:
+            raise DllmqError(f"Unknown stage {self.stage!r}; use {', '.join(STAGES)}.")
         if self.steps <= 0 or self.batch_size <= 0 or self.seq_len <= 0:
             raise DllmqError("steps, batch size and sequence length must be positive.")
         for name, mix, known in (("mix", self.mix, {"wiki", "python", "math", "code"}),
@@ -66,10 +70,20 @@ class TrainConfig:
                              "(n_heads = d_model / 64).")
 
 
+def padded_vocab(cfg: TrainConfig, tokenizer) -> int:
+    """Embedding rows: the tokenizer's size (or --vocab-size if larger), rounded up to a multiple of 64."""
+    return -(-max(cfg.vocab_size, len(tokenizer)) // 64) * 64
+
+
+def tiny_model_config(cfg: TrainConfig, tokenizer) -> dict:
+    """The config.json of the model a fresh run trains: LLaDA's for base, Llama's for the AR twin."""
+    return llama_tiny_config(cfg, tokenizer) if cfg.stage == "ar" else llada_tiny_config(cfg, tokenizer)
+
+
 def llada_tiny_config(cfg: TrainConfig, tokenizer) -> dict:
     """The official LLaDA config.json fields, scaled down to the tiny model."""
     raw = copy.deepcopy(real_config("llada-8b"))
-    vocab = -(-max(cfg.vocab_size, len(tokenizer)) // 64) * 64
+    vocab = padded_vocab(cfg, tokenizer)
     raw.update(
         d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
         mlp_hidden_size=cfg.mlp_hidden_size, mlp_ratio=round(cfg.mlp_hidden_size / cfg.d_model, 2),
@@ -77,5 +91,21 @@ def llada_tiny_config(cfg: TrainConfig, tokenizer) -> dict:
         rope_theta=10000.0, init_device="cpu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id,
+    )
+    return raw
+
+
+def llama_tiny_config(cfg: TrainConfig, tokenizer) -> dict:
+    """transformers' LlamaForCausalLM config.json fields (SmolLM2-135M's file), scaled to the tiny model's
+    size: the same widths, heads (MHA), RoPE and norm epsilon as dllmq-tiny, input embedding and LM head
+    tied as SmolLM2 and Qwen2.5's small models do (the weights cost 11 MB in bf16 instead of 12.3)."""
+    raw = copy.deepcopy(real_config("smollm2-135m"))
+    raw.update(
+        hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads,
+        intermediate_size=cfg.mlp_hidden_size, vocab_size=padded_vocab(cfg, tokenizer),
+        max_position_embeddings=cfg.max_sequence_length, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return raw

@@ -2,6 +2,7 @@
 
     python -m dllmq.train.export runs/base src/dllmq/tiny/dllmq-tiny
     python -m dllmq.train.export runs/instruct src/dllmq/tiny/dllmq-tiny-instruct
+    python -m dllmq.train.export runs/ar src/dllmq/tiny/dllmq-tiny-ar
 
 The full mini benchmark is run on the exported (bf16) weights loaded as the user loads them, and
 so is the small fixed subset that tests/test_tiny.py checks.
@@ -27,7 +28,7 @@ from dllmq.models.registry import build_model, get_family, parse_model_config
 from dllmq.quant.api import quantize
 from dllmq.quant.config import QuantConfig
 from dllmq.train import corpus
-from dllmq.train.config import TrainConfig, llada_tiny_config
+from dllmq.train.config import TrainConfig, tiny_model_config
 
 # The fixed subset the shipped-weights test re-runs (first N items of each task).
 SUBSET = {"mini_general": 32, "mini_math": 32, "mini_code": 16}
@@ -101,6 +102,29 @@ def train_command(cfg: dict, out: str) -> str:
     return "python -m dllmq.train " + " ".join(flags)
 
 
+RUN_DIRS = {"base": "runs/base", "instruct": "runs/instruct", "ar": "runs/ar"}
+_LLADA_LAYOUT = """A small masked diffusion language model with exactly LLaDA's architecture and checkpoint layout
+(`model_type: llada`, official config.json field names, `model.transformer.blocks.N.*` tensors),
+trained from scratch by dllmq on 2 CPU cores, shipped with dllmq as its embedded default model."""
+INTRO = {
+    "base": _LLADA_LAYOUT + "\nBase model: LLaDA pre-training objective (t ~ U(eps, 1], mask each token with probability "
+            "t, cross-entropy on masked tokens divided by t, normalised by sequence length).",
+    "instruct": _LLADA_LAYOUT + "\nInstruct model: dllmq-tiny fine-tuned LLaDA-style (SFT: only response tokens are "
+                "masked, loss divided by response length) on chat-formatted question/answer pairs of the three kinds "
+                "(general text continuation, math, code), with every 4th step a pre-training step. Chat template: "
+                "LLaDA-8B-Instruct's.",
+    "ar": """The autoregressive twin of dllmq-tiny: a causal language model in transformers' Llama layout
+(`model_type: llama`, `LlamaForCausalLM` config.json fields, `model.layers.N.self_attn.q_proj` etc.,
+input embedding and LM head tied and stored once, as SmolLM2 ships), of dllmq-tiny's size, trained
+from scratch by dllmq on 2 CPU cores on exactly dllmq-tiny's batches (same tokenizer, corpus, seed,
+steps and schedule) with next-token prediction (mean cross-entropy of token i+1 given tokens 0..i).
+The objective and the causal attention mask are the only differences, so it is the AR baseline
+that dLLM-vs-AR quantization comparisons need. dllmq runs it through the causal paths
+(autoregressive generation, exact log-likelihood). Its loss is the exact per-token NLL in nats;
+dllmq-tiny's is an upper bound (the ELBO) on the same quantity.""",
+}
+
+
 def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
     cfg = summary["config"]
     rows = "\n".join(
@@ -108,14 +132,11 @@ def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
         for task, r in evals.items())
     minutes = (summary["train_seconds"] or 0) / 60
     losses = ", ".join(f"{k} {v}" for k, v in summary["final_loss"].items())
-    run_dir = "runs/base" if summary["stage"] == "base" else "runs/instruct"
+    run_dir = RUN_DIRS[summary["stage"]]
     command = f"{train_command(cfg, run_dir)}\npython -m dllmq.train.export {run_dir} src/dllmq/tiny/{name} --quant-check --activations"
     return f"""# {name}
 
-A small masked diffusion language model with exactly LLaDA's architecture and checkpoint layout
-(`model_type: llada`, official config.json field names, `model.transformer.blocks.N.*` tensors),
-trained from scratch by dllmq on 2 CPU cores, shipped with dllmq as its embedded default model.
-{"Base model: LLaDA pre-training objective (t ~ U(eps, 1], mask each token with probability t, cross-entropy on masked tokens divided by t, normalised by sequence length)." if summary["stage"] == "base" else "Instruct model: dllmq-tiny fine-tuned LLaDA-style (SFT: only response tokens are masked, loss divided by response length) on chat-formatted question/answer pairs of the three kinds (general text continuation, math, code), with every 4th step a pre-training step. Chat template: LLaDA-8B-Instruct's."}
+{INTRO[summary["stage"]]}
 
 It is for exercising and studying quantization end to end on a laptop, not for any real use.
 
@@ -123,9 +144,9 @@ It is for exercising and studying quantization end to end on a laptop, not for a
 
 | d_model | layers | heads (head dim) | FFN | vocab | parameters | dtype |
 |---|---|---|---|---|---|---|
-| {cfg['d_model']} | {cfg['n_layers']} | {cfg['n_heads']} (64) | {cfg['mlp_hidden_size']} | {cfg['vocab_size']} | {summary.get('n_params', 0) / 1e6:.2f} M | bfloat16 |
+| {cfg['d_model']} | {cfg['n_layers']} | {cfg['n_heads']} (64) | {cfg['mlp_hidden_size']} | {cfg['vocab_size']} | {summary.get('n_params', 0) / 1e6:.2f} M{" (embedding and LM head tied)" if summary["stage"] == "ar" else ""} | bfloat16 |
 
-Tokenizer: byte-level BPE ({cfg['vocab_size']} tokens) trained with `tokenizers` on the training corpus,
+Tokenizer{f" (the one in {cfg['tokenizer']}, copied)" if cfg.get("tokenizer") else ""}: byte-level BPE ({cfg['vocab_size']} tokens) trained with `tokenizers` on the training corpus,
 digits split one per token; special tokens `<|startoftext|>` (BOS), `<|endoftext|>` (EOS, pad),
 `<|mdm_mask|>` (mask), `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`.
 
@@ -134,7 +155,7 @@ digits split one per token; special tokens `<|startoftext|>` (BOS), `<|endoftext
 - Steps {cfg['steps']}, batch {cfg['batch_size']} x {cfg['seq_len']} tokens, AdamW (betas 0.9/0.95,
   weight decay {cfg['weight_decay']}), lr {cfg['lr']} with {cfg['warmup']} warmup steps and cosine decay
   to {cfg['min_lr_ratio']} x lr, bf16 autocast, gradient clipping {cfg['grad_clip']}, seed {cfg['seed']}.
-- Run time: {minutes:.1f} min on 2 shared CPU cores (median {summary['median_tokens_per_s']} tokens/s).
+- Run time: {minutes:.1f} min on 2 shared CPU cores ({cfg.get('threads') or 'default'} torch threads; median {summary['median_tokens_per_s']} tokens/s).
 - Final loss (mean of the last logged windows): {losses}.
 
 Reproduce:
@@ -248,7 +269,7 @@ def model_from_checkpoint(run: Path):
         raw = read_config_json(Path(cfg.init))
         raw = {**raw, "dllmq_training": {"chat": True}}
     else:
-        raw = llada_tiny_config(cfg, tokenizer)
+        raw = tiny_model_config(cfg, tokenizer)
     model = build_model(parse_model_config(raw))
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])

@@ -1,4 +1,5 @@
-"""Training dllmq-tiny: LLaDA's masked-diffusion pre-training and its SFT, seeded and resumable.
+"""Training dllmq-tiny: LLaDA's masked-diffusion pre-training and its SFT, seeded and resumable; and
+its autoregressive twin dllmq-tiny-ar.
 
 Pre-training (stage `base`): packed sequences of BOS + document + EOS; per row t ~ U(0, 1],
 p = (1 - eps) t + eps, each token masked with probability p, loss = sum over masked tokens of
@@ -8,6 +9,10 @@ SFT (stage `instruct`): chat-formatted (prompt, response) pairs; the prompt is n
 response (with <|eot_id|> and EOS padding) is, and each row's loss is divided by its response
 length (LLaDA's SFT). Every `pretrain_every`-th step is a pre-training step, so plain-text
 abilities survive.
+
+AR (stage `ar`): the base stage's batches exactly (same seed, same rows at every step), a causal
+Llama of the same size, and next-token prediction: mean CE of token i+1 given tokens 0..i over
+every position of every row. The objective is the only difference from the base stage.
 
 A run directory holds `checkpoint.pt` (model, optimizer, step, RNG states; written atomically),
 `log.jsonl` (the loss curve), `tokenizer/` and, when done, `final/` (bf16 weights + tokenizer).
@@ -30,11 +35,11 @@ from transformers import AutoTokenizer
 
 from dllmq.atomic import atomic_directory, atomic_path, write_text_atomic
 from dllmq.errors import DllmqError
-from dllmq.models.loading import load_checkpoint, save_model
+from dllmq.models.loading import load_checkpoint, load_tokenizer, save_model
 from dllmq.models.modeling import TransformerLM, init_weights
 from dllmq.models.registry import build_model, parse_model_config
 from dllmq.train import corpus
-from dllmq.train.config import RUNTIME_SETTINGS, TrainConfig, llada_tiny_config
+from dllmq.train.config import RUNTIME_SETTINGS, TrainConfig, tiny_model_config
 from dllmq.train.export import export_model
 from dllmq.train.tokenizer import train_tokenizer
 
@@ -168,6 +173,20 @@ def sft_loss(model: TransformerLM, ids: torch.Tensor, response: torch.Tensor, ma
     return (ce / lengths).sum() / ids.shape[0]
 
 
+def causal_loss(model: TransformerLM, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token prediction: mean CE of ids[:, i+1] from the logits at position i (a causal model sees 0..i)."""
+    logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def pretrain_objective(cfg: TrainConfig, model: TransformerLM, ids: torch.Tensor, mask_id: int,
+                       generator: torch.Generator) -> torch.Tensor:
+    """The loss of a pre-training batch: next-token CE for the AR twin, LLaDA's masked-diffusion loss otherwise."""
+    if cfg.stage == "ar":
+        return causal_loss(model, ids)
+    return pretrain_loss(model, ids, mask_id, generator)
+
+
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * lr at `steps`."""
     if step < cfg.warmup:
@@ -185,14 +204,18 @@ def build_or_load_tokenizer(cfg: TrainConfig, out: Path, wiki_docs, python_docs)
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(tok_dir))
-    if cfg.stage == "instruct":
+    if cfg.stage == "instruct" and not cfg.tokenizer:
         return AutoTokenizer.from_pretrained(str(Path(cfg.init)))
-
-    rng = random.Random(cfg.seed)
-    texts = list(wiki_docs) + list(python_docs)
-    texts += ["\n".join(corpus.math_item(rng, False).text for _ in range(5)) for _ in range(cfg.tokenizer_items)]
-    texts += [corpus.code_item(rng, False).text for _ in range(cfg.tokenizer_items)]
-    tok = train_tokenizer(texts, cfg.vocab_size)
+    if cfg.tokenizer:  # copied into the run, so it resumes (and exports) from its own files
+        if not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
+            raise DllmqError(f"{cfg.tokenizer} has no tokenizer.json; point --tokenizer at a model directory.")
+        tok = load_tokenizer(Path(cfg.tokenizer))  # quietly: a llada config.json beside it puzzles transformers
+    else:
+        rng = random.Random(cfg.seed)
+        texts = list(wiki_docs) + list(python_docs)
+        texts += ["\n".join(corpus.math_item(rng, False).text for _ in range(5)) for _ in range(cfg.tokenizer_items)]
+        texts += [corpus.code_item(rng, False).text for _ in range(cfg.tokenizer_items)]
+        tok = train_tokenizer(texts, cfg.vocab_size)
     with atomic_directory(tok_dir, overwrite=True) as tmp:  # no tokenizer.json: whatever is there is incomplete
         tok.save_pretrained(str(tmp))
     return AutoTokenizer.from_pretrained(str(tok_dir))
@@ -204,7 +227,7 @@ def make_model(cfg: TrainConfig, tokenizer) -> TransformerLM:
         if not cfg.init or not (Path(cfg.init) / "config.json").is_file():
             raise DllmqError("The instruct stage needs --init DIR, the base model directory (with config.json).")
         return load_checkpoint(Path(cfg.init), torch.float32).train()
-    raw = llada_tiny_config(cfg, tokenizer)
+    raw = tiny_model_config(cfg, tokenizer)
     model = build_model(parse_model_config(raw))
     init_weights(model, seed=cfg.seed)
     with torch.no_grad():  # norms start at one (init_weights jitters them for tests)
@@ -280,11 +303,11 @@ def _train(cfg: TrainConfig, minutes: float | None, export: str | None) -> Path:
         lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        pretrain_step = cfg.stage == "base" or (cfg.pretrain_every and step % cfg.pretrain_every == 0)
+        pretrain_step = cfg.stage != "instruct" or (cfg.pretrain_every and step % cfg.pretrain_every == 0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             if pretrain_step:
                 ids = batches.pretrain(step)
-                loss = pretrain_loss(model, ids, mask_id, generator)
+                loss = pretrain_objective(cfg, model, ids, mask_id, generator)
             else:
                 ids, response = batches.sft(step)
                 loss = sft_loss(model, ids, response, mask_id, generator)
