@@ -255,3 +255,40 @@ def test_all_group_grids_in_one_call_equal_one_call_per_group(n_in, group, searc
     assert len(together) == len(apart)
     for (s1, z1), (s2, z2) in zip(together, apart):
         assert torch.equal(s1, s2) and torch.equal(z1, z2)
+
+
+def textbook_grid_search(w, bits, sym, signed, points=20, min_shrink=0.5, norm=2.4):
+    """The grid search as written first: each shrink factor's grid from the shrunk weights' own min/max."""
+    spec = QuantSpec(bits=bits, symmetric=sym, granularity="channel", signed_grid=signed)
+    maxq = 2 ** bits - 1
+    best_err, best = None, None
+    for i in range(points + 1):
+        scale, zero = compute_qparams(w * (1 - (1 - min_shrink) * i / points), spec)
+        scale, zero = round_scales(scale.reshape(-1)), zero.reshape(-1).float()
+        q = ((torch.round(w / scale[:, None]) + zero[:, None]).clamp(0, maxq) - zero[:, None]) * scale[:, None]
+        err = (w - q).abs().pow(norm).sum(1)
+        if best is None:
+            best_err, best = err, (scale, zero)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+    return best
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grid_search_equals_the_textbook_search_at_any_thread_count(threads):
+    """The search scans each row's range once and scales it (min(w c) = min(w) c in floats): bit for bit
+    the per-factor min/max grids, on rows enough to be split across threads (zero and one-signed rows too)."""
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(2400, 64, generator=gen) * torch.rand(2400, 1, generator=gen)
+    w[5], w[7], w[9] = 0, w[7].abs(), -w[9].abs()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for bits, sym, signed in ((3, True, False), (4, True, True), (4, False, False)):
+            scale, zero = group_grid(w, bits, sym, search=True, signed=signed)
+            ref_scale, ref_zero = textbook_grid_search(w, bits, sym, signed)
+            assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero), (bits, sym, signed)
+    finally:
+        torch.set_num_threads(old)

@@ -22,8 +22,9 @@ The choices GPTQSettings exposes, and what the reference code (the study's) does
   `grid_min_shrink`).
 
 The Hessian is accumulated window by window in fixed chunks of tokens, so neither the batching of
-the calibration windows nor the number of threads changes it; the solver runs on one thread, so
-its result does not depend on the thread count either.
+the calibration windows nor the number of threads changes it; the column loop runs on one thread,
+and the grids fixed up front (elementwise ops and row reductions, which threads split by row) use
+every thread, so the result does not depend on the thread count either.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from dllmq.errors import DllmqError
 from dllmq.models.family import Role
 from dllmq.quant.block import BlockContext, QuantizedWeight
 from dllmq.quant.formats import Format, Minifloat, block_scales, weight_tensor_scale
-from dllmq.quant.primitives import QuantSpec, compute_qparams
+from dllmq.quant.primitives import QuantSpec, compute_qparams, token_qparams
 from dllmq.quant.rounding import round_scales
 from dllmq.quant.specs import MethodSettings, WeightSpec, setting
 
@@ -127,25 +128,44 @@ def _row_grid(w: torch.Tensor, bits: int, sym: bool, signed: bool = False) -> tu
     return round_scales(scale.reshape(-1)), zero.reshape(-1).to(torch.float32)
 
 
+def _range_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """_row_grid from the rows' min `lo` and max `hi` ([out, 1], left unchanged), bit for bit."""
+    scale, zero = token_qparams(lo.clone(), hi.clone(), bits, sym, signed_grid=signed)
+    scale = round_scales(scale.reshape(-1))
+    return scale, (torch.full_like(scale, zero) if isinstance(zero, float) else zero.reshape(-1))
+
+
 def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Rows of w [out, k] on the per-row grid (scale, zero) [out]: exactly quantize -> dequantize."""
     s, z = scale[:, None], zero[:, None]
-    return (torch.round(w / s) + z).clamp_(0, maxq).sub_(z).mul_(s)
+    return torch.div(w, s).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s)
+
+
+def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, norm: float) -> torch.Tensor:
+    """sum |w - q|^norm of each row of w on its grid (in place on one temporary)."""
+    return _fake_quant(w, scale, zero, maxq).sub_(w).abs_().pow_(norm).sum(1)
 
 
 def group_grid(w: torch.Tensor, bits: int, sym: bool, search: bool = False, points: int = 20,
                min_shrink: float = 0.5, norm: float = 2.4, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-row grid of one group of columns w [out, k]: its min/max range, or with `search` the
     range shrunk by the factor (1, 1 - (1 - min_shrink)/points, ..., min_shrink) whose rounding error
-    sum |w - q|^norm is smallest, row by row. `signed`: the symmetric grid's scale is max / (2^(b-1) - 1)."""
+    sum |w - q|^norm is smallest, row by row. `signed`: the symmetric grid's scale is max / (2^(b-1) - 1).
+
+    A shrunk range is the row's min and max times the factor: min(w c) is min(w) c exactly (c > 0 and
+    float rounding is monotone), so the rows are scanned for their range once, not once per factor.
+    Every op is elementwise or a row reduction split across threads by row, so the thread count does
+    not change the result."""
     scale, zero = _row_grid(w, bits, sym, signed)
     if not search:
         return scale, zero
     maxq = 2 ** bits - 1
-    best = (w - _fake_quant(w, scale, zero, maxq)).abs_().pow_(norm).sum(1)
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    best = _rounding_error(w, scale, zero, maxq, norm)
     for i in range(1, points + 1):
-        s, z = _row_grid(w * (1 - (1 - min_shrink) * i / points), bits, sym, signed)
-        err = (w - _fake_quant(w, s, z, maxq)).abs_().pow_(norm).sum(1)
+        c = 1 - (1 - min_shrink) * i / points
+        s, z = _range_grid(lo * c, hi * c, bits, sym, signed)
+        err = _rounding_error(w, s, z, maxq, norm)
         better = err < best
         best = torch.where(better, err, best)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
@@ -245,8 +265,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
 
-    U = inverse_hessian_factor(H, damp)
-    Q = _solve_columns(W, U, pos_group.tolist(), static, grid, maxq, blocksize, fmt.element if float_format else None)
+    with one_thread():   # the column loop's small products on one thread: their rounding then never varies
+        U = inverse_hessian_factor(H, damp)
+        Q = _solve_columns(W, U, pos_group.tolist(), static, grid, maxq, blocksize,
+                           fmt.element if float_format else None)
     scales = torch.zeros(n_out, n_groups, dtype=torch.float32, device=W.device)
     zeros = torch.zeros_like(scales)
     for k, (s, z) in Q[1].items():
@@ -409,9 +431,8 @@ def gptq_block(ctx: BlockContext, spec: WeightSpec, settings: GPTQSettings) -> d
         scales = [weight_tensor_scale(l.weight, fmt) for l in linears] if fmt.is_float else [None]
         tensor_scale = None if scales[0] is None else \
             torch.cat([s.expand(l.out_features, 1) for s, l in zip(scales, linears)]).to(W.device)
-        with one_thread():
-            Q, scale, zero, g_idx = gptq_quantize(W, H, spec.bits, spec.group_size, spec.sym, **options,
-                                                  fmt=fmt, tensor_scale=tensor_scale, signed_grid=spec.signed_grid)
+        Q, scale, zero, g_idx = gptq_quantize(W, H, spec.bits, spec.group_size, spec.sym, **options,
+                                              fmt=fmt, tensor_scale=tensor_scale, signed_grid=spec.signed_grid)
         row = 0
         for k, (name, linear) in enumerate(zip(names, linears)):
             rows = slice(row, row + linear.out_features)
