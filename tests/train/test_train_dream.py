@@ -255,3 +255,25 @@ def test_dream_stage_refuses_a_missing_or_wrong_init(tmp_path, runs):
         train(TrainConfig(stage="dream", out=str(tmp_path / "b"), init=str(dream / "final"), steps=1, **TINY))
     with pytest.raises(DllmqError, match="--n-kv-heads"):
         TrainConfig(stage="dream", n_kv_heads=0)
+
+
+def test_dllmq_generate_runs_the_dream_sampler(runs, monkeypatch):
+    import functools
+    import importlib
+
+    from dllmq.cli import main
+
+    generate = importlib.import_module("dllmq.diffusion.generate")  # the package exports a function of that name
+    _, _, run, _ = runs
+    calls = []
+    real = generate.SAMPLERS["dream"]
+
+    @functools.wraps(real)  # keeps the signature the dispatcher reads the sampler's settings from
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(generate.SAMPLERS, "dream", spy)
+    assert main(["generate", str(run / "final"), "--prompt", "Question: What is 1 + 2? Answer:",
+                 "--gen-length", "4"]) == 0
+    assert len(calls) == 1 and calls[0]["max_new_tokens"] == 4 and calls[0]["steps"] == 4
