@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dllmq.errors import DllmqError
 from dllmq.models.loading import load_plain_model, save_model
