@@ -243,7 +243,8 @@ def test_export_card_and_mini_benchmark_take_the_dream_paths(runs, monkeypatch):
     assert family.name == "dream"
     export_model(instruct, root / "dllmq-tiny-dream-instruct", progress=False, full_limit=1)
     card = (root / "dllmq-tiny-dream-instruct" / "README.md").read_text()
-    assert "dllmq-tiny-instruct's SFT" in card and "--stage instruct --out runs/dream-instruct --init runs/dream/final" in card
+    assert "dllmq-tiny-instruct's SFT" in card
+    assert "--stage instruct --out runs/dream-instruct --init runs/dream/final" in card
 
 
 def test_dream_stage_refuses_a_missing_or_wrong_init(tmp_path, runs):

@@ -137,7 +137,7 @@ def _generate(model, tokenizer, prompts: list[str], chat: bool, settings: dict, 
     outputs: list[str] = []
     batches = range(0, len(prompts), batch_size)
     extra = {} if callback is None else {"callback": callback}   # the sampler's per-step callback
-    sampler = default_sampler(model)  # llada, dream (shifted logits) or causal; the last two read gen_length as max_new_tokens
+    sampler = default_sampler(model)  # llada, dream or causal; the last two read gen_length as max_new_tokens
     for start in tqdm(batches, desc=desc, disable=not progress):
         outputs += generate_text(model, tokenizer, prompts[start:start + batch_size], chat=chat, sampler=sampler,
                                  seed=seed, kv_cache=kv_cache, **settings, **extra)

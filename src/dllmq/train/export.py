@@ -32,6 +32,9 @@ from dllmq.quant.config import QuantConfig
 from dllmq.train import corpus
 from dllmq.train.config import TrainConfig, tiny_model_config
 
+# The model's dimensions the card's table shows (read from the exported config.json, whatever the stage).
+SHAPE_FIELDS = ("hidden_size", "n_layers", "n_heads", "head_dim", "n_kv_heads", "intermediate_size", "vocab_size",
+                "tie_embeddings")
 # The fixed subset the shipped-weights test re-runs (first N items of each task).
 SUBSET = {"mini_general": 32, "mini_math": 32, "mini_code": 16}
 
@@ -54,7 +57,8 @@ def run_summary(run: Path) -> dict:
     family = parse_model_config(final_cfg).family
     return {
         "stage": cfg["stage"], "kind": card_kind(cfg["stage"], family), "family": family,
-        "steps": cfg["steps"], "batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"], "lr": cfg["lr"], "seed": cfg["seed"],
+        "steps": cfg["steps"], "batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"],
+        "lr": cfg["lr"], "seed": cfg["seed"],
         "train_seconds": final_cfg.get("dllmq_training", {}).get("train_seconds"),
         "final_loss": {k: round(sum(v) / len(v), 4) for k, v in by_kind.items()},
         "median_tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
@@ -249,8 +253,7 @@ def export_model(run: Path, dest: Path, progress: bool = True, extra: str = "", 
 
         config = parse_model_config(read_config_json(tmp))
         summary["n_params"] = config.n_params
-        summary["shape"] = {k: getattr(config, k) for k in ("hidden_size", "n_layers", "n_heads", "head_dim", "n_kv_heads",
-                                                            "intermediate_size", "vocab_size", "tie_embeddings")}
+        summary["shape"] = {k: getattr(config, k) for k in SHAPE_FIELDS}
         record = {"name": name, "full": evals, "subset": subset, "eval_seconds": round(time.time() - started, 1),
                   "training": {k: v for k, v in summary.items() if k != "config"}}
         q = quant_check(tmp, limit=quant_limit if full_limit is None else full_limit) if quant else None

@@ -1,5 +1,5 @@
-"""Training dllmq-tiny: LLaDA's masked-diffusion pre-training and its SFT, seeded and resumable; and
-its autoregressive twin dllmq-tiny-ar.
+"""Training dllmq-tiny: LLaDA's masked-diffusion pre-training and its SFT, seeded and resumable; its
+autoregressive twin dllmq-tiny-ar; and the Dream twin dllmq-tiny-dream adapted from the AR twin.
 
 Pre-training (stage `base`): packed sequences of BOS + document + EOS; per row t ~ U(0, 1],
 p = (1 - eps) t + eps, each token masked with probability p, loss = sum over masked tokens of
@@ -13,6 +13,13 @@ abilities survive.
 AR (stage `ar`): the base stage's batches exactly (same seed, same rows at every step), a causal
 Llama of the same size, and next-token prediction: mean CE of token i+1 given tokens 0..i over
 every position of every row. The objective is the only difference from the base stage.
+
+Dream (stage `dream`): the AR twin in --init copied into Dream's architecture (dllmq.train.dream_twin),
+then the base stage's batches and loss read through Dream's shifted logits: masked token i is scored by
+the logits at position i-1 (the AR twin's next-token reading, which the adaptation keeps), the first
+token of a row is never masked (no position predicts it), and the sum is divided by batch x (L - 1).
+The SFT of stage `instruct` reads a Dream base the same way. Both losses take `shift` from
+model.family.shift_logits, so LLaDA models are trained exactly as before.
 
 A run directory holds `checkpoint.pt` (model, optimizer, step, RNG states; written atomically),
 `log.jsonl` (the loss curve), `tokenizer/` and, when done, `final/` (bf16 weights + tokenizer).
