@@ -221,9 +221,11 @@ def test_instruct_from_a_dream_base_is_a_dream_chat_model(runs):
 
 def test_export_card_and_mini_benchmark_take_the_dream_paths(runs, monkeypatch):
     from dllmq.evaluate import mini
+    from dllmq.train import export
     from dllmq.train.export import export_model
 
     root, _, run, instruct = runs
+    monkeypatch.setattr(export, "SUBSET", {"mini_general": 2, "mini_math": 2, "mini_code": 1})  # fast
     samplers = []
     real = mini.generate_text
 
