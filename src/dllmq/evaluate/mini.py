@@ -21,7 +21,9 @@ steps and the remasking). Likelihood: mc_num 1 for one-token choices (exact), MC
 
 Causal models (the AR twin dllmq-tiny-ar) take the same items and token budgets through the causal
 paths: exact log-likelihood of each choice, greedy left-to-right generation of gen_length tokens
-(stopping at EOS).
+(stopping at EOS). Dream models (dllmq-tiny-dream) take them through Dream's paths: the likelihood
+and Dream's sampler (gen_length tokens in `steps` steps, greedy, entropy order; no blocks) read the
+logits shifted by one.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from importlib import resources
 import torch
 from tqdm.auto import tqdm
 
-from dllmq.diffusion import generate_text
+from dllmq.diffusion import default_sampler, generate_text
 from dllmq.diffusion.kv_cache import check_kv_cache
 from dllmq.diffusion.likelihood import causal_loglikelihood, mc_loglikelihood_many
 from dllmq.errors import DllmqError
@@ -135,7 +137,7 @@ def _generate(model, tokenizer, prompts: list[str], chat: bool, settings: dict, 
     outputs: list[str] = []
     batches = range(0, len(prompts), batch_size)
     extra = {} if callback is None else {"callback": callback}   # the sampler's per-step callback
-    sampler = "causal" if model.family.causal else "llada"  # the causal sampler reads gen_length as max_new_tokens
+    sampler = default_sampler(model)  # llada, dream or causal; the last two read gen_length as max_new_tokens
     for start in tqdm(batches, desc=desc, disable=not progress):
         outputs += generate_text(model, tokenizer, prompts[start:start + batch_size], chat=chat, sampler=sampler,
                                  seed=seed, kv_cache=kv_cache, **settings, **extra)

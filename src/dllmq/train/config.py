@@ -1,4 +1,5 @@
-"""The settings of a training run and the config.json of the model it trains (LLaDA's, or Llama's for the AR twin).
+"""The settings of a training run and the config.json of the model it trains (LLaDA's, Llama's for the AR
+twin, Dream's for the Dream twin).
 
 Read by the training loop and by the export (which reproduces a run's command line and rebuilds a
 model from a checkpoint), so neither imports the other for them.
@@ -7,20 +8,23 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dllmq.errors import DllmqError
-from dllmq.models.config import real_config
+from dllmq.models.config import read_config_json, real_config
 
 # Settings that change how a run executes, not what it computes: a run may resume with others.
 RUNTIME_SETTINGS = ("threads", "log_every", "checkpoint_every")
 # base: LLaDA pre-training; instruct: LLaDA SFT from a base model; ar: the same pre-training data with
-# next-token prediction, into a causal Llama of the same size (the autoregressive baseline).
-STAGES = ("base", "instruct", "ar")
+# next-token prediction, into a causal Llama of the same size (the autoregressive baseline); dream: the AR
+# twin converted to Dream's architecture (GQA, q/k/v bias, bidirectional) and adapted to masked diffusion
+# with shifted prediction, as Dream-7B was adapted from Qwen2.5-7B.
+STAGES = ("base", "instruct", "ar", "dream")
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "base"                 # base | instruct | ar (the causal twin: next-token prediction, same data)
+    stage: str = "base"                 # base | instruct | ar (the causal twin) | dream (the AR twin made Dream)
     out: str = "runs/base"
     steps: int = 1000                   # the schedule's length (a run is done at this step)
     batch_size: int = 8
@@ -41,7 +45,8 @@ class TrainConfig:
     # data mixture of pre-training rows (weights)
     # (per pick; a wiki/python pick is ~128 tokens, math ~50, code ~85: tokens ~ 35/7/28/30 %)
     mix: dict = field(default_factory=lambda: {"wiki": 0.22, "python": 0.05, "math": 0.45, "code": 0.28})
-    init: str = ""                      # instruct: directory of the base model (config.json + weights)
+    init: str = ""                      # instruct: the base model's directory; dream: the AR twin's (Llama layout)
+    n_kv_heads: int = 2                 # dream: key/value heads (GQA) the AR twin's heads are pooled into
     tokenizer: str = ""                 # a directory whose tokenizer to use instead of training one (ar: dllmq-tiny's)
     pretrain_every: int = 4             # instruct: every n-th step is a pre-training step (0: never)
     # instruct: kinds of SFT pairs (weights): text continuation, math, code
@@ -65,6 +70,8 @@ class TrainConfig:
             if not mix or set(mix) - known or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
                 raise DllmqError(f"--{name.replace('_', '-')} must map some of {', '.join(sorted(known))} "
                                  f"to non-negative weights, got {mix}.")
+        if self.n_kv_heads <= 0:
+            raise DllmqError(f"--n-kv-heads must be positive, got {self.n_kv_heads}.")
         if self.d_model % 64 or self.d_model // 64 != self.n_heads:
             raise DllmqError(f"d_model {self.d_model} with {self.n_heads} heads: dllmq-tiny uses head dim 64 "
                              "(n_heads = d_model / 64).")
@@ -76,7 +83,13 @@ def padded_vocab(cfg: TrainConfig, tokenizer) -> int:
 
 
 def tiny_model_config(cfg: TrainConfig, tokenizer) -> dict:
-    """The config.json of the model a fresh run trains: LLaDA's for base, Llama's for the AR twin."""
+    """The config.json of the model a fresh run trains: LLaDA's for base, Llama's for the AR twin, Dream's
+    (shaped by the AR model in --init) for the Dream twin."""
+    if cfg.stage == "dream":
+        if not cfg.init or not (Path(cfg.init) / "config.json").is_file():
+            raise DllmqError("The dream stage needs --init DIR, the AR twin's model directory (with config.json), "
+                             "e.g. runs/ar/final or src/dllmq/tiny/dllmq-tiny-ar.")
+        return dream_twin_config(read_config_json(Path(cfg.init)), tokenizer.mask_token_id, cfg.n_kv_heads)
     return llama_tiny_config(cfg, tokenizer) if cfg.stage == "ar" else llada_tiny_config(cfg, tokenizer)
 
 
@@ -107,5 +120,35 @@ def llama_tiny_config(cfg: TrainConfig, tokenizer) -> dict:
         max_position_embeddings=cfg.max_sequence_length, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return raw
+
+
+def dream_twin_config(llama: dict, mask_token_id: int | None, n_kv_heads: int) -> dict:
+    """Dream-7B's config.json fields, shaped as the Llama model `llama` (the AR twin's config.json) with its
+    heads shared by `n_kv_heads` key/value heads (Dream-7B: 28 query heads on 4 KV heads). Dream adds
+    q/k/v biases (always, like Qwen2) and a mask token; the embedding stays tied as in the AR twin."""
+    if llama.get("model_type") != "llama":
+        raise DllmqError(f"--init must be the AR twin (model_type llama), not model_type {llama.get('model_type')!r}.")
+    heads = int(llama["num_attention_heads"])
+    if int(llama.get("num_key_value_heads", heads)) != heads:
+        raise DllmqError("--init has grouped key/value heads already; the dream stage pools an MHA model's heads.")
+    if heads % n_kv_heads:
+        raise DllmqError(f"{heads} attention heads cannot be pooled into {n_kv_heads} key/value heads; "
+                         "--n-kv-heads must divide the AR twin's head count.")
+    if mask_token_id is None:
+        raise DllmqError("The tokenizer has no mask token; the Dream twin needs one for masked diffusion.")
+    hidden = int(llama["hidden_size"])
+    if int(llama.get("head_dim") or hidden // heads) != hidden // heads:
+        raise DllmqError("--init has a head dim other than hidden_size / heads, which Dream's config cannot state.")
+    raw = copy.deepcopy(real_config("dream-7b"))
+    raw.update(
+        hidden_size=hidden, num_hidden_layers=llama["num_hidden_layers"], max_window_layers=llama["num_hidden_layers"],
+        num_attention_heads=heads, num_key_value_heads=n_kv_heads, intermediate_size=llama["intermediate_size"],
+        vocab_size=llama["vocab_size"], max_position_embeddings=llama["max_position_embeddings"],
+        rope_theta=llama["rope_theta"], rms_norm_eps=llama["rms_norm_eps"],
+        tie_word_embeddings=bool(llama.get("tie_word_embeddings", False)),
+        bos_token_id=llama.get("bos_token_id"), eos_token_id=llama.get("eos_token_id"),
+        pad_token_id=llama.get("pad_token_id"), mask_token_id=mask_token_id,
     )
     return raw

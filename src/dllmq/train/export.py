@@ -3,6 +3,8 @@
     python -m dllmq.train.export runs/base src/dllmq/tiny/dllmq-tiny
     python -m dllmq.train.export runs/instruct src/dllmq/tiny/dllmq-tiny-instruct
     python -m dllmq.train.export runs/ar src/dllmq/tiny/dllmq-tiny-ar
+    python -m dllmq.train.export runs/dream src/dllmq/tiny/dllmq-tiny-dream
+    python -m dllmq.train.export runs/dream-instruct src/dllmq/tiny/dllmq-tiny-dream-instruct
 
 The full mini benchmark is run on the exported (bf16) weights loaded as the user loads them, and
 so is the small fixed subset that tests/test_tiny.py checks.
@@ -30,6 +32,9 @@ from dllmq.quant.config import QuantConfig
 from dllmq.train import corpus
 from dllmq.train.config import TrainConfig, tiny_model_config
 
+# The model's dimensions the card's table shows (read from the exported config.json, whatever the stage).
+SHAPE_FIELDS = ("hidden_size", "n_layers", "n_heads", "head_dim", "n_kv_heads", "intermediate_size", "vocab_size",
+                "tie_embeddings")
 # The fixed subset the shipped-weights test re-runs (first N items of each task).
 SUBSET = {"mini_general": 32, "mini_math": 32, "mini_code": 16}
 
@@ -49,8 +54,10 @@ def run_summary(run: Path) -> dict:
     for r in log[-20:]:
         by_kind.setdefault(r.get("kind", "pretrain"), []).append(r["loss"])
     tps = [r["tokens_per_s"] for r in log[1:]]
+    family = parse_model_config(final_cfg).family
     return {
-        "stage": cfg["stage"], "steps": cfg["steps"], "batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"],
+        "stage": cfg["stage"], "kind": card_kind(cfg["stage"], family), "family": family,
+        "steps": cfg["steps"], "batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"],
         "lr": cfg["lr"], "seed": cfg["seed"],
         "train_seconds": final_cfg.get("dllmq_training", {}).get("train_seconds"),
         "final_loss": {k: round(sum(v) / len(v), 4) for k, v in by_kind.items()},
@@ -88,12 +95,17 @@ The weights are a derivative of this data; the Wikipedia part is CC BY-SA 3.0 (s
 """
 
 
-def train_command(cfg: dict, out: str) -> str:
+def card_kind(stage: str, family: str) -> str:
+    """Which model a run made: its stage, told apart for the Dream twin's SFT (instruct from a Dream base)."""
+    return "dream-instruct" if stage == "instruct" and family == "dream" else stage
+
+
+def train_command(cfg: dict, out: str, init: str = "runs/base/final") -> str:
     """The `python -m dllmq.train` command line that reproduces a run (its non-default settings)."""
     defaults = asdict(TrainConfig())
     flags = [f"--stage {cfg['stage']}", f"--out {out}"]
     if cfg.get("init"):
-        flags.append("--init runs/base/final")
+        flags.append(f"--init {init}")
     for key, value in cfg.items():
         if key in ("stage", "out", "init") or value == defaults.get(key, value):
             continue
@@ -102,7 +114,9 @@ def train_command(cfg: dict, out: str) -> str:
     return "python -m dllmq.train " + " ".join(flags)
 
 
-RUN_DIRS = {"base": "runs/base", "instruct": "runs/instruct", "ar": "runs/ar"}
+RUN_DIRS = {"base": "runs/base", "instruct": "runs/instruct", "ar": "runs/ar", "dream": "runs/dream",
+            "dream-instruct": "runs/dream-instruct"}
+INIT_DIRS = {"instruct": "runs/base/final", "dream": "runs/ar/final", "dream-instruct": "runs/dream/final"}
 _LLADA_LAYOUT = """A small masked diffusion language model with exactly LLaDA's architecture and checkpoint layout
 (`model_type: llada`, official config.json field names, `model.transformer.blocks.N.*` tensors),
 trained from scratch by dllmq on 2 CPU cores, shipped with dllmq as its embedded default model."""
@@ -123,6 +137,22 @@ that dLLM-vs-AR quantization comparisons need. dllmq runs it through the causal 
 (autoregressive generation, exact log-likelihood). Its loss is the exact per-token NLL in nats;
 dllmq-tiny's is an upper bound (the ELBO) on the same quantity.""",
 }
+_DREAM_LAYOUT = """A small masked diffusion language model with Dream's architecture and checkpoint layout
+(`model_type: Dream`, Dream-v0-7B's config.json fields, Qwen2 tensor names `model.layers.N.self_attn.q_proj`
+etc.; grouped-query attention, q/k/v biases, bidirectional attention, logits shifted by one: token i is
+predicted at position i-1), input embedding and LM head tied and stored once. dllmq runs it through the
+Dream paths (Dream's sampler, shifted logits)."""
+INTRO["dream"] = _DREAM_LAYOUT + """
+Base model: the Dream twin of dllmq-tiny-ar. Dream-7B was adapted from the autoregressive Qwen2.5-7B;
+this model was adapted the same way from the AR twin dllmq-tiny-ar: its weights copied into Dream's
+architecture (each key/value head the mean of the AR heads it serves, q/k/v biases starting at zero),
+then trained on dllmq-tiny's data with masked diffusion read through the shifted logits (t ~ U(eps, 1],
+mask each token but the first with probability t, cross-entropy of masked token i at position i-1,
+divided by t)."""
+INTRO["dream-instruct"] = _DREAM_LAYOUT + """
+Instruct model: dllmq-tiny-dream fine-tuned by dllmq-tiny-instruct's SFT (only response tokens are
+masked, loss divided by response length, read through the shifted logits; every 4th step a
+pre-training step) on the same chat-formatted question/answer pairs. Chat template: dllmq-tiny-instruct's."""
 
 
 def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
@@ -132,21 +162,23 @@ def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
         for task, r in evals.items())
     minutes = (summary["train_seconds"] or 0) / 60
     losses = ", ".join(f"{k} {v}" for k, v in summary["final_loss"].items())
-    run_dir = RUN_DIRS[summary["stage"]]
-    command = f"{train_command(cfg, run_dir)}\npython -m dllmq.train.export {run_dir} src/dllmq/tiny/{name} --quant-check --activations"
+    kind = summary.get("kind", summary["stage"])
+    run_dir = RUN_DIRS[kind]
+    shape = summary["shape"]
+    command = f"{train_command(cfg, run_dir, INIT_DIRS.get(kind, ''))}\npython -m dllmq.train.export {run_dir} src/dllmq/tiny/{name} --quant-check --activations"
     return f"""# {name}
 
-{INTRO[summary["stage"]]}
+{INTRO[kind]}
 
 It is for exercising and studying quantization end to end on a laptop, not for any real use.
 
 ## Model
 
-| d_model | layers | heads (head dim) | FFN | vocab | parameters | dtype |
-|---|---|---|---|---|---|---|
-| {cfg['d_model']} | {cfg['n_layers']} | {cfg['n_heads']} (64) | {cfg['mlp_hidden_size']} | {cfg['vocab_size']} | {summary.get('n_params', 0) / 1e6:.2f} M{" (embedding and LM head tied)" if summary["stage"] == "ar" else ""} | bfloat16 |
+| d_model | layers | heads (head dim) | key/value heads | FFN | vocab | parameters | dtype |
+|---|---|---|---|---|---|---|---|
+| {shape['hidden_size']} | {shape['n_layers']} | {shape['n_heads']} ({shape['head_dim']}) | {shape['n_kv_heads']} | {shape['intermediate_size']} | {shape['vocab_size']} | {summary.get('n_params', 0) / 1e6:.2f} M{" (embedding and LM head tied)" if shape['tie_embeddings'] else ""} | bfloat16 |
 
-Tokenizer{f" (the one in {cfg['tokenizer']}, copied)" if cfg.get("tokenizer") else ""}: byte-level BPE ({cfg['vocab_size']} tokens) trained with `tokenizers` on the training corpus,
+Tokenizer{f" (the one in {cfg['tokenizer']}, copied)" if cfg.get("tokenizer") else ""}: byte-level BPE ({shape['vocab_size']} embedding rows) trained with `tokenizers` on the training corpus,
 digits split one per token; special tokens `<|startoftext|>` (BOS), `<|endoftext|>` (EOS, pad),
 `<|mdm_mask|>` (mask), `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`.
 
@@ -221,6 +253,7 @@ def export_model(run: Path, dest: Path, progress: bool = True, extra: str = "", 
 
         config = parse_model_config(read_config_json(tmp))
         summary["n_params"] = config.n_params
+        summary["shape"] = {k: getattr(config, k) for k in SHAPE_FIELDS}
         record = {"name": name, "full": evals, "subset": subset, "eval_seconds": round(time.time() - started, 1),
                   "training": {k: v for k, v in summary.items() if k != "config"}}
         q = quant_check(tmp, limit=quant_limit if full_limit is None else full_limit) if quant else None

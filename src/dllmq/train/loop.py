@@ -1,5 +1,5 @@
-"""Training dllmq-tiny: LLaDA's masked-diffusion pre-training and its SFT, seeded and resumable; and
-its autoregressive twin dllmq-tiny-ar.
+"""Training dllmq-tiny: LLaDA's masked-diffusion pre-training and its SFT, seeded and resumable; its
+autoregressive twin dllmq-tiny-ar; and the Dream twin dllmq-tiny-dream adapted from the AR twin.
 
 Pre-training (stage `base`): packed sequences of BOS + document + EOS; per row t ~ U(0, 1],
 p = (1 - eps) t + eps, each token masked with probability p, loss = sum over masked tokens of
@@ -13,6 +13,13 @@ abilities survive.
 AR (stage `ar`): the base stage's batches exactly (same seed, same rows at every step), a causal
 Llama of the same size, and next-token prediction: mean CE of token i+1 given tokens 0..i over
 every position of every row. The objective is the only difference from the base stage.
+
+Dream (stage `dream`): the AR twin in --init copied into Dream's architecture (dllmq.train.dream_twin),
+then the base stage's batches and loss read through Dream's shifted logits: masked token i is scored by
+the logits at position i-1 (the AR twin's next-token reading, which the adaptation keeps), the first
+token of a row is never masked (no position predicts it), and the sum is divided by batch x (L - 1).
+The SFT of stage `instruct` reads a Dream base the same way. Both losses take `shift` from
+model.family.shift_logits, so LLaDA models are trained exactly as before.
 
 A run directory holds `checkpoint.pt` (model, optimizer, step, RNG states; written atomically),
 `log.jsonl` (the loss curve), `tokenizer/` and, when done, `final/` (bf16 weights + tokenizer).
@@ -40,6 +47,7 @@ from dllmq.models.modeling import TransformerLM, init_weights
 from dllmq.models.registry import build_model, parse_model_config
 from dllmq.train import corpus
 from dllmq.train.config import RUNTIME_SETTINGS, TrainConfig, tiny_model_config
+from dllmq.train.dream_twin import dream_from_llama
 from dllmq.train.export import export_model
 from dllmq.train.tokenizer import train_tokenizer
 
@@ -157,19 +165,39 @@ def forward_noise(ids: torch.Tensor, mask_id: int, generator: torch.Generator,
     return ids.masked_fill(masked, mask_id), masked, p
 
 
-def pretrain_loss(model: TransformerLM, ids: torch.Tensor, mask_id: int, generator: torch.Generator) -> torch.Tensor:
-    noisy, masked, p = forward_noise(ids, mask_id, generator)
+def maskable(ids: torch.Tensor, shift: int) -> torch.Tensor:
+    """The positions the forward process may mask: all, or (shift 1, Dream) all but the first, which no
+    position predicts when token i is read at position i-1."""
+    allowed = torch.ones_like(ids, dtype=torch.bool)
+    allowed[:, :shift] = False
+    return allowed
+
+
+def masked_ce(model: TransformerLM, noisy: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor,
+              p: torch.Tensor, shift: int) -> torch.Tensor:
+    """CE / p of each masked token, read where the model predicts it: at its own position (LLaDA), or at
+    the one before (shift 1: Dream's shifted logits, which keep the AR twin's next-token reading)."""
     logits = model(noisy)
-    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p[masked]
-    return ce.sum() / ids.numel()
+    if shift:
+        logits, ids, masked, p = logits[:, :-shift], ids[:, shift:], masked[:, shift:], p[:, shift:]
+    return F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p[masked]
+
+
+def pretrain_loss(model: TransformerLM, ids: torch.Tensor, mask_id: int, generator: torch.Generator) -> torch.Tensor:
+    """LLaDA's masked-diffusion loss (1/t weighting, per token of the batch); for Dream (shifted logits)
+    over the L-1 positions that can be masked and predicted."""
+    shift = int(model.family.shift_logits)
+    noisy, masked, p = forward_noise(ids, mask_id, generator, allowed=maskable(ids, shift) if shift else None)
+    return masked_ce(model, noisy, ids, masked, p, shift).sum() / ids[:, shift:].numel()
 
 
 def sft_loss(model: TransformerLM, ids: torch.Tensor, response: torch.Tensor, mask_id: int,
              generator: torch.Generator) -> torch.Tensor:
+    shift = int(model.family.shift_logits)
+    response = response & maskable(ids, shift)  # a response always follows a prompt of at least one token
     noisy, masked, p = forward_noise(ids, mask_id, generator, allowed=response)
-    logits = model(noisy)
-    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p[masked]
-    lengths = response.sum(1, keepdim=True).float().expand_as(response)[masked]
+    ce = masked_ce(model, noisy, ids, masked, p, shift)
+    lengths = response.sum(1, keepdim=True).float().expand_as(response)[:, shift:][masked[:, shift:]]
     return (ce / lengths).sum() / ids.shape[0]
 
 
@@ -181,7 +209,8 @@ def causal_loss(model: TransformerLM, ids: torch.Tensor) -> torch.Tensor:
 
 def pretrain_objective(cfg: TrainConfig, model: TransformerLM, ids: torch.Tensor, mask_id: int,
                        generator: torch.Generator) -> torch.Tensor:
-    """The loss of a pre-training batch: next-token CE for the AR twin, LLaDA's masked-diffusion loss otherwise."""
+    """The loss of a pre-training batch: next-token CE for the AR twin, the masked-diffusion loss otherwise
+    (LLaDA's, read through the shifted logits for the Dream twin)."""
     if cfg.stage == "ar":
         return causal_loss(model, ids)
     return pretrain_loss(model, ids, mask_id, generator)
@@ -204,8 +233,12 @@ def build_or_load_tokenizer(cfg: TrainConfig, out: Path, wiki_docs, python_docs)
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(tok_dir))
-    if cfg.stage == "instruct" and not cfg.tokenizer:
-        return AutoTokenizer.from_pretrained(str(Path(cfg.init)))
+    if cfg.stage in ("instruct", "dream") and not cfg.tokenizer:  # the model it starts from has one
+        tok = load_tokenizer(Path(cfg.init)) if cfg.init else None  # quietly: transformers does not know Dream
+        if tok is None:
+            raise DllmqError(f"The {cfg.stage} stage needs --init DIR, the directory of the model it starts from "
+                             "(config.json, weights, tokenizer).")
+        return tok
     if cfg.tokenizer:  # copied into the run, so it resumes (and exports) from its own files
         if not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
             raise DllmqError(f"{cfg.tokenizer} has no tokenizer.json; point --tokenizer at a model directory.")
@@ -228,6 +261,8 @@ def make_model(cfg: TrainConfig, tokenizer) -> TransformerLM:
             raise DllmqError("The instruct stage needs --init DIR, the base model directory (with config.json).")
         return load_checkpoint(Path(cfg.init), torch.float32).train()
     raw = tiny_model_config(cfg, tokenizer)
+    if cfg.stage == "dream":  # the AR twin's weights, in Dream's architecture
+        return dream_from_llama(load_checkpoint(Path(cfg.init), torch.float32), raw).train()
     model = build_model(parse_model_config(raw))
     init_weights(model, seed=cfg.seed)
     with torch.no_grad():  # norms start at one (init_weights jitters them for tests)
