@@ -19,7 +19,7 @@ from dllmq.errors import DllmqError
 from dllmq.models.random_models import random_model
 from dllmq.study import store
 from dllmq.study.config import MeasureSettings, load_config, parse_study_config
-from dllmq.study.measures import FPReference, outlier_rows, position_buckets
+from dllmq.study.measures import outlier_rows, position_buckets
 from dllmq.study.report import build_report
 from dllmq.study.runner import format_summary, run_study
 
@@ -130,8 +130,7 @@ def test_outlier_rows_find_a_planted_massive_activation(name):
     windows[windows == token] = 43
     windows[0, 0], windows[0, 5], windows[1, 17] = token, token, token
     settings = MeasureSettings(windows=2, seqlen=20, ratios=(0.5, 1.0), outliers=2, batch_size=1)
-    ref = FPReference(divergence=type("R", (), {"windows": windows})(), setup="s")
-    rows = {(r["measure"], r["param"]): r for r in outlier_rows(model, ref, settings, seed=7)}
+    rows = {(r["measure"], r["param"]): r for r in outlier_rows(model, windows, settings, seed=7, setup="s")}
 
     is_token = (windows == token).float()
     assert rows[("massive_frac", "0")]["units"] == pytest.approx(is_token.mean(1).tolist())

@@ -118,7 +118,8 @@ def outlier_table(tables: list[ModelTable], evidence: Mapping[str, ModelEvidence
         row = [f"mask ratio {r:g}"]
         for m in models:
             e = evidence[m].massive_ratio.get(r)
-            row.append(NO_MASK if e is None and r > 0 and families[m] == "llama" else format_ci(e, 2, 100.0))
+            causal = set(evidence[m].massive_ratio) == {0.0}   # profiled on clean text only: no mask token
+            row.append(NO_MASK if e is None and causal else format_ci(e, 2, 100.0))
         body.append(row)
     for b in buckets:
         body.append([f"position {b} (clean text)"] + [format_ci(evidence[m].massive_pos.get(b), 2, 100.0) for m in models])

@@ -169,21 +169,22 @@ def bucket_param(bucket: tuple[int, int]) -> str:
     return str(a) if a == b else f"{a}-{b}"
 
 
-def outlier_rows(model, ref: FPReference, settings: MeasureSettings, seed: int) -> list[dict]:
-    """The model's massive-activation profile on the first `settings.outliers` measure windows: per window,
+def outlier_rows(model, windows: torch.Tensor, settings: MeasureSettings, seed: int, setup: str) -> list[dict]:
+    """The model's massive-activation profile on the first `settings.outliers` measure `windows` (`setup`: their
+    identity, FPReference.setup): per window,
     the share of tokens carrying a massive value in any block linear's input (dllmq.analysis.outliers'
     definition) at every mask ratio (0 = clean text, then the measure ratios; causal models: 0 only), and on
     clean text per position bucket. [] when the setting is 0."""
     from dllmq.analysis.outliers import profile_outliers
 
-    n = min(settings.outliers, ref.divergence.windows.shape[0])
+    n = min(settings.outliers, windows.shape[0])
     if n < 1:
         return []
     start = time.perf_counter()
-    report = profile_outliers(model, None, input_ids=ref.divergence.windows[:n], mask_ratios=(0.0, *settings.ratios),
-                              seed=seed, batch_size=settings.batch_size, surface_layers=0)
+    report = profile_outliers(model, None, input_ids=windows[:n], mask_ratios=(0.0, *settings.ratios), seed=seed,
+                              batch_size=settings.batch_size, surface_layers=0)
     seconds = time.perf_counter() - start
-    setup = f"{ref.setup}:outliers:{n}"
+    setup = f"{setup}:outliers:{n}"
     rows = []
     for p in report.profiles:
         massive = p.massive_tokens().float()            # [windows, T]

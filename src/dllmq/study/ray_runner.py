@@ -308,7 +308,8 @@ def unit_measure(ctx: UnitContext, cell: StudyCell, blob: dict | None, reference
     with pinned_threads(_unit_threads(ctx)), keep_dequantized_weights(model):
         rows = measure_rows(model, reference)
         if cell.is_fp:
-            rows += outlier_rows(model, reference, ctx.config.measures, cell.seed)
+            rows += outlier_rows(model, reference.divergence.windows, ctx.config.measures, cell.seed,
+                                 reference.setup)
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 

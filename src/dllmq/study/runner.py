@@ -293,7 +293,7 @@ def _compute_cell(cell: StudyCell, config: StudyConfig, cache: QuantCache | None
                                         *((model, tokenizer) if cell.is_fp else ()))
                     measures += measure_rows(model, ref)
                     if cell.is_fp:
-                        measures += outlier_rows(model, ref, config.measures, cell.seed)
+                        measures += outlier_rows(model, ref.divergence.windows, config.measures, cell.seed, ref.setup)
                 outcome.measure_seconds = time.perf_counter() - start
         return rows
     finally:
