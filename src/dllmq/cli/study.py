@@ -199,7 +199,7 @@ def run_on_ray(args, config) -> None:
                             shard_items=shard_items, retries=args.retries, progress=sys.stderr.isatty(),
                             log_lines=not sys.stderr.isatty())
     print(format_table(args.db, summary.cells))
-    print(format_summary(summary) + f" (on Ray, {args.ray})")
+    print(format_summary(summary, f" (on Ray, {args.ray})"))
     print(f"report: dllmq report --db {args.db}")
     if not summary.ok:
         raise SystemExit(1)
@@ -245,7 +245,7 @@ def run(args) -> None:
         raise
     codes = [c.wait() for c in children]
     print(format_table(args.db, summary.cells))
-    print(format_summary(summary) + (f" ({workers} runners, {threads or 'default'} threads each)" if workers > 1 else ""))
+    print(format_summary(summary, f" ({workers} runners, {threads or 'default'} threads each)" if workers > 1 else ""))
     print(f"report: dllmq report --db {args.db}")
     if not summary.ok or any(codes):
         raise SystemExit(1)

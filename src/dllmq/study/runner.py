@@ -488,7 +488,8 @@ def format_table(db: str | os.PathLike, cells: list[StudyCell]) -> str:
                      .rstrip() for r in table)
 
 
-def format_summary(summary: StudySummary) -> str:
+def format_summary(summary: StudySummary, note: str = "") -> str:
+    """The run's counts on one line (`note` appended to it), then each failed cell and each skipped model."""
     n = len(summary.cells)
     done_now = summary.count("done")
     parts = [f"{done_now} computed", f"{summary.count('skipped')} already done"]
@@ -497,7 +498,8 @@ def format_summary(summary: StudySummary) -> str:
         if summary.count(status):
             parts.append(f"{summary.count(status)} {text}")
     cached = sum(o.cached for o in summary.outcomes)
-    lines = [f"{n} cells: " + ", ".join(parts) + (f" ({cached} quantized models from the cache)" if cached else "")]
+    lines = [f"{n} cells: " + ", ".join(parts) + (f" ({cached} quantized models from the cache)" if cached else "")
+             + note]
     for o in summary.failed:
         lines.append(f"  FAILED {o.cell.describe()}: {o.error}")
     for model, reason in summary.unavailable.items():
