@@ -136,7 +136,7 @@ def family_comparison(tables: list[ModelTable], evidence: Mapping[str, ModelEvid
     unavailable = dict(unavailable or {})
     if len(set(families.values())) < 2 and not unavailable:
         return None
-    notes = [f"{m}: not run ({reason.rstrip('.')})." for m, reason in unavailable.items()]
+    notes = [f"{m}: not run ({reason.rstrip('.')})." for m, reason in sorted(unavailable.items())]
     if not any(e.settings for e in evidence.values()):
         notes.append("No per-item answers or measures in this database, so no paired comparison.")
     return FamilyComparison(families, degradation_table(tables, evidence, families, kl_ratio),
