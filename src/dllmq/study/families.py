@@ -90,9 +90,9 @@ def degradation_table(tables: list[ModelTable], evidence: Mapping[str, ModelEvid
             drop = None if se is None else se.drop.get("avg")
             row += [format_ci(drop, 1, neg=True), format_ci(_distance(ev, (s.method, s.bits), kl_ratio), 4)]
         body.append(row)
-    shared = [s for s in settings if all((s.method, s.bits) in (evidence.get(t.model).settings if evidence.get(t.model)
-                                                                 else {}) for t in tables)]
-    if shared and len(shared) > 1:
+    shared = [s for s in settings
+              if all(t.model in evidence and (s.method, s.bits) in evidence[t.model].settings for t in tables)]
+    if len(shared) > 1:
         row = [f"mean over {len(shared)} settings"]
         for t in tables:
             ev = evidence[t.model]
