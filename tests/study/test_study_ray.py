@@ -198,6 +198,19 @@ def test_sharded_ray_run_writes_the_local_runners_rows(cluster, local_run, tmp_p
     assert [o.status for o in again.outcomes] == ["skipped"] * 3 and len(units.starts()) == len(starts)
 
 
+def test_ray_run_of_a_causal_model_with_the_outlier_profile_writes_the_local_runners_rows(cluster, tmp_path):
+    """The families grid's additions on Ray: a causal model's next-token measures and the FP cell's outlier rows."""
+    from dllmq.study.ray_runner import run_study_ray
+    spec = {**SPEC, "models": ["random-llama"], "methods": ["fp", {"name": "rtn", "bits": ["W4A16-g128"]}],
+            "measures": {**SMALL_MEASURES, "outliers": 2}}
+    assert run_study(parse_study_config(spec), tmp_path / "local.db", None, progress=False).ok
+    summary = run_study_ray(parse_study_config(spec), tmp_path / "ray.db", None, shard_items=SHARD, progress=False)
+    assert summary.ok and [o.status for o in summary.outcomes] == ["done"] * 2
+    got = written(tmp_path / "ray.db")
+    assert got == written(tmp_path / "local.db")
+    assert {m["measure"] for m in got["measures"]} >= {"kl_next", "nll", "traj_flip", "massive_frac", "massive_pos"}
+
+
 class Faults(UnitLog):
     """Kills its worker on the first start of `once`, and on every start of `always`."""
 

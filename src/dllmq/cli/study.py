@@ -30,6 +30,7 @@ examples:
   dllmq study                                   # the paper's grid on dllmq-tiny and dllmq-tiny-instruct
   dllmq study --dry-run                         # list the cells and which are done
   dllmq study --config study.yaml --db runs.db  # any grid: models x methods x bit configs x tasks
+  dllmq study --config families --db runs/families.db  # the shipped family grid (docs/study.md)
   dllmq study --config study.yaml --device cuda --limit 20
   dllmq report --db runs/study.db               # the degradation report of the results
   dllmq study --ray local --workers 2           # the grid as units on a local Ray (pip install 'dllmq[ray]')
@@ -51,7 +52,9 @@ A study config (YAML; the default is dllmq/study/default_study.yaml):
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
-                   help="study YAML file (default: the paper's grid, dllmq/study/default_study.yaml)")
+                   help="study YAML file, or a shipped grid by name: families (AR twin vs LLaDA-style vs "
+                        "Dream-style), dllm-aware, default (the paper's grid, dllmq/study/default_study.yaml, "
+                        "what runs without --config)")
     p.add_argument("--db", default=DEFAULT_DB, help=f"results database (SQLite; default {DEFAULT_DB})")
     p.add_argument("--cache", default=DEFAULT_CACHE,
                    help=f"folder of quantized models reused across cells and runs (default {DEFAULT_CACHE})")
@@ -196,7 +199,7 @@ def run_on_ray(args, config) -> None:
                             shard_items=shard_items, retries=args.retries, progress=sys.stderr.isatty(),
                             log_lines=not sys.stderr.isatty())
     print(format_table(args.db, summary.cells))
-    print(format_summary(summary) + f" (on Ray, {args.ray})")
+    print(format_summary(summary, f" (on Ray, {args.ray})"))
     print(f"report: dllmq report --db {args.db}")
     if not summary.ok:
         raise SystemExit(1)
@@ -242,7 +245,7 @@ def run(args) -> None:
         raise
     codes = [c.wait() for c in children]
     print(format_table(args.db, summary.cells))
-    print(format_summary(summary) + (f" ({workers} runners, {threads or 'default'} threads each)" if workers > 1 else ""))
+    print(format_summary(summary, f" ({workers} runners, {threads or 'default'} threads each)" if workers > 1 else ""))
     print(f"report: dllmq report --db {args.db}")
     if not summary.ok or any(codes):
         raise SystemExit(1)

@@ -61,9 +61,11 @@ def model_identity(name: str) -> str:
     directory_identity; the shipped dllmq-tiny models: their files' contents; Hub ids: the id alone."""
     from dllmq.models.loading import _HUB_ID, resolve_model_dir
     from dllmq.models.random_models import RANDOM_MODELS, random_config
-    from dllmq.tiny import NAMES, checkpoint_dir
+    from dllmq.tiny import NAMES, checkpoint_dir, not_shipped
 
     path = Path(name).expanduser()
+    if not path.exists() and not_shipped(name):
+        raise DllmqError(f"{not_shipped(name)}.")
     if path.is_dir():
         ident = directory_identity(path)
     elif name in RANDOM_MODELS:

@@ -16,7 +16,8 @@ A YAML file (see default_study.yaml, the paper's grid, which is also what `dllmq
     dtype: auto
     eval: {chat: null, batch_size: 32, allow_code_execution: false, data_dir: null, harness: {}}
     measures: {text: wiki, windows: 16, seqlen: 128, ratios: [0.1, 0.25, 0.5, 0.75, 1.0], elbo_mc: 2,
-               trajectory: 8}                 # distribution measures vs FP; null turns them off
+               trajectory: 8, outliers: 0}    # distribution measures vs FP; null turns them off; outliers:
+                                             # the FP cell's massive-activation profile on that many windows
     threads: null                            # torch threads while evaluating (null: the process's own)
     profile: dllmq                           # or paper: the study code's settings for quantization (a method entry
                                              # may set its own) and for the harness tasks of every cell
@@ -37,13 +38,15 @@ from dllmq.quant.config import PRESETS, PROFILES, QuantConfig, merge_preset, set
 from dllmq.quant.registry import get_method, method_names
 
 DEFAULT_CONFIG_NAME = "default_study.yaml"
+# Grids shipped with dllmq, by the name `dllmq study --config NAME` accepts (a file of that name wins).
+SHIPPED_CONFIGS = {"default": DEFAULT_CONFIG_NAME, "dllm-aware": "dllm_aware.yaml", "families": "families.yaml"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Settings a method entry may not override: the method is the entry's name, the seed comes from `seeds`.
 _RESERVED = ("method", "seed")
 _TOP_KEYS = ("models", "methods", "tasks", "limit", "calibration", "seeds", "dtype", "eval", "measures", "threads",
              "profile")
 _CALIB_KEYS = ("calib", "nsamples", "seqlen", "threads")
-_MEASURE_KEYS = ("text", "windows", "seqlen", "ratios", "elbo_mc", "trajectory", "batch_size")
+_MEASURE_KEYS = ("text", "windows", "seqlen", "ratios", "elbo_mc", "trajectory", "batch_size", "outliers")
 _EVAL_KEYS = ("chat", "batch_size", "allow_code_execution", "data_dir", "offline", "harness")
 
 
@@ -100,11 +103,13 @@ class MeasureSettings:
     elbo_mc: int = 2
     trajectory: int = 8
     batch_size: int = 16   # rows per forward pass (the values do not depend on it)
+    outliers: int = 0      # the FP cell profiles massive activations on this many of the windows (0: off)
 
     def key_dict(self) -> dict:
         """What decides the measures' values (the masks are seeded by the cell's seed)."""
-        return {"text": self.text, "windows": self.windows, "seqlen": self.seqlen, "ratios": list(self.ratios),
-                "elbo_mc": self.elbo_mc, "trajectory": self.trajectory}
+        key = {"text": self.text, "windows": self.windows, "seqlen": self.seqlen, "ratios": list(self.ratios),
+               "elbo_mc": self.elbo_mc, "trajectory": self.trajectory}
+        return {**key, "outliers": self.outliers} if self.outliers else key   # older keys unchanged
 
 
 @dataclass(frozen=True)
@@ -358,7 +363,8 @@ def _measures(src: str, value: Any) -> MeasureSettings | None:
     m = MeasureSettings(**raw)
     if not isinstance(m.text, str) or not m.text:
         raise _err(src, "measures.text", "must be wiki, wikitext2, pile or a path to a .txt/.jsonl file")
-    for k, least in (("windows", 1), ("seqlen", 8), ("elbo_mc", 0), ("trajectory", 0), ("batch_size", 1)):
+    for k, least in (("windows", 1), ("seqlen", 8), ("elbo_mc", 0), ("trajectory", 0), ("batch_size", 1),
+                     ("outliers", 0)):
         v = getattr(m, k)
         if not _is_int(v) or v < least:
             raise _err(src, f"measures.{k}", f"must be a whole number >= {least}, got {v!r}")
@@ -389,17 +395,25 @@ def _check_code_tasks(src: str, tasks: tuple[str, ...], ev: EvalSettings) -> Non
                                  "eval.allow_code_execution: true to run it in dllmq's sandbox, or leave them out")
 
 
+def shipped_config_name(name: str) -> str | None:
+    """The file of a shipped grid named `name` (families, dllm-aware, default; _ for - accepted), else None."""
+    return SHIPPED_CONFIGS.get(str(name).strip().lower().replace("_", "-"))
+
+
 def load_config(path: str | Path | None = None) -> StudyConfig:
-    """The study config at `path`, or the paper's grid shipped as default_study.yaml when None."""
+    """The study config at `path`, a shipped grid by name (SHIPPED_CONFIGS: `families`, ...), or the paper's
+    grid shipped as default_study.yaml when None."""
     import yaml
 
-    if path is None:
-        text = resources.files("dllmq.study").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
-        source = DEFAULT_CONFIG_NAME
+    shipped = None if path is None or Path(path).expanduser().is_file() else shipped_config_name(str(path))
+    if path is None or shipped:
+        source = shipped or DEFAULT_CONFIG_NAME
+        text = resources.files("dllmq.study").joinpath(source).read_text(encoding="utf-8")
     else:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise DllmqError(f"No study config at {p}; give a YAML file (see dllmq/study/{DEFAULT_CONFIG_NAME}).")
+            raise DllmqError(f"No study config at {p}; give a YAML file (see dllmq/study/{DEFAULT_CONFIG_NAME}) or "
+                             f"the name of a shipped grid ({', '.join(SHIPPED_CONFIGS)}).")
         text, source = p.read_text(encoding="utf-8"), str(p)
     try:
         data = yaml.safe_load(text)

@@ -8,7 +8,11 @@ quantized setting of every model:
 - flips: the fraction of items whose answer differs from FP's, split into right->wrong and
   wrong->right (and changed answers that kept their verdict);
 - masked-prediction KL and top-1 agreement with FP at each mask ratio; the ELBO perplexity of the
-  cell minus FP's on the same masks; the teacher-forced trajectory flip rate (overall and by step).
+  cell minus FP's on the same masks; the teacher-forced trajectory flip rate (overall and by step);
+  for a causal model, the next-token KL and top-1 agreement on the same windows and the exact
+  perplexity instead (dllmq.diffusion.next_token);
+- of the FP cell, the massive-activation profile when the grid measured it (measures.outliers): the
+  share of tokens carrying a massive value by mask ratio and by position (the family comparison).
 
 Every number is an `Estimate`: the point value and its bootstrap replicates from one `Resampler`
 shared by the whole report (stats.py). Items are resampled per task and seed, windows per measure
@@ -47,6 +51,18 @@ class Estimate:
         return Estimate(self.value * k, self.reps * k)
 
 
+def format_ci(e: Estimate | None, digits: int = 1, scale: float = 1.0, neg: bool = False, na: str = "—") -> str:
+    """'value [lo, hi]' of an estimate's interval, scaled; neg: negated and signed (a drop shown as a change)."""
+    if e is None:
+        return na
+    iv = e.ci()
+    lo, hi, v = iv.lo * scale, iv.hi * scale, iv.value * scale
+    if neg:
+        v, lo, hi = -v + 0.0, -hi + 0.0, -lo + 0.0   # + 0.0: no "-0.0"
+    sign = "+" if neg else ""
+    return f"{v:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+
+
 def mean_of(estimates: Sequence[Estimate]) -> Estimate:
     """The mean of several estimates (their replicates averaged replicate by replicate)."""
     return Estimate(float(np.mean([e.value for e in estimates])), np.mean([e.reps for e in estimates], axis=0))
@@ -62,6 +78,9 @@ class SettingEvidence:
     ppl_delta: Estimate | None = None                            # ELBO perplexity, cell - FP
     ppl: float | None = None                                     # the cell's ELBO perplexity
     ppl_fp: float | None = None
+    ppl_exact: bool = False                                      # a causal model's exact perplexity, not the ELBO
+    kl_next: Estimate | None = None                              # causal: next-token KL, nats per token
+    top1_next: Estimate | None = None                            # causal: fraction of next tokens with FP's argmax
     traj: dict[str, Estimate] = field(default_factory=dict)       # task -> fraction of steps flipped
     traj_steps: dict[str, list[float]] = field(default_factory=dict)  # task -> flip rate at step 1, 2, ...
 
@@ -80,6 +99,8 @@ class ModelEvidence:
     fp_ppl: float | None = None
     items: int = 0                    # FP items the drops are computed on (all tasks and seeds)
     windows: int = 0                  # measure windows per setup
+    massive_ratio: dict[float, Estimate] = field(default_factory=dict)  # FP: share of tokens with a massive value
+    massive_pos: dict[str, Estimate] = field(default_factory=dict)      # FP, clean text: the same per position bucket
 
     @property
     def has_items(self) -> bool:
@@ -147,11 +168,13 @@ def build_evidence(rows: Sequence[Mapping], items: Sequence[Mapping], measures: 
             _finish_drops(se)
         fp_items = by_cell_items.get(fp_cells[fp_seed], {})
         ev.items = sum(len(v) for v in fp_items.values())
-        nll_fp = by_cell_measures.get(fp_cells[fp_seed], {}).get(("elbo_nll", ""))
+        fp_measures = by_cell_measures.get(fp_cells[fp_seed], {})
+        nll_fp = fp_measures.get(("elbo_nll", "")) or fp_measures.get(("nll", ""))
         if nll_fp and nll_fp.get("units"):
             ev.fp_ppl = math.exp(float(np.mean(nll_fp["units"])))
-        ev.windows = max((len(m.get("units") or []) for m in by_cell_measures.get(fp_cells[fp_seed], {}).values()
-                          if m["measure"] == "kl"), default=0)
+        ev.windows = max((len(m.get("units") or []) for m in fp_measures.values()
+                          if m["measure"] in ("kl", "kl_next")), default=0)
+        _massive_evidence(ev, fp_measures, kind, rs)
         out[model] = ev
     return out
 
@@ -216,6 +239,8 @@ def _measure_evidence(se: SettingEvidence, ms: Mapping[tuple[str, str], Mapping]
         est = Estimate(float(np.mean(units)), rs.mean(k, units))
         if measure in ("kl", "top1"):
             getattr(se, measure)[float(param)] = est
+        elif measure in ("kl_next", "top1_next"):
+            setattr(se, measure, est)
         elif measure == "traj_flip":
             k = kind(f"traj:{param}:{m.get('setup')}:{len(units)}", len(units))
             se.traj[param] = Estimate(float(np.mean(units)), rs.mean(k, units))
@@ -225,6 +250,8 @@ def _measure_evidence(se: SettingEvidence, ms: Mapping[tuple[str, str], Mapping]
             se.traj_steps.setdefault(task, []).append((int(step), float(m["value"])))
     se.traj_steps = {t: [v for _, v in sorted(s)] for t, s in se.traj_steps.items()}
     q, f = ms.get(("elbo_nll", "")), ms.get(("elbo_nll_fp", ""))
+    if q is None and ms.get(("nll", "")) is not None:   # a causal model: the exact NLL
+        q, f, se.ppl_exact = ms.get(("nll", "")), ms.get(("nll_fp", "")), True
     if q and f and q.get("units") and len(q["units"]) == len(f["units"]):
         k = kind(f"windows:{q.get('setup')}:{len(q['units'])}", len(q["units"]))
         nq, nf = np.asarray(q["units"], float), np.asarray(f["units"], float)
@@ -234,5 +261,21 @@ def _measure_evidence(se: SettingEvidence, ms: Mapping[tuple[str, str], Mapping]
         se.ppl_delta = Estimate(se.ppl - se.ppl_fp, reps)
 
 
-__all__ = ["DEFAULT_KL_RATIO", "Estimate", "FLIP_KINDS", "ModelEvidence", "SettingEvidence", "build_evidence",
+def _massive_evidence(ev: ModelEvidence, ms: Mapping[tuple[str, str], Mapping], kind, rs) -> None:
+    """The FP cell's massive-activation shares (per window units) as Estimates."""
+    for (measure, param), m in ms.items():
+        units = m.get("units") or []
+        if measure not in ("massive_frac", "massive_pos") or not units:
+            continue
+        k = kind(f"windows:{m.get('setup')}:{len(units)}", len(units))
+        est = Estimate(float(np.mean(units)), rs.mean(k, units))
+        if measure == "massive_frac":
+            ev.massive_ratio[float(param)] = est
+        else:
+            ev.massive_pos[param] = est
+    ev.massive_ratio = dict(sorted(ev.massive_ratio.items()))
+    ev.massive_pos = dict(sorted(ev.massive_pos.items(), key=lambda kv: int(kv[0].split("-")[0])))
+
+
+__all__ = ["DEFAULT_KL_RATIO", "Estimate", "format_ci", "FLIP_KINDS", "ModelEvidence", "SettingEvidence", "build_evidence",
            "item_contrast", "mean_of"]

@@ -169,8 +169,9 @@ def trajectory_png(tables, evidence, dpi: int = 100) -> bytes | None:
             style = _LINESTYLES.get(_bits_key(key[1]), "-")
             line, = ax.plot(range(1, len(steps) + 1), steps, style, color=colours[key[0]], linewidth=1.1)
             handles.setdefault(Setting(*key).label, line)
-        ax.set_title(f"{model}: {task}", fontsize=10)
-        ax.set_xlabel("denoising step", fontsize=9)
+        causal = any(s.kl_next is not None for s in ev.settings.values())   # an AR model: FP's continuation
+        ax.set_title(f"{model}: {task}" + (" (causal: greedy continuation)" if causal else ""), fontsize=10)
+        ax.set_xlabel("generated token" if causal else "denoising step", fontsize=9)
         ax.set_ylabel("flipped (fraction of items)", fontsize=9)
         ax.grid(alpha=0.3)
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7)

@@ -256,7 +256,7 @@ def unit_quantize(ctx: UnitContext, cell: StudyCell) -> tuple[dict, dict | None]
 
 
 def unit_reference(ctx: UnitContext, cell: StudyCell):
-    """The FP reference of a model's measures (None when measures are off or the model is causal)."""
+    """The FP reference of a model's measures (None when measures are off)."""
     from dllmq.study.measures import build_fp_reference
 
     _started(ctx, Unit("reference", cell.cell_key))
@@ -264,8 +264,6 @@ def unit_reference(ctx: UnitContext, cell: StudyCell):
     if config.measures is None:
         return None
     model, tokenizer = _load(ctx, cell, None)
-    if model.family.causal:
-        return None
     with pinned_threads(_unit_threads(ctx)):
         return build_fp_reference(model, tokenizer, config.measures, cell.seed, chat=config.eval.chat,
                                   tasks=cell.tasks, limit=cell.limit)
@@ -300,7 +298,7 @@ def unit_eval(ctx: UnitContext, cell: StudyCell, task: str, shard: tuple[int, in
 def unit_measure(ctx: UnitContext, cell: StudyCell, blob: dict | None, reference) -> dict:
     """The cell's measures rows against its model's FP reference."""
     from dllmq.quant.qlinear import keep_dequantized_weights
-    from dllmq.study.measures import measure_rows
+    from dllmq.study.measures import measure_rows, outlier_rows
 
     _started(ctx, Unit("measure", cell.cell_key))
     if reference is None:
@@ -309,6 +307,9 @@ def unit_measure(ctx: UnitContext, cell: StudyCell, blob: dict | None, reference
     start = time.perf_counter()
     with pinned_threads(_unit_threads(ctx)), keep_dequantized_weights(model):
         rows = measure_rows(model, reference)
+        if cell.is_fp:
+            rows += outlier_rows(model, reference.divergence.windows, ctx.config.measures, cell.seed,
+                                 reference.setup)
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 
@@ -423,13 +424,15 @@ def run_study_ray(config: StudyConfig, db: str | os.PathLike = store.DEFAULT_DB,
         raise DllmqError("With --ray give --device cuda (and --calib-device cuda), not a GPU number: Ray gives each "
                          "unit its own GPU, which the unit sees as cuda:0.")
     heartbeat_every = min(heartbeat_every, stale_after / 4)
-    cells, db, owner, qcache = prepare_run(config, device, db, owner, cache)
+    cells, db, owner, qcache, unavailable = prepare_run(config, device, db, owner, cache)
     started_ray = connect_ray(ray, address, workers)
     try:
-        return _Driver(ray, config, cells, db, qcache, owner, device=device, calib_device=calib_device,
+        summary = _Driver(ray, config, cells, db, qcache, owner, device=device, calib_device=calib_device,
                        stale_after=stale_after, heartbeat_every=heartbeat_every, retry_failed=retry_failed,
                        shard_items=shard_items, retries=retries, max_cells=max_cells, progress=progress,
                        log_lines=log_lines, hook=hook, unit_hook=unit_hook).run()
+        summary.unavailable = unavailable
+        return summary
     finally:
         if started_ray:
             ray.shutdown()

@@ -23,7 +23,8 @@ from pathlib import Path
 from dllmq.atomic import atomic_directory, refuse_existing
 from dllmq.errors import DllmqError
 from dllmq.study.ablation import AblationRow, ablation_rows
-from dllmq.study.evidence import DEFAULT_KL_RATIO, Estimate, ModelEvidence, build_evidence
+from dllmq.study.evidence import DEFAULT_KL_RATIO, ModelEvidence, build_evidence, format_ci
+from dllmq.study.families import FAMILY_NOTE, OUTLIER_NOTE, FamilyComparison, family_comparison, unavailable_models
 from dllmq.study.findings import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, MIXED, NOT_MEASURED, Finding,
                                   evaluate_findings, signed)
 from dllmq.study.grid import (MISSING, MODERATE, NEGLIGIBLE, SEVERE, Measurement, ModelTable, TableCell,
@@ -62,6 +63,7 @@ class RunFacts:
     kl_ratio: float = DEFAULT_KL_RATIO
     decided: int | None = None  # findings decided with confidence (None: no per-item data)
     ablation: list[AblationRow] = field(default_factory=list)   # dLLM-aware cells vs their clean-text baselines
+    families: FamilyComparison | None = None   # models of several families (or a grid's model not shipped)
 
 
 @dataclass
@@ -138,6 +140,7 @@ def analyze(rows_or_db: str | os.PathLike | Iterable[Mapping], items: Iterable[M
     facts.evidence, facts.kl_ratio = evidence, kl_ratio
     facts.ablation = ablation_rows(cells, evidence) if evidence else []
     facts.decided = decided(findings) if any(e.has_items for e in evidence.values()) else None
+    facts.families = family_comparison(tables, evidence, kl_ratio, unavailable_models(cells, facts.models))
     return tables, findings, facts
 
 
@@ -218,18 +221,13 @@ VS_FP_LEGEND = (
     "(R>W) / wrong at FP and right here (W>R); KL@r: mean KL(p_FP || p) of the predicted token distribution "
     "at masked positions, r of each window masked (nats); top-1: % of masked positions with FP's argmax; "
     "ELBO ΔPPL: the Monte Carlo perplexity bound minus FP's, same masks; trajectory: % of denoising steps where, "
-    "from FP's state, the cell unmasks another token than FP (generation tasks, teacher-forced).")
+    "from FP's state, the cell unmasks another token than FP (generation tasks, teacher-forced). A causal "
+    "(autoregressive) model has no mask: its KL and top-1 are of the next-token distribution given the true prefix "
+    "on the same windows, its ΔPPL is of the exact perplexity, and its continuation flips are the % of FP's greedy "
+    "continuation where, given FP's prefix, the cell predicts another next token.")
 
 
-def _ci(e: Estimate | None, digits: int = 1, scale: float = 1.0, neg: bool = False) -> str:
-    if e is None:
-        return NA
-    iv = e.ci()
-    lo, hi, v = iv.lo * scale, iv.hi * scale, iv.value * scale
-    if neg:
-        v, lo, hi = -v + 0.0, -hi + 0.0, -lo + 0.0   # + 0.0: no "-0.0"
-    sign = "+" if neg else ""
-    return f"{v:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+_ci = format_ci
 
 
 def vs_fp_rows(t: ModelTable, ev: ModelEvidence | None, kl_ratio: float) -> tuple[list[str], list[list[str]]]:
@@ -238,18 +236,22 @@ def vs_fp_rows(t: ModelTable, ev: ModelEvidence | None, kl_ratio: float) -> tupl
         return [], []
     ratios = sorted({r for s in ev.settings.values() for r in s.kl})
     r = min(ratios, key=lambda x: (abs(x - kl_ratio), x)) if ratios else kl_ratio
+    causal = not ratios and any(s.kl_next is not None for s in ev.settings.values())
     tasks = sorted({task for s in ev.settings.values() for task in s.traj})
-    head = ["setting", "Δacc (points)", "flips R>W %", "flips W>R %", f"KL@{r:g}", f"top-1@{r:g} %", "ELBO ΔPPL"]
-    head += [f"trajectory {task.replace('mini_', '')} %" for task in tasks]
+    head = ["setting", "Δacc (points)", "flips R>W %", "flips W>R %"]
+    head += ["KL next-token", "top-1 next-token %", "exact ΔPPL"] if causal else \
+        [f"KL@{r:g}", f"top-1@{r:g} %", "ELBO ΔPPL"]
+    head += [f"{'continuation' if causal else 'trajectory'} {task.replace('mini_', '')} %" for task in tasks]
     body = []
     for row in t.quantized_rows():
         se = ev.settings.get((row.setting.method, row.setting.bits))
         if se is None:
             continue
         flips = se.flips.get("all", {})
+        kl, top1 = (se.kl_next, se.top1_next) if causal else (se.kl.get(r), se.top1.get(r))
         cells = [row.setting.label, _ci(se.drop.get("avg"), neg=True),
                  _ci(flips.get("right_to_wrong"), scale=100.0), _ci(flips.get("wrong_to_right"), scale=100.0),
-                 _ci(se.kl.get(r), digits=4), _ci(se.top1.get(r), scale=100.0), _ci(se.ppl_delta, digits=2)]
+                 _ci(kl, digits=4), _ci(top1, scale=100.0), _ci(se.ppl_delta, digits=2)]
         cells += [_ci(se.traj.get(task), scale=100.0) for task in tasks]
         body.append(cells)
     return head, body
@@ -262,7 +264,8 @@ def _vs_fp_note(ev: ModelEvidence) -> str:
     if ev.windows:
         parts.append(f"{ev.windows} text windows")
     if ev.fp_ppl is not None:
-        parts.append(f"FP ELBO perplexity {ev.fp_ppl:.1f}")
+        exact = any(s.ppl_exact for s in ev.settings.values())
+        parts.append(f"FP {'exact' if exact else 'ELBO'} perplexity {ev.fp_ppl:.1f}")
     return ", ".join(parts)
 
 
@@ -289,6 +292,20 @@ ABLATION_NOTE = ("Each dLLM-aware cell against the cell with the same settings c
                  "paired on the same windows and items, 95 % CI in brackets; negative = lower than clean text "
                  "(better for KL, ELBO and drops). The last column is the issue's goal, KL vs FP at least 20 % lower: "
                  "reached when the whole interval is at or below -20 %.")
+
+
+FAMILY_TITLE = "Model families: autoregressive vs LLaDA-style vs Dream-style"
+
+
+def family_markdown(fc: FamilyComparison | None) -> list[str]:
+    if fc is None:
+        return []
+    lines = [f"## {FAMILY_TITLE}", ""] + [f"Note: {n}" for n in fc.notes] + ([""] if fc.notes else [])
+    for (head, body), note, title in ((fc.degradation, FAMILY_NOTE, "Degradation per family"),
+                                      (fc.outliers, OUTLIER_NOTE, "Massive activations of FP")):
+        if body:
+            lines += [f"{title}. {note}", ""] + _md_table(head, body) + [""]
+    return lines
 
 
 # --- Markdown ----------------------------------------------------------------------------------------------
@@ -374,6 +391,7 @@ def render_markdown(tables: list[ModelTable], findings: list[Finding], facts: Ru
             lines += [f"![{name[:-4].replace('_', ' ')}]({name})", ""]
     for t in tables:
         lines += model_markdown(t, images.get(t.model), facts.evidence.get(t.model), facts.kl_ratio)
+    lines += family_markdown(facts.families)
     head, body = ablation_table(facts.ablation, facts.kl_ratio)
     if body:
         lines += ["## dLLM-aware calibration against clean text", "", ABLATION_NOTE, ""] + _md_table(head, body) + [""]
@@ -521,6 +539,13 @@ def render_html(tables: list[ModelTable], findings: list[Finding], facts: RunFac
             out.append(f'<figure><img alt="{_e(t.model)}: degradation vs FP" src="{_data_uri(pngs[t.model])}">'
                        "<figcaption>Drop vs FP in points by method and bit width (up = worse; dashed lines: "
                        "moderate at 1, severe at 4; whiskers: standard error).</figcaption></figure>")
+    fc = facts.families
+    if fc is not None:
+        out += [f"<h2>{_e(FAMILY_TITLE)}</h2>"] + [f'<p class="note">{_e(n)}</p>' for n in fc.notes]
+        for (head, body), note, title in ((fc.degradation, FAMILY_NOTE, "Degradation per family"),
+                                          (fc.outliers, OUTLIER_NOTE, "Massive activations of FP")):
+            if body:
+                out += [f"<h3>{title}</h3>", f"<p>{_e(note)}</p>", _html_numbers(head, body)]
     head, body = ablation_table(facts.ablation, facts.kl_ratio)
     if body:
         out += ["<h2>dLLM-aware calibration against clean text</h2>", f"<p>{_e(ABLATION_NOTE)}</p>",

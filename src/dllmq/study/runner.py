@@ -55,7 +55,8 @@ from dllmq.study import store
 from dllmq.study.cache import QuantCache
 from dllmq.study.cells import StudyCell, model_is_readable, plan_cells
 from dllmq.study.config import StudyConfig
-from dllmq.study.measures import ReferenceCache, build_fp_reference, harness_items, measure_rows, mini_items
+from dllmq.study.measures import (ReferenceCache, build_fp_reference, harness_items, measure_rows, mini_items,
+                                  outlier_rows)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class StudySummary:
     db: Path
     cells: list[StudyCell]
     outcomes: list[CellOutcome] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)   # model -> why its cells did not run
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -284,12 +286,14 @@ def _compute_cell(cell: StudyCell, config: StudyConfig, cache: QuantCache | None
                              "eval_seconds": time.perf_counter() - start, **r})
                 if hook:
                     hook("task_done", cell, task)
-            if config.measures is not None and measures is not None and not model.family.causal:
+            if config.measures is not None and measures is not None:
                 start = time.perf_counter()
                 with keep_dequantized_weights(model):
                     ref = _fp_reference(cell, config, refs if refs is not None else ReferenceCache(), device,
                                         *((model, tokenizer) if cell.is_fp else ()))
                     measures += measure_rows(model, ref)
+                    if cell.is_fp:
+                        measures += outlier_rows(model, ref.divergence.windows, config.measures, cell.seed, ref.setup)
                 outcome.measure_seconds = time.perf_counter() - start
         return rows
     finally:
@@ -338,24 +342,51 @@ def _run_claimed(conn: sqlite3.Connection, db: Path, cell: StudyCell, owner: str
 
 # ----------------------------------------------------------------------------- the grid
 def prepare_run(config: StudyConfig, device, db, owner: str | None, cache
-                ) -> tuple[list, Path, str, QuantCache | None]:
+                ) -> tuple[list, Path, str, QuantCache | None, dict[str, str]]:
     """What every runner (local or Ray) does first: check the models, plan the cells, make the database's
-    folder, pick an owner id and clean the quantized-model cache of stale entries."""
-    _check_models(config)
-    cells = plan_cells(config, device)
+    folder, pick an owner id and clean the quantized-model cache of stale entries. The cells of planned
+    shipped models this installation lacks are recorded as unavailable (with the reason) instead of run;
+    returns the cells to run and those models' reasons."""
+    unavailable = _check_models(config)
     db = Path(db)
     db.parent.mkdir(parents=True, exist_ok=True)
+    cells = plan_cells(config, device, model_identities=_placeholders(unavailable))
+    if unavailable:
+        conn = store.connect(db)
+        try:
+            for c in cells:
+                if c.model in unavailable:
+                    store.mark_unavailable(conn, c.cell_key, model=c.model, method=c.method, bits=c.bits,
+                                           settings=c.settings, tasks=c.tasks, reason=unavailable[c.model])
+        finally:
+            conn.close()
+        cells = [c for c in cells if c.model not in unavailable]
     qcache = QuantCache(cache) if cache is not None else None
     if qcache is not None:
         qcache.clean_stale()
-    return cells, db, owner or store.new_owner(), qcache
+    return cells, db, owner or store.new_owner(), qcache, unavailable
 
 
-def _check_models(config: StudyConfig) -> None:
+def _placeholders(unreadable) -> dict[str, str]:
+    """Identities for models that cannot be read (their cells get keys, but never run)."""
+    return {m: f'{{"name": "{m}", "unreadable": true}}' for m in unreadable}
+
+
+def _check_models(config: StudyConfig) -> dict[str, str]:
+    """model -> reason for the planned shipped models not in this installation; DllmqError for any other
+    model that cannot be read, or when no model of the grid is left to run."""
+    from dllmq.tiny import not_shipped
+
+    unavailable = {}
     for model in config.models:
         reason = model_is_readable(model)
-        if reason:
+        if reason and not_shipped(model):
+            unavailable[model] = reason.rstrip(".")
+        elif reason:
             raise DllmqError(f"Study model {model} cannot be used: {reason.rstrip('.')}.")
+    if unavailable and len(unavailable) == len(config.models):
+        raise DllmqError(f"No model of the grid can run here: {'; '.join(unavailable.values())}.")
+    return unavailable
 
 
 def _eta(durations: list[float], remaining: int) -> str:
@@ -374,9 +405,9 @@ def run_study(config: StudyConfig, db: str | os.PathLike = DEFAULT_DB, cache: st
     if stale_after <= 0:
         raise DllmqError(f"stale_after must be a positive number of seconds, got {stale_after}.")
     heartbeat_every = min(heartbeat_every, stale_after / 4)  # a live claim must never look stale
-    cells, db, owner, qcache = prepare_run(config, device, db, owner, cache)
+    cells, db, owner, qcache, unavailable = prepare_run(config, device, db, owner, cache)
     started = time.time()
-    summary = StudySummary(db, cells)
+    summary = StudySummary(db, cells, unavailable=unavailable)
     refs = ReferenceCache()
     conn = store.connect(db)
     try:
@@ -457,7 +488,8 @@ def format_table(db: str | os.PathLike, cells: list[StudyCell]) -> str:
                      .rstrip() for r in table)
 
 
-def format_summary(summary: StudySummary) -> str:
+def format_summary(summary: StudySummary, note: str = "") -> str:
+    """The run's counts on one line (`note` appended to it), then each failed cell and each skipped model."""
     n = len(summary.cells)
     done_now = summary.count("done")
     parts = [f"{done_now} computed", f"{summary.count('skipped')} already done"]
@@ -466,17 +498,19 @@ def format_summary(summary: StudySummary) -> str:
         if summary.count(status):
             parts.append(f"{summary.count(status)} {text}")
     cached = sum(o.cached for o in summary.outcomes)
-    lines = [f"{n} cells: " + ", ".join(parts) + (f" ({cached} quantized models from the cache)" if cached else "")]
+    lines = [f"{n} cells: " + ", ".join(parts) + (f" ({cached} quantized models from the cache)" if cached else "")
+             + note]
     for o in summary.failed:
         lines.append(f"  FAILED {o.cell.describe()}: {o.error}")
+    for model, reason in summary.unavailable.items():
+        lines.append(f"  SKIPPED {model}: {reason}.")
     return "\n".join(lines)
 
 
 def format_dry_run(config: StudyConfig, db: str | os.PathLike, device: str = "cpu") -> str:
     """The grid's cells and each one's state in `db` (the database is not created if missing)."""
     unreadable = {m: model_is_readable(m) for m in config.models}
-    placeholders = {m: f'{{"name": "{m}", "unreadable": true}}' for m, why in unreadable.items() if why}
-    cells = plan_cells(config, device, model_identities=placeholders)
+    cells = plan_cells(config, device, model_identities=_placeholders(m for m, why in unreadable.items() if why))
     rows: dict[str, dict] = {}
     if Path(db).is_file():
         conn = store.connect(db)

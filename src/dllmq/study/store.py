@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS cells (
     bits       TEXT NOT NULL,     -- FP | W4A16 | W3A16 | W8A8 | W4A4 | ... (label of the bit config)
     settings   TEXT NOT NULL,     -- JSON: the quantization settings ({} for FP)
     tasks      TEXT NOT NULL,     -- JSON list of task names
-    status     TEXT NOT NULL,     -- running | done | failed
+    status     TEXT NOT NULL,     -- running | done | failed | unavailable (its model is not there; error says why)
     owner      TEXT,              -- runner id holding the claim
     heartbeat  REAL,              -- unix time of the owner's last sign of life
     started    REAL,
@@ -279,6 +279,23 @@ def claim_cell(conn: sqlite3.Connection, cell_key: str, owner: str, *, model: st
         conn.execute("UPDATE cells SET status = 'running', owner = ?, heartbeat = ?, started = ?, finished = NULL, "
                      "error = NULL WHERE cell_key = ?", (owner, now, now, cell_key))
         return CLAIMED
+
+
+def mark_unavailable(conn: sqlite3.Connection, cell_key: str, *, model: str, method: str, bits: str,
+                     settings: Mapping, tasks: Sequence[str], reason: str, now: float | None = None) -> None:
+    """Record a cell that cannot run because its model is not available (status 'unavailable', the reason in
+    `error`), so the report can say which cells are missing and why; a cell done or running is left alone."""
+    now = time.time() if now is None else now
+    with immediate(conn):
+        row = conn.execute("SELECT status FROM cells WHERE cell_key = ?", (cell_key,)).fetchone()
+        if row is None:
+            conn.execute("INSERT INTO cells (cell_key, model, method, bits, settings, tasks, status, finished, error) "
+                         "VALUES (?, ?, ?, ?, ?, ?, 'unavailable', ?, ?)",
+                         (cell_key, model, method, bits, json.dumps(dict(settings), sort_keys=True),
+                          json.dumps(list(tasks)), now, reason))
+        elif row["status"] not in ("done", "running"):
+            conn.execute("UPDATE cells SET status = 'unavailable', owner = NULL, finished = ?, error = ? "
+                         "WHERE cell_key = ?", (now, reason, cell_key))
 
 
 def heartbeat(conn: sqlite3.Connection, cell_key: str, owner: str, now: float | None = None) -> bool:
