@@ -181,7 +181,7 @@ def test_ar_resume_gives_the_state_of_an_uninterrupted_run(tmp_path):
     assert _losses(ref) == _losses(tmp_path / "cut")
 
 
-def test_mini_benchmark_runs_a_causal_model_through_the_causal_paths(tmp_path, monkeypatch):
+def test_mini_benchmark_runs_a_causal_model_through_the_causal_paths(tmp_path, monkeypatch, record_samplers):
     """Exact likelihood for the cloze and the causal sampler for generation (no LLaDA sampler, no MC draws)."""
     from dllmq.evaluate import mini
 
@@ -192,14 +192,7 @@ def test_mini_benchmark_runs_a_causal_model_through_the_causal_paths(tmp_path, m
         raise AssertionError("the Monte Carlo likelihood ran on a causal model")
 
     monkeypatch.setattr(mini, "mc_loglikelihood_many", refuse)
-    samplers = []
-    real = mini.generate_text
-
-    def spy(*args, sampler=None, **kwargs):
-        samplers.append(sampler)
-        return real(*args, sampler=sampler, **kwargs)
-
-    monkeypatch.setattr(mini, "generate_text", spy)
+    samplers = record_samplers
     res = mini.evaluate_mini(model, tok, tasks=["mini_general", "mini_math"], limit=3, progress=False)
     assert {t: r["n"] for t, r in res.items()} == {"mini_general": 3, "mini_math": 3}
     assert samplers == ["causal"]

@@ -219,21 +219,14 @@ def test_instruct_from_a_dream_base_is_a_dream_chat_model(runs):
     assert isinstance(text, str)
 
 
-def test_export_card_and_mini_benchmark_take_the_dream_paths(runs, monkeypatch):
+def test_export_card_and_mini_benchmark_take_the_dream_paths(runs, monkeypatch, record_samplers):
     from dllmq.evaluate import mini
     from dllmq.train import export
     from dllmq.train.export import export_model
 
     root, _, run, instruct = runs
     monkeypatch.setattr(export, "SUBSET", {"mini_general": 2, "mini_math": 2, "mini_code": 1})  # fast
-    samplers = []
-    real = mini.generate_text
-
-    def spy(*args, sampler=None, **kwargs):
-        samplers.append(sampler)
-        return real(*args, sampler=sampler, **kwargs)
-
-    monkeypatch.setattr(mini, "generate_text", spy)
+    samplers = record_samplers
     monkeypatch.setattr(mini, "causal_loglikelihood", lambda *a: pytest.fail("the causal likelihood ran on Dream"))
     record = export_model(run, root / "dllmq-tiny-dream", progress=False, full_limit=2)
     assert record["full"]["mini_math"]["n"] == 2 and set(samplers) == {"dream"}
