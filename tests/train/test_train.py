@@ -135,7 +135,7 @@ def test_mixtures_are_validated():
 
 
 def test_sft_rows_mask_only_the_response(small_tokenizer):
-    cfg = TrainConfig(batch_size=6, seq_len=256)
+    cfg = TrainConfig(batch_size=6, seq_len=1024)  # no row cut (the small test tokenizer makes long rows)
     batches = Batches(cfg, small_tokenizer, corpus.wiki_documents("train")[:3], [])
     ids, response = batches.sft(0)
     eot = small_tokenizer.convert_tokens_to_ids("<|eot_id|>")
@@ -202,3 +202,71 @@ def test_residual_norms_come_from_the_family():
     acts = {"model.transformer.ln_f": stat, "model.transformer.blocks.0.ff_out": {**stat, "ratio_to_median": 9.0}}
     text = extras_markdown({"mini_math": {}}, None, acts, paths)
     assert "| model.transformer.ln_f |" in text and "| model.transformer.blocks.0.ff_out |" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT batching (sft_batches) and runs recorded before the setting existed
+# ---------------------------------------------------------------------------------------------
+
+def _chat_ids(tok, prompt, response):
+    p = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False, verbose=False)["input_ids"]
+    r = tok(response, add_special_tokens=False, verbose=False)["input_ids"] + [tok.convert_tokens_to_ids("<|eot_id|>"),
+                                                                               tok.eos_token_id]
+    return p, r
+
+
+@pytest.mark.parametrize("mode", ["mixed", "by_kind"])
+def test_sft_batches_match_a_row_by_row_reference(small_tokenizer, mode):
+    """Each batch is the rows a plain loop draws (one kind per row, or one kind for the whole batch), each
+    padded with EOS to the widest row, response from the assistant turn to the end."""
+    tok, wiki = small_tokenizer, corpus.wiki_documents("train")[:3]
+    mix = {"general": 0.2, "math": 0.5, "code": 0.3}
+    cfg = TrainConfig(stage="instruct", batch_size=5, seq_len=1024, sft_mix=mix, sft_batches=mode)  # no row cut
+    batches = Batches(cfg, tok, wiki, [])
+    for step in range(4):
+        rng = random.Random((0 * 1_000_003 + step) * 7 + 1)
+        draw = lambda: rng.choices(list(mix), list(mix.values()))[0]  # noqa: E731
+        kind = draw() if mode == "by_kind" else None
+        rows = [_chat_ids(tok, *sft_example(kind or draw(), rng, wiki)) for _ in range(5)]
+        width = max(len(p) + len(r) for p, r in rows)
+        ids, response = batches.sft(step)
+        assert ids.shape == (5, width)
+        for (p, r), row, resp in zip(rows, ids.tolist(), response.tolist()):
+            assert row == p + r + [tok.eos_token_id] * (width - len(p) - len(r))
+            assert resp == [False] * len(p) + [True] * (width - len(p))
+
+
+def test_by_kind_batches_hold_one_kind_and_follow_the_mix(small_tokenizer):
+    wiki = corpus.wiki_documents("train")[:3]
+    cfg = TrainConfig(stage="instruct", batch_size=4, sft_mix={"math": 0.7, "code": 0.3}, sft_batches="by_kind")
+    batches = Batches(cfg, small_tokenizer, wiki, [])
+    kinds = []
+    for step in range(60):
+        ids, _ = batches.sft(step)
+        is_code = ["Write the body of this Python function" in small_tokenizer.decode(row) for row in ids]
+        assert len(set(is_code)) == 1  # never a math row padded to a code row's width
+        kinds.append(is_code[0])
+    assert 0.1 < sum(kinds) / len(kinds) < 0.5  # code is drawn for about 30 % of the batches
+
+
+def test_runs_recorded_before_sft_batches_keep_their_batching(tmp_path):
+    from dllmq.errors import DllmqError
+    from dllmq.train.config import stored_settings
+    from dllmq.train.export import train_command
+
+    assert TrainConfig().sft_batches == "by_kind"  # new runs
+    old_instruct = {"stage": "instruct", "init": "x", "steps": 2500}
+    assert stored_settings(old_instruct)["sft_batches"] == "mixed"
+    assert stored_settings({"stage": "base"})["sft_batches"] == "by_kind"  # unused there: nothing to reproduce
+    assert "--sft-batches mixed" in train_command(old_instruct, "runs/instruct")
+    assert "sft-batches" not in train_command({**old_instruct, "sft_batches": "by_kind"}, "runs/instruct")
+    assert "sft-batches" not in train_command({"stage": "base"}, "runs/base")
+    # resuming an old instruct run needs its batching spelled out
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "train_config.json").write_text(json.dumps({**old_instruct, "out": str(out)}))
+    with pytest.raises(DllmqError, match="sft_batches"):
+        train(TrainConfig(stage="instruct", init="x", out=str(out), steps=2500))
+    with pytest.raises(DllmqError, match="sft-batches"):
+        TrainConfig(sft_batches="sorted")

@@ -16,6 +16,10 @@ RUNTIME_SETTINGS = ("threads", "log_every", "checkpoint_every")
 # base: LLaDA pre-training; instruct: LLaDA SFT from a base model; ar: the same pre-training data with
 # next-token prediction, into a causal Llama of the same size (the autoregressive baseline).
 STAGES = ("base", "instruct", "ar")
+SFT_BATCHES = ("by_kind", "mixed")
+# Settings added after runs were recorded: (the value a stored train_config.json without the field meant,
+# the stages it applies to), so an old run resumes and its recorded command reproduces it unchanged.
+LEGACY_VALUES = {"sft_batches": ("mixed", ("instruct",))}
 
 
 @dataclass
@@ -46,6 +50,10 @@ class TrainConfig:
     pretrain_every: int = 4             # instruct: every n-th step is a pre-training step (0: never)
     # instruct: kinds of SFT pairs (weights): text continuation, math, code
     sft_mix: dict = field(default_factory=lambda: {"general": 0.3, "math": 0.35, "code": 0.35})
+    # instruct: "by_kind": each SFT batch holds rows of one kind (drawn by sft_mix), so a math row's few answer
+    # tokens are not outweighed by EOS padding up to a code row's width; "mixed": rows of any kind in one batch
+    # (LLaDA's recipe as written; dllmq-tiny-instruct v1). See SFT_BATCHES.
+    sft_batches: str = "by_kind"
     checkpoint_every: int = 50
     log_every: int = 10
     bf16_autocast: bool = True
@@ -65,9 +73,21 @@ class TrainConfig:
             if not mix or set(mix) - known or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
                 raise DllmqError(f"--{name.replace('_', '-')} must map some of {', '.join(sorted(known))} "
                                  f"to non-negative weights, got {mix}.")
+        if self.sft_batches not in SFT_BATCHES:
+            raise DllmqError(f"Unknown --sft-batches {self.sft_batches!r}; use {', '.join(SFT_BATCHES)}.")
         if self.d_model % 64 or self.d_model // 64 != self.n_heads:
             raise DllmqError(f"d_model {self.d_model} with {self.n_heads} heads: dllmq-tiny uses head dim 64 "
                              "(n_heads = d_model / 64).")
+
+
+def stored_settings(saved: dict) -> dict:
+    """A stored train_config.json's settings, a field it predates filled with what the run used then
+    (its LEGACY_VALUES entry for the run's stage, else today's default, which the stage ignores)."""
+    out = dict(saved)
+    stage = saved.get("stage", TrainConfig.stage)
+    for key, (value, stages) in LEGACY_VALUES.items():
+        out.setdefault(key, value if stage in stages else getattr(TrainConfig(), key))
+    return out
 
 
 def padded_vocab(cfg: TrainConfig, tokenizer) -> int:

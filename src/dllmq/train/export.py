@@ -28,7 +28,7 @@ from dllmq.models.registry import build_model, get_family, parse_model_config
 from dllmq.quant.api import quantize
 from dllmq.quant.config import QuantConfig
 from dllmq.train import corpus
-from dllmq.train.config import TrainConfig, tiny_model_config
+from dllmq.train.config import TrainConfig, stored_settings, tiny_model_config
 
 # The fixed subset the shipped-weights test re-runs (first N items of each task).
 SUBSET = {"mini_general": 32, "mini_math": 32, "mini_code": 16}
@@ -90,7 +90,7 @@ The weights are a derivative of this data; the Wikipedia part is CC BY-SA 3.0 (s
 
 def train_command(cfg: dict, out: str) -> str:
     """The `python -m dllmq.train` command line that reproduces a run (its non-default settings)."""
-    defaults = asdict(TrainConfig())
+    cfg, defaults = stored_settings(cfg), asdict(TrainConfig())
     flags = [f"--stage {cfg['stage']}", f"--out {out}"]
     if cfg.get("init"):
         flags.append("--init runs/base/final")
@@ -128,8 +128,8 @@ dllmq-tiny's is an upper bound (the ELBO) on the same quantity.""",
 def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
     cfg = summary["config"]
     rows = "\n".join(
-        f"| {task} | {r['acc'] * 100:.1f} | {r['stderr'] * 100:.1f} | {r['n']} | {r['chance'] * 100:.0f} |"
-        for task, r in evals.items())
+        f"| {task} | {r['acc'] * 100:.1f} | {r['stderr'] * 100:.1f} | {r['n']} | {r['chance'] * 100:.0f} | "
+        + (f"{r['acc_norm'] * 100:.1f} |" if "acc_norm" in r else "- |") for task, r in evals.items())
     minutes = (summary["train_seconds"] or 0) / 60
     losses = ", ".join(f"{k} {v}" for k, v in summary["final_loss"].items())
     run_dir = RUN_DIRS[summary["stage"]]
@@ -167,11 +167,12 @@ Reproduce:
 {LICENSES.format(python=corpus.python_sources_note())}
 ## Mini benchmark (full precision, shipped bf16 weights run in float32)
 
-| task | accuracy % | stderr | n | chance % |
-|---|---|---|---|---|
+| task | accuracy % | stderr | n | chance % | length-normalised % |
+|---|---|---|---|---|---|
 {rows}
 
-Held-out items from `dllmq/evaluate/mini_data/`; settings in `dllmq/evaluate/mini.py`.
+Held-out items from `dllmq/evaluate/mini_data/`; settings in `dllmq/evaluate/mini.py`. mini_general's
+length-normalised accuracy is lm-eval's acc_norm (log-likelihood per character of the choice).
 {extra}"""
 
 

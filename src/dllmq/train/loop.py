@@ -39,7 +39,7 @@ from dllmq.models.loading import load_checkpoint, load_tokenizer, save_model
 from dllmq.models.modeling import TransformerLM, init_weights
 from dllmq.models.registry import build_model, parse_model_config
 from dllmq.train import corpus
-from dllmq.train.config import RUNTIME_SETTINGS, TrainConfig, tiny_model_config
+from dllmq.train.config import RUNTIME_SETTINGS, TrainConfig, stored_settings, tiny_model_config
 from dllmq.train.export import export_model
 from dllmq.train.tokenizer import train_tokenizer
 
@@ -96,17 +96,18 @@ class Batches:
             rows.append(row[:self.cfg.seq_len])
         return torch.tensor(rows, dtype=torch.long)
 
-    def sft_pair(self, rng: random.Random) -> tuple[str, str]:
+    def sft_kind(self, rng: random.Random) -> str:
         kinds = list(self.cfg.sft_mix)
-        kind = rng.choices(kinds, [self.cfg.sft_mix[k] for k in kinds])[0]
-        return sft_example(kind, rng, self.wiki_docs)
+        return rng.choices(kinds, [self.cfg.sft_mix[k] for k in kinds])[0]
 
     def sft(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [B, L], response mask [B, L]); rows padded with EOS, which counts as response."""
+        """(ids [B, L], response mask [B, L]); rows padded with EOS to the widest row, the padding counting
+        as response (LLaDA's SFT). `sft_batches` "by_kind": one kind per batch; "mixed": a kind per row."""
         rng = self.rng(step, salt=1)
+        kind = self.sft_kind(rng) if self.cfg.sft_batches == "by_kind" else None
         rows, starts = [], []
         for _ in range(self.cfg.batch_size):
-            prompt, response = self.sft_pair(rng)
+            prompt, response = sft_example(kind or self.sft_kind(rng), rng, self.wiki_docs)
             p = self.encode(self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                          add_generation_prompt=True))
             r = self.encode(response) + [self.tok.convert_tokens_to_ids("<|eot_id|>"), self.eos]
@@ -259,7 +260,7 @@ def _train(cfg: TrainConfig, minutes: float | None, export: str | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "train_config.json"
     if cfg_path.is_file():
-        saved = json.loads(cfg_path.read_text())
+        saved = stored_settings(json.loads(cfg_path.read_text()))
         defaults, current = asdict(TrainConfig()), asdict(cfg)
         diff = sorted(k for k in current if k not in RUNTIME_SETTINGS and saved.get(k, defaults[k]) != current[k])
         if diff:
