@@ -216,19 +216,26 @@ def _chat_ids(tok, prompt, response):
     return p, r
 
 
-@pytest.mark.parametrize("mode", ["mixed", "by_kind"])
-def test_sft_batches_match_a_row_by_row_reference(small_tokenizer, mode):
+def _plain_ids(tok, prompt, response):
+    return ([tok.bos_token_id] + tok(prompt, add_special_tokens=False, verbose=False)["input_ids"],
+            tok(response, add_special_tokens=False, verbose=False)["input_ids"] + [tok.eos_token_id])
+
+
+@pytest.mark.parametrize("mode,fmt", [("mixed", "chat"), ("by_kind", "chat"), ("by_kind", "plain")])
+def test_sft_batches_match_a_row_by_row_reference(small_tokenizer, mode, fmt):
     """Each batch is the rows a plain loop draws (one kind per row, or one kind for the whole batch), each
-    padded with EOS to the widest row, response from the assistant turn to the end."""
+    padded with EOS to the widest row, response from the assistant turn (or the prompt's end) to the end."""
     tok, wiki = small_tokenizer, corpus.wiki_documents("train")[:3]
     mix = {"general": 0.2, "math": 0.5, "code": 0.3}
-    cfg = TrainConfig(stage="instruct", batch_size=5, seq_len=1024, sft_mix=mix, sft_batches=mode)  # no row cut
+    cfg = TrainConfig(stage="instruct", batch_size=5, seq_len=1024, sft_mix=mix, sft_batches=mode,
+                      sft_format=fmt)  # seq_len: no row cut
     batches = Batches(cfg, tok, wiki, [])
     for step in range(4):
         rng = random.Random((0 * 1_000_003 + step) * 7 + 1)
         draw = lambda: rng.choices(list(mix), list(mix.values()))[0]  # noqa: E731
         kind = draw() if mode == "by_kind" else None
-        rows = [_chat_ids(tok, *sft_example(kind or draw(), rng, wiki)) for _ in range(5)]
+        pair = _plain_ids if fmt == "plain" else _chat_ids
+        rows = [pair(tok, *sft_example(kind or draw(), rng, wiki, fmt == "plain")) for _ in range(5)]
         width = max(len(p) + len(r) for p, r in rows)
         ids, response = batches.sft(step)
         assert ids.shape == (5, width)
@@ -270,3 +277,22 @@ def test_runs_recorded_before_sft_batches_keep_their_batching(tmp_path):
         train(TrainConfig(stage="instruct", init="x", out=str(out), steps=2500))
     with pytest.raises(DllmqError, match="sft-batches"):
         TrainConfig(sft_batches="sorted")
+
+
+def test_plain_sft_pairs_are_what_the_base_benchmark_asks():
+    from dllmq.evaluate.mini import code_program
+
+    wiki = corpus.wiki_documents("train")[:2]
+    for kind in ("math", "code", "general"):
+        chat, plain = (sft_example(kind, random.Random(5), wiki, p) for p in (False, True))
+        assert chat != plain
+        if kind == "math":
+            item = corpus.math_item(random.Random(5), heldout=False)
+            assert plain == (item.prompt, f" {item.answer}") and plain[0].endswith("Answer:")
+        if kind == "code":  # the base scorer cuts the continuation back to the reference function
+            item = corpus.code_item(random.Random(5), heldout=False)
+            assert code_program(plain[0], plain[1], chat=False) == item.prompt + item.body
+        if kind == "general":
+            assert chat == ("Continue the text: " + plain[0], plain[1][1:])
+    with pytest.raises(Exception, match="sft-format"):
+        TrainConfig(sft_format="json")

@@ -17,6 +17,7 @@ RUNTIME_SETTINGS = ("threads", "log_every", "checkpoint_every")
 # next-token prediction, into a causal Llama of the same size (the autoregressive baseline).
 STAGES = ("base", "instruct", "ar")
 SFT_BATCHES = ("by_kind", "mixed")
+SFT_FORMATS = ("chat", "plain")
 # Settings added after runs were recorded: (the value a stored train_config.json without the field meant,
 # the stages it applies to), so an old run resumes and its recorded command reproduces it unchanged.
 LEGACY_VALUES = {"sft_batches": ("mixed", ("instruct",))}
@@ -54,6 +55,9 @@ class TrainConfig:
     # tokens are not outweighed by EOS padding up to a code row's width; "mixed": rows of any kind in one batch
     # (LLaDA's recipe as written; dllmq-tiny-instruct v1). See SFT_BATCHES.
     sft_batches: str = "by_kind"
+    # instruct: "chat": pairs in the chat template (an instruct model); "plain": pairs as a base model is asked
+    # ("Question: ... Answer:" + " 77"), so the result stays a base model (math mid-training, see SFT_FORMATS)
+    sft_format: str = "chat"
     checkpoint_every: int = 50
     log_every: int = 10
     bf16_autocast: bool = True
@@ -75,6 +79,8 @@ class TrainConfig:
                                  f"to non-negative weights, got {mix}.")
         if self.sft_batches not in SFT_BATCHES:
             raise DllmqError(f"Unknown --sft-batches {self.sft_batches!r}; use {', '.join(SFT_BATCHES)}.")
+        if self.sft_format not in SFT_FORMATS:
+            raise DllmqError(f"Unknown --sft-format {self.sft_format!r}; use {', '.join(SFT_FORMATS)}.")
         if self.d_model % 64 or self.d_model // 64 != self.n_heads:
             raise DllmqError(f"d_model {self.d_model} with {self.n_heads} heads: dllmq-tiny uses head dim 64 "
                              "(n_heads = d_model / 64).")

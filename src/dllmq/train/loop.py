@@ -102,15 +102,20 @@ class Batches:
 
     def sft(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [B, L], response mask [B, L]); rows padded with EOS to the widest row, the padding counting
-        as response (LLaDA's SFT). `sft_batches` "by_kind": one kind per batch; "mixed": a kind per row."""
+        as response (LLaDA's SFT). `sft_batches` "by_kind": one kind per batch; "mixed": a kind per row.
+        `sft_format` "chat": the pair in the chat template; "plain": as the mini benchmark prompts a base model."""
         rng = self.rng(step, salt=1)
         kind = self.sft_kind(rng) if self.cfg.sft_batches == "by_kind" else None
+        plain = self.cfg.sft_format == "plain"
         rows, starts = [], []
         for _ in range(self.cfg.batch_size):
-            prompt, response = sft_example(kind or self.sft_kind(rng), rng, self.wiki_docs)
-            p = self.encode(self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                         add_generation_prompt=True))
-            r = self.encode(response) + [self.tok.convert_tokens_to_ids("<|eot_id|>"), self.eos]
+            prompt, response = sft_example(kind or self.sft_kind(rng), rng, self.wiki_docs, plain)
+            if plain:  # the text a base model is prompted with, then its continuation and EOS
+                p, r = [self.bos, *self.encode(prompt)], self.encode(response) + [self.eos]
+            else:
+                p = self.encode(self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                             add_generation_prompt=True))
+                r = self.encode(response) + [self.tok.convert_tokens_to_ids("<|eot_id|>"), self.eos]
             rows.append((p + r)[:self.cfg.seq_len])
             starts.append(min(len(p), self.cfg.seq_len - 1))
         width = max(len(r) for r in rows)
@@ -122,19 +127,23 @@ class Batches:
         return ids, response
 
 
-def sft_example(kind: str, rng: random.Random, wiki_docs: list[str]) -> tuple[str, str]:
-    """A (user prompt, assistant response) pair of one of the three kinds, from the training space."""
+def sft_example(kind: str, rng: random.Random, wiki_docs: list[str], plain: bool = False) -> tuple[str, str]:
+    """A (prompt, response) pair of one of the three kinds, from the training space: a user turn and the
+    assistant's answer, or (`plain`) the text a base model is given and its continuation, as the mini
+    benchmark asks them. Both draw the same numbers from `rng`."""
     if kind == "math":
         item = corpus.math_item(rng, heldout=False)
-        return item.question, str(item.answer)
+        return (item.prompt, f" {item.answer}") if plain else (item.question, str(item.answer))
     if kind == "code":
         item = corpus.code_item(rng, heldout=False)
-        return code_instruction(item.prompt), item.body.rstrip("\n")
+        body = item.body.rstrip("\n")
+        return (item.prompt.rstrip("\n"), "\n" + body) if plain else (code_instruction(item.prompt), body)
     doc = wiki_docs[rng.randrange(len(wiki_docs))]
     words = doc.split(" ")
     start = rng.randrange(max(1, len(words) - 80))
     n = rng.randint(25, 60)
-    return "Continue the text: " + " ".join(words[start:start + n]), " ".join(words[start + n:start + n + 12])
+    passage, continuation = " ".join(words[start:start + n]), " ".join(words[start + n:start + n + 12])
+    return (passage, " " + continuation) if plain else ("Continue the text: " + passage, continuation)
 
 
 def code_instruction(prompt: str) -> str:
@@ -351,5 +360,5 @@ def export_final(model: TransformerLM, tokenizer, final: Path, cfg: TrainConfig,
 
     model = copy.deepcopy(model).eval().to(torch.bfloat16)
     extra = {"dllmq_training": {"stage": cfg.stage, "steps": cfg.steps, "train_seconds": round(total_s, 1),
-                                "chat": cfg.stage == "instruct"}}
+                                "chat": cfg.stage == "instruct" and cfg.sft_format == "chat"}}
     save_model(model, tokenizer, final, overwrite=True, extra_config=extra)
