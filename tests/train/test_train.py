@@ -296,3 +296,26 @@ def test_plain_sft_pairs_are_what_the_base_benchmark_asks():
             assert chat == ("Continue the text: " + plain[0], plain[1][1:])
     with pytest.raises(Exception, match="sft-format"):
         TrainConfig(sft_format="json")
+
+
+@pytest.mark.parametrize("fmt", ["chat", "plain"])
+def test_math_digit_probe_masks_exactly_the_answer_of_a_training_row(small_tokenizer, fmt):
+    """benchmarks/math_digits.py lays an item out as the SFT batch does (same tokens), only the answer masked."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("math_digits", Path(__file__).parents[2] / "benchmarks/math_digits.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    tok, wiki = small_tokenizer, corpus.wiki_documents("train")[:2]
+    cfg = TrainConfig(stage="instruct", batch_size=1, sft_mix={"math": 1.0}, sft_format=fmt)
+    ids, response = Batches(cfg, tok, wiki, []).sft(0)
+    rng = random.Random((0 * 1_000_003 + 0) * 7 + 1)  # step 0's draws: the batch's kind, then the row's item
+    rng.choices(["math"], [1.0])
+    item = corpus.math_item(rng, heldout=False)
+    mini = {"question": item.question, "prompt": item.prompt, "answer": item.answer}
+    masked, answer = probe.answer_masked_row(tok, mini, chat=fmt == "chat")
+    start = int(response[0].float().argmax())
+    assert masked[:start] == ids[0, :start].tolist()
+    assert masked[start:start + len(answer)] == [tok.mask_token_id] * len(answer)
+    assert answer + masked[start + len(answer):] == ids[0, start:].tolist()
