@@ -112,6 +112,12 @@ def test_train_runs_end_to_end_loss_decreases_and_resumes_exactly(tmp_path):
                              pretrain_every=2, **{k: v for k, v in TINY.items() if k != "lr"}))
     kinds = [json.loads(line)["kind"] for line in (inst / "log.jsonl").read_text().splitlines()]
     assert kinds == ["pretrain", "sft", "pretrain", "sft"]
+    chat_flag = lambda r: json.loads((r / "final" / "config.json").read_text())["dllmq_training"]["chat"]  # noqa: E731
+    assert chat_flag(inst) is True
+    # math mid-training in the base prompt format: the result is still a base model
+    mid = train(TrainConfig(stage="instruct", init=str(run / "final"), out=str(tmp_path / "m"), steps=2,
+                            sft_format="plain", sft_mix={"math": 1.0}, **{k: v for k, v in TINY.items() if k != "lr"}))
+    assert chat_flag(mid) is False
 
 
 def test_other_settings_refuse_to_resume(tmp_path):

@@ -268,7 +268,7 @@ def model_from_checkpoint(run: Path):
     if cfg.stage == "instruct":
 
         raw = read_config_json(Path(cfg.init))
-        raw = {**raw, "dllmq_training": {"chat": True}}
+        raw = {**raw, "dllmq_training": {"chat": cfg.sft_format == "chat"}}  # plain: a base model still
     else:
         raw = tiny_model_config(cfg, tokenizer)
     model = build_model(parse_model_config(raw))
