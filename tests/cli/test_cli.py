@@ -137,6 +137,9 @@ def test_eval_mini_tasks_on_a_builtin_model(capsys, tmp_path):
     data = json.loads(out.read_text())
     assert set(data["tasks"]) == {"mini_general", "mini_math"}
     assert all(r["n"] == 2 and 0 <= r["acc"] <= 1 for r in data["tasks"].values())
+    # mini_general also reports lm-eval's length-normalised accuracy, printed and stored
+    assert 0 <= data["tasks"]["mini_general"]["acc_norm"] <= 1 and "acc_norm" not in data["tasks"]["mini_math"]
+    assert "acc_norm" in capsys.readouterr().out
 
 
 def test_kv_cache_is_opt_in_and_recorded(capsys, tmp_path):

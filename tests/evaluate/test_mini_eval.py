@@ -92,3 +92,35 @@ def test_shards_at_batch_boundaries_give_the_whole_tasks_items():
     assert [s for p in parts for s in p["samples"]] == whole["samples"]
     merged = summarize([s["correct"] for p in parts for s in p["samples"]], "mini_math")
     assert merged == {k: whole[k] for k in merged}
+
+
+def test_acc_norm_divides_the_likelihood_by_the_choice_length():
+    from dllmq.evaluate.mini import best_choice
+
+    # summed log-likelihood prefers the short choice; per character (lengths 2 and 6) it depends on the ratio
+    assert best_choice([-2.0, -5.0]) == 0
+    assert best_choice([-2.0, -5.0], [" a", " apple"]) == 1  # -1.0 vs -0.833
+    assert best_choice([-2.0, -7.0], [" a", " apple"]) == 0  # -1.0 vs -1.167
+
+
+def test_acc_norm_matches_a_hand_computation_on_a_model():
+    from dllmq.diffusion.likelihood import mc_loglikelihood
+    from dllmq.evaluate.mini import MC_NUM, score_general
+    from dllmq.models import load_plain_model
+
+    model, tok, _ = load_plain_model("random-llada")
+    item = {"context": "Cats\nThe cat sat on the", "choices": [" a", " mat", " skyscraper", " elephant"], "label": 1}
+    prompt = tok(item["context"], add_special_tokens=True)["input_ids"]
+    by_hand = []
+    for choice in item["choices"]:
+        answer = tok(choice, add_special_tokens=False)["input_ids"]
+        mc = 1 if len(answer) == 1 else MC_NUM
+        by_hand.append(mc_loglikelihood(model, prompt, answer, mc_num=mc, batch_size=mc, seed=0))
+    plain = max(range(4), key=lambda i: by_hand[i])
+    norm = max(range(4), key=lambda i: by_hand[i] / len(item["choices"][i]))
+    assert plain != norm  # these choices tell the two conventions apart on this model
+    for label in range(4):
+        chosen, correct_norm = [], []
+        correct = score_general(model, tok, [dict(item, label=label)], progress=False, chosen=chosen,
+                                correct_norm=correct_norm)
+        assert chosen == [plain] and correct == [plain == label] and correct_norm == [norm == label]

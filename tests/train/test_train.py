@@ -112,6 +112,12 @@ def test_train_runs_end_to_end_loss_decreases_and_resumes_exactly(tmp_path):
                              pretrain_every=2, **{k: v for k, v in TINY.items() if k != "lr"}))
     kinds = [json.loads(line)["kind"] for line in (inst / "log.jsonl").read_text().splitlines()]
     assert kinds == ["pretrain", "sft", "pretrain", "sft"]
+    chat_flag = lambda r: json.loads((r / "final" / "config.json").read_text())["dllmq_training"]["chat"]  # noqa: E731
+    assert chat_flag(inst) is True
+    # math mid-training in the base prompt format: the result is still a base model
+    mid = train(TrainConfig(stage="instruct", init=str(run / "final"), out=str(tmp_path / "m"), steps=2,
+                            sft_format="plain", sft_mix={"math": 1.0}, **{k: v for k, v in TINY.items() if k != "lr"}))
+    assert chat_flag(mid) is False
 
 
 def test_other_settings_refuse_to_resume(tmp_path):
@@ -135,7 +141,7 @@ def test_mixtures_are_validated():
 
 
 def test_sft_rows_mask_only_the_response(small_tokenizer):
-    cfg = TrainConfig(batch_size=6, seq_len=256)
+    cfg = TrainConfig(batch_size=6, seq_len=1024)  # no row cut (the small test tokenizer makes long rows)
     batches = Batches(cfg, small_tokenizer, corpus.wiki_documents("train")[:3], [])
     ids, response = batches.sft(0)
     eot = small_tokenizer.convert_tokens_to_ids("<|eot_id|>")
@@ -202,3 +208,120 @@ def test_residual_norms_come_from_the_family():
     acts = {"model.transformer.ln_f": stat, "model.transformer.blocks.0.ff_out": {**stat, "ratio_to_median": 9.0}}
     text = extras_markdown({"mini_math": {}}, None, acts, paths)
     assert "| model.transformer.ln_f |" in text and "| model.transformer.blocks.0.ff_out |" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT batching (sft_batches) and runs recorded before the setting existed
+# ---------------------------------------------------------------------------------------------
+
+def _chat_ids(tok, prompt, response):
+    p = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False, verbose=False)["input_ids"]
+    r = tok(response, add_special_tokens=False, verbose=False)["input_ids"] + [tok.convert_tokens_to_ids("<|eot_id|>"),
+                                                                               tok.eos_token_id]
+    return p, r
+
+
+def _plain_ids(tok, prompt, response):
+    return ([tok.bos_token_id] + tok(prompt, add_special_tokens=False, verbose=False)["input_ids"],
+            tok(response, add_special_tokens=False, verbose=False)["input_ids"] + [tok.eos_token_id])
+
+
+@pytest.mark.parametrize("mode,fmt", [("mixed", "chat"), ("by_kind", "chat"), ("by_kind", "plain")])
+def test_sft_batches_match_a_row_by_row_reference(small_tokenizer, mode, fmt):
+    """Each batch is the rows a plain loop draws (one kind per row, or one kind for the whole batch), each
+    padded with EOS to the widest row, response from the assistant turn (or the prompt's end) to the end."""
+    tok, wiki = small_tokenizer, corpus.wiki_documents("train")[:3]
+    mix = {"general": 0.2, "math": 0.5, "code": 0.3}
+    cfg = TrainConfig(stage="instruct", batch_size=5, seq_len=1024, sft_mix=mix, sft_batches=mode,
+                      sft_format=fmt)  # seq_len: no row cut
+    batches = Batches(cfg, tok, wiki, [])
+    for step in range(4):
+        rng = random.Random((0 * 1_000_003 + step) * 7 + 1)
+        draw = lambda: rng.choices(list(mix), list(mix.values()))[0]  # noqa: E731
+        kind = draw() if mode == "by_kind" else None
+        pair = _plain_ids if fmt == "plain" else _chat_ids
+        rows = [pair(tok, *sft_example(kind or draw(), rng, wiki, fmt == "plain")) for _ in range(5)]
+        width = max(len(p) + len(r) for p, r in rows)
+        ids, response = batches.sft(step)
+        assert ids.shape == (5, width)
+        for (p, r), row, resp in zip(rows, ids.tolist(), response.tolist()):
+            assert row == p + r + [tok.eos_token_id] * (width - len(p) - len(r))
+            assert resp == [False] * len(p) + [True] * (width - len(p))
+
+
+def test_by_kind_batches_hold_one_kind_and_follow_the_mix(small_tokenizer):
+    wiki = corpus.wiki_documents("train")[:3]
+    cfg = TrainConfig(stage="instruct", batch_size=4, sft_mix={"math": 0.7, "code": 0.3}, sft_batches="by_kind")
+    batches = Batches(cfg, small_tokenizer, wiki, [])
+    kinds = []
+    for step in range(60):
+        ids, _ = batches.sft(step)
+        is_code = ["Write the body of this Python function" in small_tokenizer.decode(row) for row in ids]
+        assert len(set(is_code)) == 1  # never a math row padded to a code row's width
+        kinds.append(is_code[0])
+    assert 0.1 < sum(kinds) / len(kinds) < 0.5  # code is drawn for about 30 % of the batches
+
+
+def test_runs_recorded_before_sft_batches_keep_their_batching(tmp_path):
+    from dllmq.errors import DllmqError
+    from dllmq.train.config import stored_settings
+    from dllmq.train.export import train_command
+
+    assert TrainConfig().sft_batches == "by_kind"  # new runs
+    old_instruct = {"stage": "instruct", "init": "x", "steps": 2500}
+    assert stored_settings(old_instruct)["sft_batches"] == "mixed"
+    assert stored_settings({"stage": "base"})["sft_batches"] == "by_kind"  # unused there: nothing to reproduce
+    assert "--sft-batches mixed" in train_command(old_instruct, "runs/instruct")
+    assert "sft-batches" not in train_command({**old_instruct, "sft_batches": "by_kind"}, "runs/instruct")
+    assert "sft-batches" not in train_command({"stage": "base"}, "runs/base")
+    # resuming an old instruct run needs its batching spelled out
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "train_config.json").write_text(json.dumps({**old_instruct, "out": str(out)}))
+    with pytest.raises(DllmqError, match="sft_batches"):
+        train(TrainConfig(stage="instruct", init="x", out=str(out), steps=2500))
+    with pytest.raises(DllmqError, match="sft-batches"):
+        TrainConfig(sft_batches="sorted")
+
+
+def test_plain_sft_pairs_are_what_the_base_benchmark_asks():
+    from dllmq.evaluate.mini import code_program
+
+    wiki = corpus.wiki_documents("train")[:2]
+    for kind in ("math", "code", "general"):
+        chat, plain = (sft_example(kind, random.Random(5), wiki, p) for p in (False, True))
+        assert chat != plain
+        if kind == "math":
+            item = corpus.math_item(random.Random(5), heldout=False)
+            assert plain == (item.prompt, f" {item.answer}") and plain[0].endswith("Answer:")
+        if kind == "code":  # the base scorer cuts the continuation back to the reference function
+            item = corpus.code_item(random.Random(5), heldout=False)
+            assert code_program(plain[0], plain[1], chat=False) == item.prompt + item.body
+        if kind == "general":
+            assert chat == ("Continue the text: " + plain[0], plain[1][1:])
+    with pytest.raises(Exception, match="sft-format"):
+        TrainConfig(sft_format="json")
+
+
+@pytest.mark.parametrize("fmt", ["chat", "plain"])
+def test_math_digit_probe_masks_exactly_the_answer_of_a_training_row(small_tokenizer, fmt):
+    """benchmarks/math_digits.py lays an item out as the SFT batch does (same tokens), only the answer masked."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("math_digits", Path(__file__).parents[2] / "benchmarks/math_digits.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    tok, wiki = small_tokenizer, corpus.wiki_documents("train")[:2]
+    cfg = TrainConfig(stage="instruct", batch_size=1, sft_mix={"math": 1.0}, sft_format=fmt)
+    ids, response = Batches(cfg, tok, wiki, []).sft(0)
+    rng = random.Random((0 * 1_000_003 + 0) * 7 + 1)  # step 0's draws: the batch's kind, then the row's item
+    rng.choices(["math"], [1.0])
+    item = corpus.math_item(rng, heldout=False)
+    mini = {"question": item.question, "prompt": item.prompt, "answer": item.answer}
+    masked, answer = probe.answer_masked_row(tok, mini, chat=fmt == "chat")
+    start = int(response[0].float().argmax())
+    assert masked[:start] == ids[0, :start].tolist()
+    assert masked[start:start + len(answer)] == [tok.mask_token_id] * len(answer)
+    assert answer + masked[start + len(answer):] == ids[0, start:].tolist()

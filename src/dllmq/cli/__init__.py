@@ -22,7 +22,7 @@ small LLaDA-architecture diffusion models trained by dllmq and shipped with it; 
 random-dream, random-llama, untrained models with the real architectures, for tests.
 
 examples:
-  dllmq generate --prompt "Question: What is 17 + 25? Answer:" --gen-length 8 --block-length 4
+  dllmq generate --prompt "Question: What is 30 + 5? Answer:" --gen-length 8 --block-length 4
   dllmq eval dllmq-tiny-instruct --tasks mini
   dllmq inspect random-llada
   dllmq inspect llada-8b                      # the real LLaDA-8B config, no weights needed

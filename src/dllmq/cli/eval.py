@@ -128,9 +128,11 @@ def _eval_mini(args, names) -> None:
     if args.kv_cache != "none":
         print(f"note: approximate decoding (--kv-cache {args.kv_cache}); not comparable with exact results",
               file=sys.stderr)
-    print(f"{'task':<14} {'acc':>7} {'stderr':>7} {'n':>5} {'chance':>7}")
+    print(f"{'task':<14} {'acc':>7} {'stderr':>7} {'n':>5} {'chance':>7} {'acc_norm':>8}")
     for task, r in results.items():
-        print(f"{task:<14} {100 * r['acc']:>7.2f} {100 * r['stderr']:>7.2f} {r['n']:>5} {100 * r['chance']:>7.1f}")
+        norm = f"{100 * r['acc_norm']:.2f}" if "acc_norm" in r else "-"  # mini_general only
+        print(f"{task:<14} {100 * r['acc']:>7.2f} {100 * r['stderr']:>7.2f} {r['n']:>5} {100 * r['chance']:>7.1f} "
+              f"{norm:>8}")
     if args.out:
         write_json_atomic(Path(args.out), {"model": str(args.model), "tasks": results, "limit": limit,
                                            "seed": args.seed, "profile": args.profile,

@@ -3,7 +3,9 @@
 - `mini_general` (400 items): LAMBADA-style cloze on held-out Wikipedia articles. The passage is
   cut before a word that occurred earlier in it; four choices (chance 25 %). Scored by LLaDA's
   Monte Carlo log-likelihood of each choice given the passage (`mc_loglikelihood`; mc_num=1 for a
-  one-token choice, where it is exact, else MC_NUM draws); the highest wins. Always plain text.
+  one-token choice, where it is exact, else MC_NUM draws); the highest wins (`acc`). Also reported:
+  `acc_norm`, lm-eval's length-normalised variant (the log-likelihood divided by the choice's length in
+  characters; the highest wins). Always plain text.
 - `mini_math` (400 items): arithmetic and short word problems; diffusion generation, exact match
   of the first integer in the answer.
 - `mini_code` (301 items): complete a small Python function from its signature and docstring;
@@ -101,10 +103,8 @@ def summarize(correct: Sequence[bool], task: str) -> dict:
 # general: multiple choice by Monte Carlo likelihood
 # ---------------------------------------------------------------------------------------------
 
-def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progress: bool = True,
-                  chosen: list[int] | None = None) -> list[bool]:
-    """Whether each item's highest-scoring choice is its label; `chosen`, when given, receives the index of
-    the choice picked for each item (the per-item answer that flips are counted on)."""
+def choice_scores(model, tokenizer, items: list[dict], *, seed: int = 0, progress: bool = True) -> list[list[float]]:
+    """Each item's log-likelihood of each choice given its context (summed over the choice's tokens)."""
     out = []
     for start in tqdm(range(0, len(items), ITEMS_PER_STACK), desc="mini_general", disable=not progress):
         window = items[start:start + ITEMS_PER_STACK]
@@ -119,12 +119,31 @@ def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progres
             scores = iter([causal_loglikelihood(model, p, a) for p, a in pairs])
         else:  # the same floats as mc_loglikelihood pair by pair (equal-length batches share a forward)
             scores = iter(mc_loglikelihood_many(model, pairs, mc_num=mcs, batch_size=mcs, seed=seed))
-        for item in window:
-            item_scores = [next(scores) for _ in item["choices"]]
-            pick = max(range(len(item_scores)), key=item_scores.__getitem__)
-            if chosen is not None:
-                chosen.append(pick)
-            out.append(pick == item["label"])
+        out += [[next(scores) for _ in item["choices"]] for item in window]
+    return out
+
+
+def best_choice(scores: Sequence[float], choices: Sequence[str] | None = None) -> int:
+    """The index of the highest score; with `choices`, of the highest score per character of the choice
+    (lm-eval's acc_norm: the log-likelihood divided by the choice string's length), so longer choices are
+    not penalised for having more tokens to pay for."""
+    values = scores if choices is None else [s / max(1, len(c)) for s, c in zip(scores, choices)]
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def score_general(model, tokenizer, items: list[dict], *, seed: int = 0, progress: bool = True,
+                  chosen: list[int] | None = None, correct_norm: list[bool] | None = None) -> list[bool]:
+    """Whether each item's highest-scoring choice is its label; `chosen`, when given, receives the index of
+    the choice picked for each item (the per-item answer that flips are counted on), `correct_norm` whether
+    the length-normalised pick (acc_norm) is the label."""
+    out = []
+    for item, scores in zip(items, choice_scores(model, tokenizer, items, seed=seed, progress=progress)):
+        pick = best_choice(scores)
+        if chosen is not None:
+            chosen.append(pick)
+        if correct_norm is not None:
+            correct_norm.append(best_choice(scores, item["choices"]) == item["label"])
+        out.append(pick == item["label"])
     return out
 
 
@@ -254,9 +273,11 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
                 if shard is not None:
                     items = items[shard[0]:shard[1]]
                 samples = None
+                correct_norm: list[bool] = []
                 if task == "mini_general":
                     picks: list[int] = []
-                    correct = score_general(model, tokenizer, items, seed=seed, progress=progress, chosen=picks)
+                    correct = score_general(model, tokenizer, items, seed=seed, progress=progress, chosen=picks,
+                                            correct_norm=correct_norm)
                     answers = [str(k) for k in picks]
                 elif task == "mini_math":
                     correct, samples = score_math(model, tokenizer, items, chat=chat, seed=seed, batch_size=batch_size,
@@ -269,6 +290,9 @@ def evaluate_mini(model, tokenizer, tasks: str | Sequence[str] = TASKS, limit: i
                                                   callback=step_callback)
                     answers = list(samples)
                 results[task] = summarize(correct, task)
+                if correct_norm:  # mini_general: also the length-normalised accuracy (lm-eval's acc_norm)
+                    norm = summarize(correct_norm, task)
+                    results[task].update(acc_norm=norm["acc"], acc_norm_stderr=norm["stderr"])
                 if return_samples:
                     results[task]["samples"] = [{"id": it["id"], "correct": c, "answer": a,
                                                  **({"output": s} if samples else {})}

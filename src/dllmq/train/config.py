@@ -20,6 +20,11 @@ RUNTIME_SETTINGS = ("threads", "log_every", "checkpoint_every")
 # twin converted to Dream's architecture (GQA, q/k/v bias, bidirectional) and adapted to masked diffusion
 # with shifted prediction, as Dream-7B was adapted from Qwen2.5-7B.
 STAGES = ("base", "instruct", "ar", "dream")
+SFT_BATCHES = ("by_kind", "mixed")
+SFT_FORMATS = ("chat", "plain")
+# Settings added after runs were recorded: (the value a stored train_config.json without the field meant,
+# the stages it applies to), so an old run resumes and its recorded command reproduces it unchanged.
+LEGACY_VALUES = {"sft_batches": ("mixed", ("instruct",))}
 
 
 @dataclass
@@ -51,6 +56,13 @@ class TrainConfig:
     pretrain_every: int = 4             # instruct: every n-th step is a pre-training step (0: never)
     # instruct: kinds of SFT pairs (weights): text continuation, math, code
     sft_mix: dict = field(default_factory=lambda: {"general": 0.3, "math": 0.35, "code": 0.35})
+    # instruct: "by_kind": each SFT batch holds rows of one kind (drawn by sft_mix), so a math row's few answer
+    # tokens are not outweighed by EOS padding up to a code row's width; "mixed": rows of any kind in one batch
+    # (LLaDA's recipe as written; dllmq-tiny-instruct v1). See SFT_BATCHES.
+    sft_batches: str = "by_kind"
+    # instruct: "chat": pairs in the chat template (an instruct model); "plain": pairs as a base model is asked
+    # ("Question: ... Answer:" + " 77"), so the result stays a base model (math mid-training, see SFT_FORMATS)
+    sft_format: str = "chat"
     checkpoint_every: int = 50
     log_every: int = 10
     bf16_autocast: bool = True
@@ -72,9 +84,23 @@ class TrainConfig:
                                  f"to non-negative weights, got {mix}.")
         if self.n_kv_heads <= 0:
             raise DllmqError(f"--n-kv-heads must be positive, got {self.n_kv_heads}.")
+        if self.sft_batches not in SFT_BATCHES:
+            raise DllmqError(f"Unknown --sft-batches {self.sft_batches!r}; use {', '.join(SFT_BATCHES)}.")
+        if self.sft_format not in SFT_FORMATS:
+            raise DllmqError(f"Unknown --sft-format {self.sft_format!r}; use {', '.join(SFT_FORMATS)}.")
         if self.d_model % 64 or self.d_model // 64 != self.n_heads:
             raise DllmqError(f"d_model {self.d_model} with {self.n_heads} heads: dllmq-tiny uses head dim 64 "
                              "(n_heads = d_model / 64).")
+
+
+def stored_settings(saved: dict) -> dict:
+    """A stored train_config.json's settings, a field it predates filled with what the run used then
+    (its LEGACY_VALUES entry for the run's stage, else today's default, which the stage ignores)."""
+    out = dict(saved)
+    stage = saved.get("stage", TrainConfig.stage)
+    for key, (value, stages) in LEGACY_VALUES.items():
+        out.setdefault(key, value if stage in stages else getattr(TrainConfig(), key))
+    return out
 
 
 def padded_vocab(cfg: TrainConfig, tokenizer) -> int:

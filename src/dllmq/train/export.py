@@ -30,7 +30,7 @@ from dllmq.models.registry import build_model, get_family, parse_model_config
 from dllmq.quant.api import quantize
 from dllmq.quant.config import QuantConfig
 from dllmq.train import corpus
-from dllmq.train.config import TrainConfig, tiny_model_config
+from dllmq.train.config import TrainConfig, stored_settings, tiny_model_config
 
 # The model's dimensions the card's table shows (read from the exported config.json, whatever the stage).
 SHAPE_FIELDS = ("hidden_size", "n_layers", "n_heads", "head_dim", "n_kv_heads", "intermediate_size", "vocab_size",
@@ -102,7 +102,7 @@ def card_kind(stage: str, family: str) -> str:
 
 def train_command(cfg: dict, out: str, init: str = "runs/base/final") -> str:
     """The `python -m dllmq.train` command line that reproduces a run (its non-default settings)."""
-    defaults = asdict(TrainConfig())
+    cfg, defaults = stored_settings(cfg), asdict(TrainConfig())
     flags = [f"--stage {cfg['stage']}", f"--out {out}"]
     if cfg.get("init"):
         flags.append(f"--init {init}")
@@ -158,8 +158,8 @@ pre-training step) on the same chat-formatted question/answer pairs. Chat templa
 def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
     cfg = summary["config"]
     rows = "\n".join(
-        f"| {task} | {r['acc'] * 100:.1f} | {r['stderr'] * 100:.1f} | {r['n']} | {r['chance'] * 100:.0f} |"
-        for task, r in evals.items())
+        f"| {task} | {r['acc'] * 100:.1f} | {r['stderr'] * 100:.1f} | {r['n']} | {r['chance'] * 100:.0f} | "
+        + (f"{r['acc_norm'] * 100:.1f} |" if "acc_norm" in r else "- |") for task, r in evals.items())
     minutes = (summary["train_seconds"] or 0) / 60
     losses = ", ".join(f"{k} {v}" for k, v in summary["final_loss"].items())
     kind = summary.get("kind", summary["stage"])
@@ -199,11 +199,12 @@ Reproduce:
 {LICENSES.format(python=corpus.python_sources_note())}
 ## Mini benchmark (full precision, shipped bf16 weights run in float32)
 
-| task | accuracy % | stderr | n | chance % |
-|---|---|---|---|---|
+| task | accuracy % | stderr | n | chance % | length-normalised % |
+|---|---|---|---|---|---|
 {rows}
 
-Held-out items from `dllmq/evaluate/mini_data/`; settings in `dllmq/evaluate/mini.py`.
+Held-out items from `dllmq/evaluate/mini_data/`; settings in `dllmq/evaluate/mini.py`. mini_general's
+length-normalised accuracy is lm-eval's acc_norm (log-likelihood per character of the choice).
 {extra}"""
 
 
@@ -300,7 +301,7 @@ def model_from_checkpoint(run: Path):
     if cfg.stage == "instruct":
 
         raw = read_config_json(Path(cfg.init))
-        raw = {**raw, "dllmq_training": {"chat": True}}
+        raw = {**raw, "dllmq_training": {"chat": cfg.sft_format == "chat"}}  # plain: a base model still
     else:
         raw = tiny_model_config(cfg, tokenizer)
     model = build_model(parse_model_config(raw))
