@@ -20,8 +20,9 @@ from dllmq.evaluate.mini import is_chat_model, load_items
 from dllmq.models.loading import load_plain_model
 
 
-def answer_masked_row(tokenizer, item: dict, chat: bool) -> tuple[list[int], list[int]]:
-    """(ids with the answer masked, the answer's token ids); the answer starts at len(ids) - len(tail) - len(answer)."""
+def answer_masked_row(tokenizer, item: dict, chat: bool, min_response: int = 0) -> tuple[list[int], list[int]]:
+    """(ids with the answer masked, the answer's token ids), the response EOS-padded to `min_response` tokens as
+    a run trained with that --sft-min-response saw it."""
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": item["question"]}], tokenize=False,
                                              add_generation_prompt=True)
@@ -32,14 +33,15 @@ def answer_masked_row(tokenizer, item: dict, chat: bool) -> tuple[list[int], lis
         prompt = tokenizer(item["prompt"], add_special_tokens=True)["input_ids"]
         answer = tokenizer(f" {item['answer']}", add_special_tokens=False)["input_ids"]
         tail = [tokenizer.eos_token_id]
+    tail += [tokenizer.eos_token_id] * max(0, min_response - len(answer) - len(tail))
     return prompt + [tokenizer.mask_token_id] * len(answer) + tail, answer
 
 
 @torch.no_grad()
-def answer_digit_accuracy(model, tokenizer, items: list[dict], chat: bool) -> dict:
+def answer_digit_accuracy(model, tokenizer, items: list[dict], chat: bool, min_response: int = 0) -> dict:
     tokens = right = whole = 0
     for item in items:
-        ids, answer = answer_masked_row(tokenizer, item, chat)
+        ids, answer = answer_masked_row(tokenizer, item, chat, min_response)
         start = ids.index(tokenizer.mask_token_id)
         logits = model(torch.tensor([ids]))
         logits = getattr(logits, "logits", logits)
@@ -52,13 +54,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="built-in names or model directories (diffusion models)")
     p.add_argument("--limit", type=int, default=200, help="first N mini_math items (default 200)")
+    p.add_argument("--min-response", type=int, default=0,
+                   help="EOS-pad the response to N tokens, as the model's training run did (--sft-min-response)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     items = load_items("mini_math", args.limit)
     for name in args.models:
         model, tokenizer, _ = load_plain_model(Path(name) if Path(name).is_dir() else name, dtype="float32")
         t0 = time.process_time()
-        r = answer_digit_accuracy(model.eval(), tokenizer, items, is_chat_model(model))
+        r = answer_digit_accuracy(model.eval(), tokenizer, items, is_chat_model(model), args.min_response)
         print(f"{name}: answer tokens {100 * r['digits']:.1f} %, whole answers {100 * r['whole']:.1f} % "
               f"(n={r['n']}, {time.process_time() - t0:.0f} CPU-s)", flush=True)
     return 0

@@ -227,14 +227,16 @@ def _plain_ids(tok, prompt, response):
             tok(response, add_special_tokens=False, verbose=False)["input_ids"] + [tok.eos_token_id])
 
 
-@pytest.mark.parametrize("mode,fmt", [("mixed", "chat"), ("by_kind", "chat"), ("by_kind", "plain")])
-def test_sft_batches_match_a_row_by_row_reference(small_tokenizer, mode, fmt):
+@pytest.mark.parametrize("mode,fmt,min_response", [("mixed", "chat", 0), ("by_kind", "chat", 8), ("by_kind", "plain", 8),
+                                                    ("by_kind", "plain", 0), ("by_kind", "plain", 40)])
+def test_sft_batches_match_a_row_by_row_reference(small_tokenizer, mode, fmt, min_response):
     """Each batch is the rows a plain loop draws (one kind per row, or one kind for the whole batch), each
-    padded with EOS to the widest row, response from the assistant turn (or the prompt's end) to the end."""
+    padded with EOS to the widest row and every response to at least `min_response` tokens, response from
+    the assistant turn (or the prompt's end) to the end."""
     tok, wiki = small_tokenizer, corpus.wiki_documents("train")[:3]
     mix = {"general": 0.2, "math": 0.5, "code": 0.3}
     cfg = TrainConfig(stage="instruct", batch_size=5, seq_len=1024, sft_mix=mix, sft_batches=mode,
-                      sft_format=fmt)  # seq_len: no row cut
+                      sft_format=fmt, sft_min_response=min_response)  # seq_len: no row cut
     batches = Batches(cfg, tok, wiki, [])
     for step in range(4):
         rng = random.Random((0 * 1_000_003 + step) * 7 + 1)
@@ -242,7 +244,7 @@ def test_sft_batches_match_a_row_by_row_reference(small_tokenizer, mode, fmt):
         kind = draw() if mode == "by_kind" else None
         pair = _plain_ids if fmt == "plain" else _chat_ids
         rows = [pair(tok, *sft_example(kind or draw(), rng, wiki, fmt == "plain")) for _ in range(5)]
-        width = max(len(p) + len(r) for p, r in rows)
+        width = max(max(len(p) + len(r) for p, r in rows), max(len(p) + min_response for p, _ in rows))
         ids, response = batches.sft(step)
         assert ids.shape == (5, width)
         for (p, r), row, resp in zip(rows, ids.tolist(), response.tolist()):
@@ -275,6 +277,11 @@ def test_runs_recorded_before_sft_batches_keep_their_batching(tmp_path):
     assert "--sft-batches mixed" in train_command(old_instruct, "runs/instruct")
     assert "sft-batches" not in train_command({**old_instruct, "sft_batches": "by_kind"}, "runs/instruct")
     assert "sft-batches" not in train_command({"stage": "base"}, "runs/base")
+    # and their EOS padding: the widest row only (sft_min_response 0); new runs pad responses to 8
+    assert TrainConfig().sft_min_response == 8 and stored_settings(old_instruct)["sft_min_response"] == 0
+    assert "--sft-min-response 0" in train_command(old_instruct, "runs/instruct")
+    with pytest.raises(DllmqError, match="sft-min-response"):
+        TrainConfig(sft_min_response=-1)
     # resuming an old instruct run needs its batching spelled out
     out = tmp_path / "old"
     out.mkdir()
@@ -304,8 +311,8 @@ def test_plain_sft_pairs_are_what_the_base_benchmark_asks():
         TrainConfig(sft_format="json")
 
 
-@pytest.mark.parametrize("fmt", ["chat", "plain"])
-def test_math_digit_probe_masks_exactly_the_answer_of_a_training_row(small_tokenizer, fmt):
+@pytest.mark.parametrize("fmt,min_response", [("chat", 0), ("plain", 0), ("chat", 8), ("plain", 8)])
+def test_math_digit_probe_masks_exactly_the_answer_of_a_training_row(small_tokenizer, fmt, min_response):
     """benchmarks/math_digits.py lays an item out as the SFT batch does (same tokens), only the answer masked."""
     import importlib.util
     from pathlib import Path
@@ -314,14 +321,43 @@ def test_math_digit_probe_masks_exactly_the_answer_of_a_training_row(small_token
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     tok, wiki = small_tokenizer, corpus.wiki_documents("train")[:2]
-    cfg = TrainConfig(stage="instruct", batch_size=1, sft_mix={"math": 1.0}, sft_format=fmt)
+    cfg = TrainConfig(stage="instruct", batch_size=1, sft_mix={"math": 1.0}, sft_format=fmt, sft_min_response=min_response)
     ids, response = Batches(cfg, tok, wiki, []).sft(0)
     rng = random.Random((0 * 1_000_003 + 0) * 7 + 1)  # step 0's draws: the batch's kind, then the row's item
     rng.choices(["math"], [1.0])
     item = corpus.math_item(rng, heldout=False)
     mini = {"question": item.question, "prompt": item.prompt, "answer": item.answer}
-    masked, answer = probe.answer_masked_row(tok, mini, chat=fmt == "chat")
+    masked, answer = probe.answer_masked_row(tok, mini, chat=fmt == "chat", min_response=min_response)
     start = int(response[0].float().argmax())
     assert masked[:start] == ids[0, :start].tolist()
     assert masked[start:start + len(answer)] == [tok.mask_token_id] * len(answer)
     assert answer + masked[start + len(answer):] == ids[0, start:].tolist()
+
+
+def test_a_card_reproduces_the_whole_chain_of_stages(tmp_path):
+    """A model trained from another shipped model lists that model's training commands before its own, and
+    its --init is the previous run's final/; a math mid-training (plain format) is told apart from an SFT."""
+    from dllmq.train.export import INTRO, card_kind, reproduce_commands
+
+    base = tmp_path / "dllmq-tiny"
+    base.mkdir()
+    (base / "README.md").write_text("# x\n\nReproduce:\n\n```bash\npython -m dllmq.train --stage base --out runs/base "
+                                    "--steps 8000\npython -m dllmq.train.export runs/base src/dllmq/tiny/dllmq-tiny\n```\n")
+    mid = {"stage": "instruct", "init": str(base), "sft_format": "plain", "steps": 3000}
+    kind = card_kind("instruct", "llada", "plain")
+    assert kind == "base-math" and card_kind("instruct", "dream", "plain") == "dream-math"
+    assert card_kind("instruct", "llada") == "instruct" and card_kind("instruct", "dream") == "dream-instruct"
+    lines = reproduce_commands(mid, kind, "dllmq-tiny").splitlines()
+    assert lines[0] == "python -m dllmq.train --stage base --out runs/base --steps 8000"
+    assert lines[1].startswith("python -m dllmq.train --stage instruct --out runs/base-math --init runs/base/final")
+    assert "--sft-format plain" in lines[1] and "--steps 3000" in lines[1]
+    assert lines[2] == "python -m dllmq.train.export runs/base-math src/dllmq/tiny/dllmq-tiny --quant-check --activations"
+    # the next stage starts from the mid-trained model: its card holds three training commands
+    (base / "README.md").write_text("Reproduce:\n\n```bash\n" + "\n".join(lines) + "\n```\n")
+    inst = reproduce_commands({"stage": "instruct", "init": str(base), "steps": 2500}, "instruct", "dllmq-tiny-instruct")
+    assert inst.splitlines()[2].startswith("python -m dllmq.train --stage instruct --out runs/instruct "
+                                           "--init runs/base-math/final")
+    # without a card to read, the init is the stage's usual one
+    assert "--init runs/base/final" in reproduce_commands({"stage": "instruct", "init": str(tmp_path / "none")},
+                                                          "instruct", "x")
+    assert "{pad}" not in INTRO["base-math"].format(pad=8) and "8 tokens" in INTRO["dream-math"].format(pad=8)

@@ -24,7 +24,7 @@ SFT_BATCHES = ("by_kind", "mixed")
 SFT_FORMATS = ("chat", "plain")
 # Settings added after runs were recorded: (the value a stored train_config.json without the field meant,
 # the stages it applies to), so an old run resumes and its recorded command reproduces it unchanged.
-LEGACY_VALUES = {"sft_batches": ("mixed", ("instruct",))}
+LEGACY_VALUES = {"sft_batches": ("mixed", ("instruct",)), "sft_min_response": (0, ("instruct",))}
 
 
 @dataclass
@@ -63,6 +63,11 @@ class TrainConfig:
     # instruct: "chat": pairs in the chat template (an instruct model); "plain": pairs as a base model is asked
     # ("Question: ... Answer:" + " 77"), so the result stays a base model (math mid-training, see SFT_FORMATS)
     sft_format: str = "chat"
+    # instruct: EOS-pad each row's response to at least this many tokens. LLaDA pads to the batch's widest row,
+    # so in mixed batches a short answer is followed by a long EOS tail, as in generation (gen_length masks of
+    # which the answer fills a few); one-kind math batches are only a few tokens wider than their answers, and
+    # a model trained on them fails when asked to fill 8 slots (docs/embedded-models.md, "Math"). 0: no minimum.
+    sft_min_response: int = 8
     checkpoint_every: int = 50
     log_every: int = 10
     bf16_autocast: bool = True
@@ -86,6 +91,8 @@ class TrainConfig:
             raise DllmqError(f"--n-kv-heads must be positive, got {self.n_kv_heads}.")
         if self.sft_batches not in SFT_BATCHES:
             raise DllmqError(f"Unknown --sft-batches {self.sft_batches!r}; use {', '.join(SFT_BATCHES)}.")
+        if self.sft_min_response < 0:
+            raise DllmqError(f"--sft-min-response must be 0 or more tokens, got {self.sft_min_response}.")
         if self.sft_format not in SFT_FORMATS:
             raise DllmqError(f"Unknown --sft-format {self.sft_format!r}; use {', '.join(SFT_FORMATS)}.")
         if self.d_model % 64 or self.d_model // 64 != self.n_heads:

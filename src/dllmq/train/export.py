@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -56,7 +57,8 @@ def run_summary(run: Path) -> dict:
     tps = [r["tokens_per_s"] for r in log[1:]]
     family = parse_model_config(final_cfg).family
     return {
-        "stage": cfg["stage"], "kind": card_kind(cfg["stage"], family), "family": family,
+        "stage": cfg["stage"], "kind": card_kind(cfg["stage"], family, cfg.get("sft_format", "chat")),
+        "family": family,
         "steps": cfg["steps"], "batch_size": cfg["batch_size"], "seq_len": cfg["seq_len"],
         "lr": cfg["lr"], "seed": cfg["seed"],
         "train_seconds": final_cfg.get("dllmq_training", {}).get("train_seconds"),
@@ -95,8 +97,11 @@ The weights are a derivative of this data; the Wikipedia part is CC BY-SA 3.0 (s
 """
 
 
-def card_kind(stage: str, family: str) -> str:
-    """Which model a run made: its stage, told apart for the Dream twin's SFT (instruct from a Dream base)."""
+def card_kind(stage: str, family: str, sft_format: str = "chat") -> str:
+    """Which model a run made: its stage, told apart for the Dream twin's SFT (instruct from a Dream base) and
+    for a math mid-training (instruct stage in the plain format: still a base model)."""
+    if stage == "instruct" and sft_format == "plain":
+        return "dream-math" if family == "dream" else "base-math"
     return "dream-instruct" if stage == "instruct" and family == "dream" else stage
 
 
@@ -115,8 +120,32 @@ def train_command(cfg: dict, out: str, init: str = "runs/base/final") -> str:
 
 
 RUN_DIRS = {"base": "runs/base", "instruct": "runs/instruct", "ar": "runs/ar", "dream": "runs/dream",
-            "dream-instruct": "runs/dream-instruct"}
-INIT_DIRS = {"instruct": "runs/base/final", "dream": "runs/ar/final", "dream-instruct": "runs/dream/final"}
+            "dream-instruct": "runs/dream-instruct", "base-math": "runs/base-math", "dream-math": "runs/dream-math"}
+# where a run's --init came from, when the model it started from has no model card to tell (see lineage)
+INIT_DIRS = {"instruct": "runs/base/final", "dream": "runs/ar/final", "dream-instruct": "runs/dream/final",
+             "base-math": "runs/base/final", "dream-math": "runs/dream/final"}
+
+
+def lineage(init: str) -> list[str]:
+    """The training commands that made the model a run started from (`--init`), read from that model's card
+    (its Reproduce block, export lines left out), so a chain of stages is reproducible from the last card."""
+    card = Path(init) / "README.md" if init else None
+    if card is None or not card.is_file():
+        return []
+    block = re.search(r"Reproduce:\n\n```bash\n(.*?)```", card.read_text(), re.S)
+    return [] if block is None else [line for line in block.group(1).splitlines()
+                                     if line.startswith("python -m dllmq.train ")]
+
+
+def reproduce_commands(cfg: dict, kind: str, name: str) -> str:
+    """The commands from scratch to this model: its init's lineage, this run (its --init the last run's
+    final/), and the export."""
+    before = lineage(cfg.get("init", ""))
+    outs = re.findall(r"--out (\S+)", before[-1]) if before else []
+    init = f"{outs[-1]}/final" if outs else INIT_DIRS.get(kind, "")
+    run_dir = RUN_DIRS[kind]
+    return "\n".join([*before, train_command(cfg, run_dir, init),
+                      f"python -m dllmq.train.export {run_dir} src/dllmq/tiny/{name} --quant-check --activations"])
 _LLADA_LAYOUT = """A small masked diffusion language model with exactly LLaDA's architecture and checkpoint layout
 (`model_type: llada`, official config.json field names, `model.transformer.blocks.N.*` tensors),
 trained from scratch by dllmq on 2 CPU cores, shipped with dllmq as its embedded default model."""
@@ -149,6 +178,14 @@ architecture (each key/value head the mean of the AR heads it serves, q/k/v bias
 then trained on dllmq-tiny's data with masked diffusion read through the shifted logits (t ~ U(eps, 1],
 mask each token but the first with probability t, cross-entropy of masked token i at position i-1,
 divided by t)."""
+_MATH = """Then a math mid-training that keeps it a base model: LLaDA's SFT loss (only the answer is masked, loss
+divided by the response length; responses EOS-padded to at least {pad} tokens) on pairs written as the
+mini benchmark asks a base model (`Question: ... Answer:` + ` 77`, a function's signature and docstring +
+its body, a passage + its continuation), many short arithmetic rows per batch. Under the pre-training
+objective an answer digit is a target with all of its question visible only rarely (masked, with the four
+operand digits not: 1/30 of the time at t ~ U(0, 1]); answer-only rows give that signal every time."""
+INTRO["base-math"] = _LLADA_LAYOUT + "\nBase model: LLaDA pre-training (as dllmq-tiny v1). " + _MATH
+INTRO["dream-math"] = INTRO["dream"] + "\n" + _MATH
 INTRO["dream-instruct"] = _DREAM_LAYOUT + """
 Instruct model: dllmq-tiny-dream fine-tuned by dllmq-tiny-instruct's SFT (only response tokens are
 masked, loss divided by response length, read through the shifted logits; every 4th step a
@@ -163,12 +200,11 @@ def model_card(name: str, summary: dict, evals: dict, extra: str = "") -> str:
     minutes = (summary["train_seconds"] or 0) / 60
     losses = ", ".join(f"{k} {v}" for k, v in summary["final_loss"].items())
     kind = summary.get("kind", summary["stage"])
-    run_dir = RUN_DIRS[kind]
     shape = summary["shape"]
-    command = f"{train_command(cfg, run_dir, INIT_DIRS.get(kind, ''))}\npython -m dllmq.train.export {run_dir} src/dllmq/tiny/{name} --quant-check --activations"
+    command = reproduce_commands(cfg, kind, name)
     return f"""# {name}
 
-{INTRO[kind]}
+{INTRO[kind].format(pad=cfg.get("sft_min_response", 0))}
 
 It is for exercising and studying quantization end to end on a laptop, not for any real use.
 

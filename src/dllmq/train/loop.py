@@ -12,7 +12,9 @@ abilities survive. `sft_batches` "by_kind" (the default) fills each SFT batch wi
 a math row (a 1-3 digit answer) is padded to another math row's width, not a code row's: in "mixed"
 batches (dllmq-tiny-instruct v1) the answer digits carried ~1.4 % of a math row's loss, the EOS padding
 the rest. `sft_format` "plain" writes the pairs as the mini benchmark asks a base model (`Question: ...
-Answer:` + ` 77`), for a math mid-training of a base model that stays a base model.
+Answer:` + ` 77`), for a math mid-training of a base model that stays a base model. `sft_min_response`
+(default 8) pads every response with EOS to at least that many tokens, so one-kind math batches still show
+the model the EOS tail that fills the rest of a generation window.
 
 AR (stage `ar`): the base stage's batches exactly (same seed, same rows at every step), a causal
 Llama of the same size, and next-token prediction: mean CE of token i+1 given tokens 0..i over
@@ -113,8 +115,9 @@ class Batches:
         return rng.choices(kinds, [self.cfg.sft_mix[k] for k in kinds])[0]
 
     def sft(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [B, L], response mask [B, L]); rows padded with EOS to the widest row, the padding counting
-        as response (LLaDA's SFT). `sft_batches` "by_kind": one kind per batch; "mixed": a kind per row.
+        """(ids [B, L], response mask [B, L]); rows padded with EOS to the widest row (and every response to at
+        least `sft_min_response` tokens), the padding counting as response (LLaDA's SFT). `sft_batches`
+        "by_kind": one kind per batch; "mixed": a kind per row.
         `sft_format` "chat": the pair in the chat template; "plain": as the mini benchmark prompts a base model."""
         rng = self.rng(step, salt=1)
         kind = self.sft_kind(rng) if self.cfg.sft_batches == "by_kind" else None
@@ -130,7 +133,8 @@ class Batches:
                 r = self.encode(response) + [self.tok.convert_tokens_to_ids("<|eot_id|>"), self.eos]
             rows.append((p + r)[:self.cfg.seq_len])
             starts.append(min(len(p), self.cfg.seq_len - 1))
-        width = max(len(r) for r in rows)
+        width = min(self.cfg.seq_len, max(max(len(r) for r in rows),
+                                          max(s + self.cfg.sft_min_response for s in starts)))
         ids = torch.full((len(rows), width), self.eos, dtype=torch.long)
         response = torch.zeros((len(rows), width), dtype=torch.bool)
         for i, (r, s) in enumerate(zip(rows, starts)):
