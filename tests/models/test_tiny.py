@@ -31,6 +31,10 @@ LAYOUTS = {
     "llama": ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}, True,
               {"model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.o_proj.weight",
                "model.layers.0.mlp.gate_proj.weight", "model.layers.0.post_attention_layernorm.weight"}),
+    # the Dream twin: Dream-v0's fields and Qwen2 tensor names with q/k/v biases, tied like the AR twin
+    "dream": ({"model_type": "Dream", "architectures": ["DreamModel"], "tie_word_embeddings": True}, True,
+              {"model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.bias",
+               "model.layers.0.self_attn.v_proj.bias", "model.layers.0.mlp.down_proj.weight"}),
 }
 
 
@@ -47,6 +51,8 @@ def test_shipped_checkpoint_has_its_familys_official_layout(name):
     fields, tied, tensors = LAYOUTS[config.family]
     assert {k: raw.get(k) for k in fields} == fields and raw["torch_dtype"] == "bfloat16"
     assert config.head_dim == 64 and config.tie_embeddings == tied
+    if config.family == "dream":  # GQA and shifted logits: Dream's paths, not LLaDA's
+        assert config.n_kv_heads < config.n_heads and get_family("dream").shift_logits
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert tensors <= keys

@@ -164,8 +164,8 @@ def calib(tmp_path_factory):
 
 def small_families_grid(calib: str) -> dict:
     """The families grid's shape on random tiny models: every method at one of its bit configs, all four bit
-    configs covered, a handful of items and windows; dllmq-tiny-dream stands for a planned model not shipped."""
-    return {"models": ["random-llama", "random-llada", "random-dream", "dllmq-tiny-dream"],
+    configs covered, a handful of items and windows; dllmq-tiny-future stands for a planned model not shipped."""
+    return {"models": ["random-llama", "random-llada", "random-dream", "dllmq-tiny-future"],
             "methods": ["fp", {"name": "rtn", "bits": ["W4A16-g128"]}, {"name": "gptq", "bits": ["W3A16-g128"]},
                         {"name": "awq", "bits": ["W3A16-g128"]}, {"name": "smoothquant", "bits": ["W8A8"]},
                         {"name": "quarot", "bits": ["W4A4"]}, {"name": "duquant", "bits": ["W4A4"]}],
@@ -174,16 +174,22 @@ def small_families_grid(calib: str) -> dict:
             "measures": {"windows": 2, "seqlen": 32, "elbo_mc": 1, "trajectory": 2, "outliers": 2}}
 
 
-def test_small_families_grid_runs_every_method_on_every_family(calib, tmp_path):
+@pytest.fixture
+def planned(monkeypatch):
+    """A model announced but not shipped (dllmq.tiny.PLANNED), whatever this release ships."""
+    monkeypatch.setattr("dllmq.tiny.PLANNED", {"dllmq-tiny-future": "a model announced for later"})
+
+
+def test_small_families_grid_runs_every_method_on_every_family(calib, tmp_path, planned):
     config = parse_study_config(small_families_grid(calib))
     db = tmp_path / "families.db"
     summary = run_study(config, db, cache=None, progress=False)
     assert summary.ok and summary.count("done") == 21, format_summary(summary)
-    assert list(summary.unavailable) == ["dllmq-tiny-dream"]
-    assert "SKIPPED dllmq-tiny-dream: dllmq-tiny-dream (the Dream-architecture twin" in format_summary(summary)
+    assert list(summary.unavailable) == ["dllmq-tiny-future"]
+    assert "SKIPPED dllmq-tiny-future: dllmq-tiny-future (a model announced for later)" in format_summary(summary)
 
     cells = store.read_cells(db)
-    skipped = [c for c in cells if c["model"] == "dllmq-tiny-dream"]
+    skipped = [c for c in cells if c["model"] == "dllmq-tiny-future"]
     assert len(skipped) == 7 and {c["status"] for c in skipped} == {"unavailable"}
     assert "not shipped with this dllmq yet" in skipped[0]["error"]
 
@@ -202,7 +208,7 @@ def test_small_families_grid_runs_every_method_on_every_family(calib, tmp_path):
     report = build_report(db, plots=False)
     md = report.markdown
     section = md[md.index("## Model families"):]
-    assert "dllmq-tiny-dream: not run (dllmq-tiny-dream (the Dream-architecture twin" in section
+    assert "dllmq-tiny-future: not run (dllmq-tiny-future (a model announced for later)" in section
     head = section[section.index("| setting"):].splitlines()[0]
     assert head.index("random-llama (autoregressive)") < head.index("random-llada (LLaDA-style)") \
         < head.index("random-dream (Dream-style)")
@@ -217,13 +223,13 @@ def test_small_families_grid_runs_every_method_on_every_family(calib, tmp_path):
     assert all(s.kl_next is not None and s.ppl_exact for s in llama.settings.values())
 
     again = run_study(config, db, cache=None, progress=False)   # a rerun: nothing computed, still skipped
-    assert again.count("skipped") == 21 and again.count("done") == 0 and list(again.unavailable) == ["dllmq-tiny-dream"]
+    assert again.count("skipped") == 21 and again.count("done") == 0 and list(again.unavailable) == ["dllmq-tiny-future"]
 
 
-def test_a_grid_of_only_unshipped_models_fails_with_one_sentence(tmp_path, capsys):
+def test_a_grid_of_only_unshipped_models_fails_with_one_sentence(tmp_path, capsys, planned):
     from dllmq.cli.study import main as study_main
     cfg = tmp_path / "only.yaml"
-    cfg.write_text("models: [dllmq-tiny-dream]\nmethods: [fp]\ntasks: [mini_math]\n")
+    cfg.write_text("models: [dllmq-tiny-future]\nmethods: [fp]\ntasks: [mini_math]\n")
     assert study_main(["--config", str(cfg), "--db", str(tmp_path / "x.db")]) == 2
     err = capsys.readouterr().err
     assert "No model of the grid can run here" in err and "Traceback" not in err
@@ -246,10 +252,19 @@ def test_config_families_resolves_to_the_shipped_grid():
         load_config("no-such-grid")
 
 
-def test_dry_run_of_the_families_grid_names_the_missing_models(capsys, tmp_path):
+def test_dry_run_of_the_families_grid_runs_every_shipped_twin(capsys, tmp_path):
     from dllmq.cli.study import main as study_main
     assert study_main(["--config", "families", "--dry-run", "--db", str(tmp_path / "f.db")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("39 cells (3 models x 13 method/bits x 1 seeds)")
-    assert "note: dllmq-tiny-dream cannot be read yet (dllmq-tiny-dream (the Dream-architecture twin" in out
-    assert "26 todo, 13 no-model" in out
+    assert "39 todo" in out and "no-model" not in out and "cannot be read yet" not in out
+
+
+def test_dry_run_names_a_planned_model_not_shipped(capsys, tmp_path, planned):
+    from dllmq.cli.study import main as study_main
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text("models: [dllmq-tiny, dllmq-tiny-future]\nmethods: [fp]\ntasks: [mini_math]\n")
+    assert study_main(["--config", str(cfg), "--dry-run", "--db", str(tmp_path / "f.db")]) == 0
+    out = capsys.readouterr().out
+    assert "note: dllmq-tiny-future cannot be read yet (dllmq-tiny-future (a model announced for later)" in out
+    assert "1 todo, 1 no-model" in out
