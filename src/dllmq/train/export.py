@@ -146,13 +146,16 @@ def reproduce_commands(cfg: dict, kind: str, name: str) -> str:
     run_dir = RUN_DIRS[kind]
     return "\n".join([*before, train_command(cfg, run_dir, init),
                       f"python -m dllmq.train.export {run_dir} src/dllmq/tiny/{name} --quant-check --activations"])
+
+
 _LLADA_LAYOUT = """A small masked diffusion language model with exactly LLaDA's architecture and checkpoint layout
 (`model_type: llada`, official config.json field names, `model.transformer.blocks.N.*` tensors),
 trained from scratch by dllmq on 2 CPU cores, shipped with dllmq as its embedded default model."""
 INTRO = {
     "base": _LLADA_LAYOUT + "\nBase model: LLaDA pre-training objective (t ~ U(eps, 1], mask each token with probability "
             "t, cross-entropy on masked tokens divided by t, normalised by sequence length).",
-    "instruct": _LLADA_LAYOUT + "\nInstruct model: dllmq-tiny fine-tuned LLaDA-style (SFT: only response tokens are "
+    "instruct": _LLADA_LAYOUT + "\nInstruct model: the base model the Reproduce block builds (dllmq-tiny, or "
+                "dllmq-tiny after a math mid-training) fine-tuned LLaDA-style (SFT: only response tokens are "
                 "masked, loss divided by response length) on chat-formatted question/answer pairs of the three kinds "
                 "(general text continuation, math, code), with every 4th step a pre-training step. Chat template: "
                 "LLaDA-8B-Instruct's.",
@@ -187,7 +190,8 @@ operand digits not: 1/30 of the time at t ~ U(0, 1]); answer-only rows give that
 INTRO["base-math"] = _LLADA_LAYOUT + "\nBase model: LLaDA pre-training (as dllmq-tiny v1). " + _MATH
 INTRO["dream-math"] = INTRO["dream"] + "\n" + _MATH
 INTRO["dream-instruct"] = _DREAM_LAYOUT + """
-Instruct model: dllmq-tiny-dream fine-tuned by dllmq-tiny-instruct's SFT (only response tokens are
+Instruct model: the Dream base the Reproduce block builds (dllmq-tiny-dream, or it after a math
+mid-training) fine-tuned by dllmq-tiny-instruct's SFT (only response tokens are
 masked, loss divided by response length, read through the shifted logits; every 4th step a
 pre-training step) on the same chat-formatted question/answer pairs. Chat template: dllmq-tiny-instruct's."""
 
