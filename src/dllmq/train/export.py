@@ -333,13 +333,10 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def model_from_checkpoint(run: Path):
-    """(model, tokenizer) from a run's latest checkpoint.pt (float32), e.g. to peek mid-training."""
-
-
+    """(model, tokenizer, step) from a run's latest checkpoint.pt (float32), e.g. to peek mid-training."""
     cfg = TrainConfig(**json.loads((run / "train_config.json").read_text()))
     tokenizer = load_tokenizer(run / "tokenizer" if (run / "tokenizer").is_dir() else Path(cfg.init))
     if cfg.stage == "instruct":
-
         raw = read_config_json(Path(cfg.init))
         raw = {**raw, "dllmq_training": {"chat": cfg.sft_format == "chat"}}  # plain: a base model still
     else:

@@ -274,7 +274,6 @@ def build_or_load_tokenizer(cfg: TrainConfig, out: Path, wiki_docs, python_docs)
 
 def make_model(cfg: TrainConfig, tokenizer) -> TransformerLM:
     if cfg.stage == "instruct":
-
         if not cfg.init or not (Path(cfg.init) / "config.json").is_file():
             raise DllmqError("The instruct stage needs --init DIR, the base model directory (with config.json).")
         return load_checkpoint(Path(cfg.init), torch.float32).train()
