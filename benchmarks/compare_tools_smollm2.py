@@ -180,7 +180,10 @@ def protocol_data(path: Path, nsamples: int, seqlen: int, windows: int, seed: in
 def run_child(python: str, tool: str, args: dict) -> dict:
     # GPTQModel's CPU thread pool refuses fewer than 2 workers
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", GPTQMODEL_CPU_WORKERS=str(max(2, args["threads"])))
-    proc = subprocess.run([python, "-c", CHILDREN[tool], json.dumps(args)], capture_output=True, text=True, env=env)
+    # in a scratch directory: GPTQModel writes its logs/ folder into the working directory
+    with tempfile.TemporaryDirectory() as scratch:
+        proc = subprocess.run([python, "-c", CHILDREN[tool], json.dumps(args)], capture_output=True, text=True,
+                              env=env, cwd=scratch)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])

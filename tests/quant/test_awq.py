@@ -13,7 +13,7 @@ from dllmq.quant.pipeline import capture_block_inputs
 from dllmq.quant.rounding import rtn_weight
 from dllmq.quant.smoothing import can_fold, fold_scales
 from dllmq.quant.specs import WeightSpec
-from dllmq.quant.tokens import flatten_tokens, sample_tokens
+from dllmq.quant.tokens import channel_abs_mean, sample_tokens
 
 
 def block_context(name, config, n=3, length=24, dtype=torch.float64):
@@ -108,10 +108,20 @@ def test_coarse_to_fine_search_finds_the_grid_minimum_of_unimodal_losses(n):
 def test_sampling_tokens_in_place_equals_sampling_the_concatenation():
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(b, 7, 5, generator=gen) for b in (3, 1, 4)]
-    flat = flatten_tokens(inputs)
+    flat = torch.cat([t.reshape(-1, 5) for t in inputs])
     for n in (0, 1, 5, 10, 55, 56, 57, 100):
         expected = flat[:: max(1, flat.shape[0] // max(n, 1))][:n]
         assert torch.equal(sample_tokens(inputs, n), expected), n
+
+
+def test_channel_abs_mean_is_the_mean_over_every_token_however_the_windows_are_batched():
+    gen = torch.Generator().manual_seed(1)
+    windows = torch.randn(6, 9, 5, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 5.0, 1e3])
+    batched = channel_abs_mean([windows[:2], windows[2:5], windows[5:]])
+    assert torch.equal(batched, channel_abs_mean([w[None] for w in windows]))
+    assert batched.dtype == torch.float32
+    exact = windows.double().abs().reshape(-1, 5).mean(0)
+    assert torch.allclose(batched.double(), exact, rtol=1e-6, atol=0)
 
 
 def test_awq_full_grid_is_the_reference_search():
@@ -127,5 +137,5 @@ def test_awq_full_grid_is_the_reference_search():
     for a, b in zip(full, refined):
         assert math.isnan(b) or a == b
     best = min((i for i, v in enumerate(refined) if not math.isnan(v)), key=refined.__getitem__)
-    x_mean = flatten_tokens(feats).abs().float().mean(0)
+    x_mean = channel_abs_mean(feats)
     assert torch.equal(s, candidate_scales(x_mean, None, best / 20))

@@ -30,7 +30,7 @@ from dllmq.quant.primitives import QuantSpec, fake_quantize
 from dllmq.quant.rounding import rtn_weight
 from dllmq.quant.smoothing import can_fold, fold_scales
 from dllmq.quant.specs import MethodSettings, WeightSpec, setting
-from dllmq.quant.tokens import flatten_tokens, sample_tokens
+from dllmq.quant.tokens import channel_abs_mean, sample_tokens
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class AWQ(Method):
         mean|x| is not weighted."""
         st, spec = self.settings, replace(self.config.weight, clip=1.0)
         linears = [ctx.linear(n) for n in group.linears]
-        x_mean = flatten_tokens(inputs).abs().float().mean(0)
+        x_mean = channel_abs_mean(inputs)
         w_mean = weight_mean([l.weight for l in linears], spec.group_size) if st.awq_duo_scaling else None
         originals = [l.weight.data.clone() for l in linears]
         candidates = [candidate_scales(x_mean, w_mean, i / st.awq_grid) for i in range(st.awq_grid)]
