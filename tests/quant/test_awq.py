@@ -124,6 +124,19 @@ def test_channel_abs_mean_is_the_mean_over_every_token_however_the_windows_are_b
     assert torch.allclose(batched.double(), exact, rtol=1e-6, atol=0)
 
 
+def test_channel_abs_mean_does_not_depend_on_the_thread_count():
+    inputs = [torch.randn(3, 700, 900, generator=torch.Generator().manual_seed(2)) * 7]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = channel_abs_mean(inputs)
+        torch.set_num_threads(2)
+        two = channel_abs_mean(inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 def test_awq_full_grid_is_the_reference_search():
     """--awq-full-grid scores every grid point (the reference's search); the coarse-to-fine default scores
     fewer and only ever picks a point it scored."""
