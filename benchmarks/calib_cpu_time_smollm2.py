@@ -1,6 +1,6 @@
 """CPU time of dllmq's calibration on the SmolLM2 protocol (benchmarks/compare_tools_smollm2.py's data), on
-one thread, for a given source tree: to compare two versions of dllmq on a shared machine, where wall time
-means little, run it once per tree, one after the other.
+one thread (`--threads N`: N, and the wall time too), for a given source tree: to compare two versions of
+dllmq on a shared machine, where wall time means little, run it once per tree, one after the other.
 
     python benchmarks/calib_cpu_time_smollm2.py --src /path/to/old/src --method gptq --bits 4 --group 64
     python benchmarks/calib_cpu_time_smollm2.py --src src --method gptq --bits 4 --group 64
@@ -28,11 +28,12 @@ def main() -> None:
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--blocks", type=int, default=0, help="quantize only the first N blocks (0: all)")
     p.add_argument("--settings", type=json.loads, default={}, help="extra method settings (JSON)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (wall_s is meaningful on quiet cores only)")
     args = p.parse_args()
     src = str(Path(args.src).resolve())
     sys.path.insert(0, src)
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     import dllmq
     if not dllmq.__file__.startswith(src):
         sys.exit(f"dllmq was imported from {dllmq.__file__}, not from {src}")
@@ -59,9 +60,9 @@ def main() -> None:
                 return int(line.split()[1]) * 1024
     open("/proc/self/clear_refs", "w").write("5")
     base = status("VmRSS:")
-    start = time.process_time()
+    start, wall = time.process_time(), time.perf_counter()
     quantize_model(model, config.make_method(), calib if config.needs_calibration else None, progress=False)
-    cpu = time.process_time() - start
+    cpu, wall = time.process_time() - start, time.perf_counter() - wall
     peak = (status("VmHWM:") - base) / 2 ** 20
     state = blocks.state_dict()
     digest = hashlib.sha256(b"".join(state[k].detach().float().numpy().tobytes() for k in sorted(state)))
@@ -76,8 +77,8 @@ def main() -> None:
                 count += rows[:, 1:].numel()
         ppl = float(torch.exp(torch.tensor(total / count)))
     print(json.dumps(dict(src=src, method=args.method, bits=args.bits, group=args.group, blocks=len(blocks),
-                          cpu_s=round(cpu, 2), peak_mib=round(peak), weights_sha256=digest.hexdigest()[:16],
-                          ppl=ppl)))
+                          cpu_s=round(cpu, 2), wall_s=round(wall, 2), threads=args.threads, peak_mib=round(peak),
+                          weights_sha256=digest.hexdigest()[:16], ppl=ppl)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from dllmq.models.random_models import random_model
 from dllmq.quant.block import BlockContext
 from dllmq.quant.config import QuantConfig
-from dllmq.quant.methods.awq import AWQ, candidate_scales, clip_weight, grid_argmin
+from dllmq.quant.methods.awq import AWQ, candidate_scales, clip_weight, grid_argmin, group_moments, search_precision
 from dllmq.quant.pipeline import capture_block_inputs
 from dllmq.quant.rounding import rtn_weight
 from dllmq.quant.smoothing import can_fold, fold_scales
@@ -47,7 +47,7 @@ def test_gqa_skips_v_to_out_but_mha_scales_it():
 
 @pytest.mark.parametrize("group_name", ["qkv", "gate_up", "down"])
 def test_search_never_loses_to_alpha_zero(group_name):
-    config = QuantConfig(method="awq", wbits=3, group_size=32)
+    config = QuantConfig(method="awq", wbits=3, group_size=32, awq_search_dtype="model")
     ctx = block_context("random-llada", config, dtype=torch.float32)
     method = AWQ(config)
     group = ctx.family.group(group_name)
@@ -86,10 +86,63 @@ def test_clipping_does_not_increase_output_error():
     assert after <= before
 
 
+def textbook_clip(w, x, spec, n_grid, max_shrink, token_weights=None):
+    """The clip search as the reference writes it: every candidate's partial outputs x_g . q_g against
+    x_g . w_g, token by token, in float64."""
+    x = x.double()
+    g = spec.group_size
+    out = w.clone()
+    tw = torch.ones(x.shape[0], dtype=torch.float64) if token_weights is None else token_weights.double()
+    for o in range(w.shape[0]):
+        for j in range(0, w.shape[1], g):
+            wg, xg = w[o, j:j + g], x[:, j:j + g]
+            best, best_err = wg.abs().max(), math.inf
+            for i in range(int(max_shrink * n_grid)):
+                m = wg.abs().max() * (1 - i / n_grid)     # float32, as the weights are
+                q = rtn_weight(wg.clamp(-m, m)[None], WeightSpec(spec.bits, g, spec.sym)).weight[0]
+                err = ((xg @ q.double() - xg @ wg.double()).pow(2) * tw).sum().item() / x.shape[0]
+                if err < best_err:
+                    best, best_err = m, err
+            out[o, j:j + g] = wg.clamp(-best, best)
+    return out
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_through_group_moments_equals_the_token_by_token_search(weighted, sym):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 96, generator=gen)
+    w[3, 7], w[8, 70] = 9.0, -7.0                   # outliers that make clipping pay
+    x = torch.randn(300, 96, generator=gen) * torch.rand(96, generator=gen) * 3
+    tw = torch.rand(300, generator=gen) if weighted else None
+    spec = WeightSpec(3, 32, sym)
+    linear = torch.nn.Linear(96, 12, bias=False)
+    linear.weight.data = w.clone()
+    clip_weight(linear, x, spec, n_grid=20, max_shrink=0.5, token_weights=tw)
+    expected = textbook_clip(w, x, spec, 20, 0.5, tw)
+    assert torch.equal(linear.weight.data, expected)
+    assert not torch.equal(linear.weight.data, w)    # the search clipped something
+
+
+def test_group_moments_do_not_depend_on_the_thread_count():
+    x = torch.randn(1500, 200, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = group_moments(x, 64)
+        torch.set_num_threads(2)
+        two = group_moments(x, 64)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    xp = F.pad(x, (0, 56)).double()
+    assert torch.allclose(one[1].double(), xp[:, 64:128].T @ xp[:, 64:128] / 1500, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("n", [1, 5, 8, 9, 13, 20, 21, 33])
-def test_coarse_to_fine_search_finds_the_grid_minimum_of_unimodal_losses(n):
+def test_fibonacci_search_finds_the_grid_minimum_of_unimodal_losses(n):
     """On any unimodal loss (here every position of the minimum, and plateaus of equal losses) the
-    coarse-to-fine search picks exactly the full grid's point (the first of equal ones), evaluating
+    Fibonacci search picks exactly the full grid's point (the first of equal ones), evaluating
     each point at most once; without refine every point is evaluated."""
     for m in range(n):
         for plateau in (0, 1, 2):
@@ -99,7 +152,7 @@ def test_coarse_to_fine_search_finds_the_grid_minimum_of_unimodal_losses(n):
             assert best == min(range(n), key=values.__getitem__), (m, plateau)
             assert len(calls) == len(set(calls)) and all(losses[i] == values[i] for i in calls)
             if n == 20:
-                assert len(calls) <= 9
+                assert len(calls) <= 7
             full_calls = []
             assert grid_argmin(n, lambda i: full_calls.append(i) or values[i], refine=False)[0] == best
             assert full_calls == list(range(n))
@@ -138,7 +191,7 @@ def test_channel_abs_mean_does_not_depend_on_the_thread_count():
 
 
 def test_awq_full_grid_is_the_reference_search():
-    """--awq-full-grid scores every grid point (the reference's search); the coarse-to-fine default scores
+    """--awq-full-grid scores every grid point (the reference's search); the Fibonacci search (the default) scores
     fewer and only ever picks a point it scored."""
     config = QuantConfig(method="awq", wbits=3, group_size=32)
     ctx = block_context("random-llada", config, dtype=torch.float32)
@@ -146,9 +199,56 @@ def test_awq_full_grid_is_the_reference_search():
     feats = ctx.group_inputs()[group.role]
     _, full = AWQ(QuantConfig(method="awq", wbits=3, group_size=32, awq_refine=False)).search_scale(ctx, group, feats)
     s, refined = AWQ(config).search_scale(ctx, group, feats)
-    assert not any(math.isnan(v) for v in full) and sum(not math.isnan(v) for v in refined) <= 9
+    assert not any(math.isnan(v) for v in full) and sum(not math.isnan(v) for v in refined) <= 7
     for a, b in zip(full, refined):
         assert math.isnan(b) or a == b
     best = min((i for i, v in enumerate(refined) if not math.isnan(v)), key=refined.__getitem__)
     x_mean = channel_abs_mean(feats)
     assert torch.equal(s, candidate_scales(x_mean, None, best / 20))
+
+
+@pytest.mark.parametrize("group_name", ["qkv", "gate_up", "down"])
+def test_bfloat16_search_scores_the_float32_losses_closely(group_name):
+    """The bfloat16 search ranks the same quantity: every grid point's loss within 1 % of the float32
+    search's (through attention, the MLP, and the Gram matrix of down's inputs)."""
+    losses = {}
+    for dtype in ("model", "bfloat16"):
+        config = QuantConfig(method="awq", wbits=3, group_size=32, awq_refine=False, awq_search_dtype=dtype)
+        ctx = block_context("random-llada", config, dtype=torch.float32)
+        group = ctx.family.group(group_name)
+        losses[dtype] = AWQ(config).search_scale(ctx, group, ctx.group_inputs()[group.role])[1]
+    exact, low = torch.tensor(losses["model"]), torch.tensor(losses["bfloat16"])
+    assert torch.all((low - exact).abs() <= 0.01 * exact), (exact, low)
+
+
+def test_search_precision_is_bfloat16_only_where_it_is_fast_and_precise_enough(monkeypatch):
+    w32, w64 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64)
+    w4, w8 = WeightSpec(4, 64, True), WeightSpec(8, 64, True)
+    assert search_precision("model", w32, w4) is None
+    assert search_precision("bfloat16", w64, w8) == torch.bfloat16
+    for amx in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        assert search_precision("auto", w32, w4) == (torch.bfloat16 if amx else None)
+        assert search_precision("auto", w64, w4) is None and search_precision("auto", w32, w8) is None
+
+
+@pytest.mark.parametrize("n_tokens", [0, 30, 10_000])
+def test_own_output_search_scores_on_every_token_or_on_an_even_sample(n_tokens):
+    """down is scored on its own output: on every token through the Gram matrix (awq_linear_tokens 0, or
+    more than there are), else on awq_linear_tokens tokens at an even stride; either way each grid
+    point's loss is the mean squared output error over exactly those tokens."""
+    config = QuantConfig(method="awq", wbits=3, group_size=32, awq_refine=False, awq_search_dtype="model",
+                         awq_linear_tokens=n_tokens)
+    ctx = block_context("random-llada", config, dtype=torch.float32)
+    group = ctx.family.group("down")
+    feats = ctx.group_inputs()[group.role]
+    s, losses = AWQ(config).search_scale(ctx, group, feats)
+    x = sample_tokens(feats, n_tokens) if 0 < n_tokens < 72 else torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    assert x.shape[0] == (30 if n_tokens == 30 else 72)
+    w = ctx.linear(group.linears[0]).weight.data.double()
+    x_mean = channel_abs_mean(feats)
+    for i, loss in enumerate(losses):
+        c = candidate_scales(x_mean, None, i / 20)
+        q = rtn_weight(w.float() * c, WeightSpec(3, 32, False)).weight.double() / c.double()
+        expected = (x.double() @ (q - w).T).pow(2).mean().item()
+        assert loss == pytest.approx(expected, rel=1e-4)

@@ -86,9 +86,10 @@ def test_batched_and_unbatched_calibration_give_identical_codes(method):
     assert_same_codes(one, many)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_thread_count_does_not_change_the_codes(method):
-    config = QuantConfig(method, wbits=3, group_size=32, nsamples=NSAMPLES, seqlen=SEQLEN)
+@pytest.mark.parametrize("method,settings", [("gptq", {}), ("awq", {"awq_search_dtype": "model"}),
+                                             ("awq", {"awq_search_dtype": "bfloat16"})])
+def test_thread_count_does_not_change_the_codes(method, settings):
+    config = QuantConfig(method, wbits=3, group_size=32, nsamples=NSAMPLES, seqlen=SEQLEN, **settings)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

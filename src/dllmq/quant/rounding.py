@@ -23,10 +23,21 @@ def round_scales(scale: torch.Tensor) -> torch.Tensor:
 def rtn_weight(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
     """`weight` [out, in] rounded to its own min/max grid per group (or per output channel)."""
     w = weight.detach().float()
+    q, scale, zero, tensor_scale = _rounded(w, spec)
+    error = ((q - w).norm() / w.norm().clamp_min(1e-12)).item()
+    return QuantizedWeight(q, scale, zero, None, error, "weight", tensor_scale)
+
+
+def rtn_values(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """rtn_weight(weight, spec).weight alone (float32): what a search compares its candidates by."""
+    return _rounded(weight.detach().float(), spec)[0]
+
+
+def _rounded(w: torch.Tensor, spec: WeightSpec):
+    """(values, scale, zero, tensor scale or None) of float32 `w` rounded to nearest on its grid."""
     if spec.fmt.is_float:   # FP8 / MXFP4 / NVFP4: the format's own scale rule
         q, scale, tensor_scale = quantize_weight(w, spec.fmt)
-        error = ((q - w).norm() / w.norm().clamp_min(1e-12)).item()
-        return QuantizedWeight(q, scale, torch.zeros_like(scale), None, error, "weight", tensor_scale)
+        return q, scale, torch.zeros_like(scale), tensor_scale
     qspec = spec.quant_spec()
     scale, zero = compute_qparams(w, qspec)
     if qspec.study_grid:
@@ -39,8 +50,7 @@ def rtn_weight(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
     else:
         full_s, full_z = (expand_groups(t, spec.group_size, w.shape[1]) for t in (scale, zero))
         q = dequantize(quantize(w, full_s, full_z, spec.bits, study_grid=study), full_s, full_z)
-    error = ((q - w).norm() / w.norm().clamp_min(1e-12)).item()
-    return QuantizedWeight(q, scale, zero, None, error, "weight")
+    return q, scale, zero, None
 
 
 def storable_zeros(w: torch.Tensor, qspec: QuantSpec, scale: torch.Tensor,
