@@ -87,7 +87,8 @@ def test_batched_and_unbatched_calibration_give_identical_codes(method):
 
 
 @pytest.mark.parametrize("method,settings", [("gptq", {}), ("awq", {"awq_search_dtype": "model"}),
-                                             ("awq", {"awq_search_dtype": "bfloat16"})])
+                                             ("awq", {"awq_search_dtype": "bfloat16"}),
+                                             ("awq", {"awq_search_dtype": "bfloat16", "awq_linear_tokens": 32})])
 def test_thread_count_does_not_change_the_codes(method, settings):
     config = QuantConfig(method, wbits=3, group_size=32, nsamples=NSAMPLES, seqlen=SEQLEN, **settings)
     threads = torch.get_num_threads()
