@@ -153,9 +153,10 @@ class AWQ(Method):
         """Best s over the alpha grid; returns (s, the loss of every grid point, NaN where the Fibonacci
         search did not evaluate it).
 
-        A group scored on its own linear's output is scored on every calibration token through
-        their Gram matrix (||(W - Q) x||^2 summed over tokens is a quadratic form in W - Q); a group
-        scored through attention or the MLP on `awq_search_tokens` of them. With token weights
+        A group scored on its own linear's output is scored on `awq_linear_tokens` of the calibration
+        tokens, or (0, or more than there are) on every token through their Gram matrix (||(W - Q) x||^2
+        summed over tokens is a quadratic form in W - Q); a group scored through attention or the MLP on
+        `awq_search_tokens` of them. Forward passes run in the search precision (awq_search_dtype). With token weights
         (ctx.weights, --weighting) every loss is the weighted sum over tokens; the scale statistic
         mean|x| is not weighted."""
         st, spec = self.settings, replace(self.config.weight, clip=1.0)
